@@ -1,0 +1,1 @@
+"""Developer tools: the ahead-of-time compile report and the GPU compile checks."""
