@@ -1,0 +1,44 @@
+"""The one place that decides test tolerances, and small shared test utilities."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+_UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float64: 2.0**-53}
+
+
+def tolerance(dtype: torch.dtype, reduction: int = 1) -> float:
+    """Relative tolerance for a result stored in `dtype` that came out of fp32 sums of `reduction` terms.
+
+    Two roundings of the stored result (the kernel and the reference may land on neighbouring values) plus the
+    fp32 accumulation error, which grows like sqrt(reduction) for the blocked/tree sums both sides use.
+    """
+    fp32_sum = 8 * _UNIT_ROUNDOFF[torch.float32] * math.sqrt(max(1, reduction))
+    return 4 * _UNIT_ROUNDOFF[dtype] + fp32_sum
+
+
+def assert_close(actual, expected, *, dtype=None, reduction: int = 1, scale: float = 0.0, what: str = ""):
+    """|actual - expected| <= tol * (|expected| + max(max|expected|, scale)) elementwise, tol from `tolerance`.
+
+    The second term makes the bound absolute at the tensor's scale. `scale` raises it for results that are the
+    difference of larger terms (a cancelling gradient is only as accurate as the terms it came from).
+    """
+    if expected is None or actual is None:
+        assert actual is None and expected is None, f"{what}: one side is None"
+        return
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    dtype = dtype or expected.dtype
+    tol = tolerance(dtype, reduction)
+    a, e = actual.double(), expected.double()
+    if e.numel() == 0:
+        return
+    assert torch.isfinite(a).all(), f"{what}: non-finite values"
+    scale = max(e.abs().max().item(), scale)
+    err = (a - e).abs()
+    bound = tol * (e.abs() + scale)
+    worst = (err - bound).argmax()
+    assert (err <= bound).all(), (
+        f"{what}: max error {err.max().item():.3e} (tol {tol:.2e}, scale {scale:.3e}); worst element "
+        f"{a.flatten()[worst].item()} vs {e.flatten()[worst].item()}"
+    )

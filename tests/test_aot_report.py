@@ -1,0 +1,177 @@
+"""Tests for `python -m zaya_kernels aot-report` (zaya_kernels/tools/aot_report.py).
+
+Everything that compiles runs in a child process with TRITON_INTERPRET removed: the test session may set
+TRITON_INTERPRET=1 (tests/conftest.py), and kernels defined under it are interpreter functions that cannot be compiled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TOOL = REPO / "zaya_kernels" / "tools" / "aot_report.py"
+TARGETS = ("gfx942", "gfx950", "sm_90")
+
+# Loads the tool by file path, like its own TRITON_INTERPRET re-run, so the package __init__ is not required.
+_LOAD_TOOL = f"""
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("_zaya_aot_report", {str(TOOL)!r})
+tool = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tool)
+"""
+
+FIXTURE_KERNELS = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def vec_add(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) + tl.load(y_ptr + offs, mask=mask), mask=mask)
+
+
+@triton.jit
+def small_dot(a_ptr, b_ptr, c_ptr, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    rm = tl.arange(0, BM)
+    rn = tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, K, BK):
+        a = tl.load(a_ptr + rm[:, None] * K + (k + rk)[None, :])
+        b = tl.load(b_ptr + (k + rk)[:, None] * BN + rn[None, :])
+        acc += tl.dot(a, b)
+    tl.store(c_ptr + rm[:, None] * BN + rn[None, :], acc)
+'''
+
+DRIVER = _LOAD_TOOL + """
+tool._ensure_package_importable()
+from zaya_kernels.triton._aot import AotConfig
+sys.path.insert(0, sys.argv[1])
+import aot_fixture_kernels as k
+
+add_cfg = AotConfig("BLOCK=1024", {"x_ptr": "*fp32", "y_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32",
+                                   "BLOCK": "constexpr"}, {"BLOCK": 1024}, num_warps=4)
+dot_sig = {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32", "K": "i32",
+           "BM": "constexpr", "BN": "constexpr", "BK": "constexpr"}
+dot_cfg = AotConfig("64x64x32", dot_sig, {"BM": 64, "BN": 64, "BK": 32}, num_warps=4, num_stages=2,
+                    matrix_expected=True)
+# A signature that names only one of the arguments cannot compile: the record must say so, not raise.
+bad_cfg = AotConfig("bad-signature", {"a_ptr": "*fp16"}, {}, matrix_expected=True)
+records = []
+for target in %r:
+    records.append(tool.compile_record("vec_add", k.vec_add, add_cfg, target))
+    records.append(tool.compile_record("small_dot", k.small_dot, dot_cfg, target))
+    records.append(tool.compile_record("small_dot", k.small_dot, bad_cfg, target))
+print(json.dumps(records))
+""" % (TARGETS,)
+
+
+def _clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(extra)
+    return env
+
+
+def _run(args, timeout=300, **extra_env) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=REPO, env=_clean_env(**extra_env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _registry() -> dict:
+    """{kernel name: [config labels]} as the report sees it, after importing every zaya_kernels.triton module."""
+    code = _LOAD_TOOL + """
+registry, failures = tool.load_registry()
+print(json.dumps({"kernels": {n: [c.label for c in e.configs] for n, e in registry.items()},
+                  "failures": failures}))
+"""
+    proc = _run([sys.executable, "-c", code], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not out["failures"], "kernel modules failed to import:\n" + "\n".join(e for _, e in out["failures"])
+    return out["kernels"]
+
+
+def test_compile_record_fixture_kernels(tmp_path):
+    (tmp_path / "aot_fixture_kernels.py").write_text(textwrap.dedent(FIXTURE_KERNELS))
+    proc = _run([sys.executable, "-c", DRIVER, str(tmp_path)], timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(records) == 3 * len(TARGETS)
+
+    by_key = {(r["kernel"], r["config"], r["target"]): r for r in records}
+    for target in TARGETS:
+        for name, label in (("vec_add", "BLOCK=1024"), ("small_dot", "64x64x32")):
+            rec = by_key[(name, label, target)]
+            assert rec["ok"], rec["error"]
+            assert rec["error"] is None
+            assert rec["spills"] == 0, rec
+            assert rec["vgpr"] > 0, rec
+            assert rec["num_warps"] == 4
+            assert rec["lds_bytes"] is not None and rec["lds_bytes"] >= 0
+            if target == "sm_90":
+                assert rec["sgpr"] is None and rec["occupancy"] is None
+            else:
+                assert rec["sgpr"] > 0 and rec["occupancy"] > 0, rec
+        assert by_key[("vec_add", "BLOCK=1024", target)]["matrix_instructions"] == 0
+        dot = by_key[("small_dot", "64x64x32", target)]
+        assert dot["matrix_expected"] is True
+        assert dot["matrix_instructions"] > 0, dot  # v_mfma on gfx942/gfx950, wgmma (or mma) on sm_90
+        assert dot["lds_bytes"] > 0, dot  # the operands are staged through shared memory / LDS
+
+        bad = by_key[("small_dot", "bad-signature", target)]
+        assert bad["ok"] is False and bad["error"], bad
+        assert bad["vgpr"] is None and bad["spills"] is None
+
+
+@pytest.mark.slow
+def test_cli_json_covers_every_registered_config():
+    registry = _registry()
+    assert registry, "no Triton kernel registered an AOT configuration (register_aot in zaya_kernels/triton/*.py)"
+
+    proc = _run([sys.executable, "-m", "zaya_kernels.tools.aot_report", "--json"], timeout=600)
+    records = json.loads(proc.stdout)
+    problems = [r for r in records if not r["ok"] or r["spills"] != 0
+                or (r["matrix_expected"] and not r["matrix_instructions"])]
+    assert not problems, json.dumps(problems, indent=1)
+    assert proc.returncode == 0, proc.stderr
+
+    seen = Counter((r["kernel"], r["config"], r["target"]) for r in records)
+    for name, labels in registry.items():
+        for target in TARGETS:
+            assert any(k[0] == name and k[2] == target for k in seen), (name, target)
+        for label, count in Counter(labels).items():
+            for target in TARGETS:
+                assert seen[(name, label, target)] >= count, (name, label, target)
+
+
+def test_cli_reruns_itself_outside_the_interpreter():
+    """With TRITON_INTERPRET=1 the CLI must still compile (it re-runs itself without the variable)."""
+    registry = _registry()
+    name = min(registry, key=lambda n: len(registry[n]))  # the kernel with the fewest configs keeps this quick
+    proc = _run([sys.executable, "-m", "zaya_kernels.tools.aot_report", "--json", "--arch", "gfx942",
+                 "--kernel", name], TRITON_INTERPRET="1")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr
+    records = json.loads(proc.stdout)
+    assert records and all(r["ok"] and r["target"] == "gfx942" for r in records)
+    assert {r["kernel"] for r in records} >= {name}
+
+
+def test_table_output_and_bad_arch():
+    proc = _run([sys.executable, "-m", "zaya_kernels.tools.aot_report", "--kernel", "__no_such_kernel__"],
+                timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "no registered kernel configurations" in proc.stdout
+
+    proc = _run([sys.executable, "-m", "zaya_kernels.tools.aot_report", "--arch", "gfx90a"], timeout=120)
+    assert proc.returncode == 2 and "unknown --arch" in proc.stderr

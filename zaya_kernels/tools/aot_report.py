@@ -1,0 +1,382 @@
+"""Ahead-of-time compile report for every registered Triton kernel configuration.
+
+    python -m zaya_kernels aot-report [--arch gfx942,gfx950,sm_90] [--json] [--kernel SUBSTR]
+    python -m zaya_kernels.tools.aot_report ...          (same, standalone)
+
+Each configuration registered in `zaya_kernels.triton._aot.AOT_REGISTRY` is compiled with `triton.compile` for each
+requested target; no GPU is needed. The report shows register use, spills, shared memory (LDS), the number of matrix
+instructions (v_mfma / wgmma / mma) and, on AMD, the occupancy the compiler expects.
+
+Exit status: 1 if any record failed to compile, spills, or is a GEMM-like config with no matrix instruction; else 0.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import pkgutil
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import types
+from pathlib import Path
+
+# Triton warns on every compile when this is unset; the default (fusion on) is what the launchers use anyway.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+TARGET_NAMES = ("gfx942", "gfx950", "sm_90")
+
+# Record fields, in table order. Every record returned by `compile_record` has exactly these keys.
+RECORD_FIELDS = (
+    "kernel",  # registry name of the kernel
+    "config",  # AotConfig.label
+    "target",  # "gfx942", "gfx950" or "sm_90"
+    "ok",  # True when the compile succeeded (all other numbers are None when it did not)
+    "error",  # compile error text, None when ok
+    "vgpr",  # AMD: VGPRs per lane (arch VGPRs + AGPRs); NVIDIA: registers per thread (ptxas "Used N registers")
+    "sgpr",  # AMD: SGPRs per wave (.sgpr_count); NVIDIA: None
+    "spills",  # AMD: vgpr_spill_count + sgpr_spill_count; NVIDIA: spill store + spill load bytes (ptxas -v)
+    "lds_bytes",  # shared memory / LDS bytes per workgroup (see _amd_lds_bytes for AMD)
+    "matrix_instructions",  # AMD: lines with v_mfma / v_smfmac; NVIDIA: lines with wgmma.mma_async or mma.sync
+    "matrix_expected",  # AotConfig.matrix_expected: the config is GEMM-like and must use matrix instructions
+    "occupancy",  # AMD: waves per SIMD from the "; Occupancy: N" line; NVIDIA: None
+    "num_warps",  # AotConfig.num_warps
+)
+
+_TRUE_WORDS = ("1", "true", "yes", "on", "y")
+
+
+def _gpu_target(target: str):
+    from triton.backends.compiler import GPUTarget
+
+    if target == "gfx942":
+        return GPUTarget("hip", "gfx942", 64)
+    if target == "gfx950":
+        return GPUTarget("hip", "gfx950", 64)
+    if target == "sm_90":
+        return GPUTarget("cuda", 90, 32)
+    raise ValueError(f"unknown target {target!r}; expected one of {', '.join(TARGET_NAMES)}")
+
+
+def _jit_function(kernel):
+    """The JITFunction under any @triton.autotune / @triton.heuristics wrappers (they keep it in `.fn`)."""
+    from triton.runtime.jit import JITFunction
+
+    inner = kernel
+    for _ in range(8):
+        if isinstance(inner, JITFunction):
+            return inner
+        inner = getattr(inner, "fn", None)
+    # Under TRITON_INTERPRET=1, @triton.jit builds an InterpretedFunction, which has no compiler front end.
+    raise TypeError(f"{kernel!r} is not a triton JITFunction (was it defined with TRITON_INTERPRET=1 set?)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# AMD: everything is in the amdgcn assembly text.
+
+def _int_after(pattern: str, text: str):
+    m = re.search(pattern, text, flags=re.MULTILINE)
+    return int(m.group(1)) if m else None
+
+
+def _amd_lds_bytes(asm: str, metadata_shared) -> int:
+    """LDS per workgroup: the largest of the static LDS in the asm and Triton's shared-memory size.
+
+    Triton's AMD backend allocates its LDS dynamically at launch (`metadata.shared`), so the asm's "; LDSByteSize"
+    and `.group_segment_fixed_size` read 0 for kernels that do use LDS; the max covers both kinds.
+    """
+    values = [
+        _int_after(r"^\s*;\s*LDSByteSize:\s*(\d+)", asm),
+        _int_after(r"^\s*(?:-\s+)?\.group_segment_fixed_size:\s*(\d+)", asm),
+        int(metadata_shared) if metadata_shared is not None else None,
+    ]
+    return max(v for v in values if v is not None) if any(v is not None for v in values) else 0
+
+
+def _amd_fields(compiled) -> dict:
+    asm = compiled.asm["amdgcn"]
+    # "; TotalNumVgprs" counts arch VGPRs + AGPRs (one register file on CDNA3/4); .vgpr_count is the fallback.
+    vgpr = _int_after(r"^\s*;\s*TotalNumVgprs:\s*(\d+)", asm)
+    if vgpr is None:
+        vgpr = _int_after(r"^\s*(?:-\s+)?\.vgpr_count:\s*(\d+)", asm)
+    spills = (_int_after(r"^\s*(?:-\s+)?\.vgpr_spill_count:\s*(\d+)", asm) or 0) + (
+        _int_after(r"^\s*(?:-\s+)?\.sgpr_spill_count:\s*(\d+)", asm) or 0
+    )
+    return {
+        "vgpr": vgpr,
+        "sgpr": _int_after(r"^\s*(?:-\s+)?\.sgpr_count:\s*(\d+)", asm),
+        "spills": spills,
+        "lds_bytes": _amd_lds_bytes(asm, getattr(compiled.metadata, "shared", None)),
+        "matrix_instructions": len(re.findall(r"^\s*v_(?:mfma|smfmac)\w*", asm, flags=re.MULTILINE)),
+        "occupancy": _int_after(r"^\s*;\s*Occupancy:\s*(\d+)", asm),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# NVIDIA: register and spill counts are only known to ptxas (the driver reports them at load time, needing a GPU),
+# so run the ptxas that Triton ships on the PTX again with -v.
+
+def _find_ptxas(capability: int = 90) -> str:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        path = get_ptxas(capability).path
+        if path and os.path.exists(path):
+            return path
+    except Exception:  # noqa: BLE001 - older/newer Triton layouts; fall through to the PATH
+        pass
+    for candidate in (shutil.which("ptxas"), "/usr/local/cuda/bin/ptxas"):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    raise RuntimeError("ptxas not found (Triton's bundled one, PATH, /usr/local/cuda/bin)")
+
+
+def _ptxas_usage(ptx: str, gpu_name: str = "sm_90a") -> tuple[int, int]:
+    """(registers per thread, spill store + spill load bytes) from `ptxas -v` on `ptx`."""
+    with tempfile.TemporaryDirectory(prefix="zaya_aot_") as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        # Same flags as Triton's own cubin step, so the counts match what ships.
+        cmd = [_find_ptxas(), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu_name}", src,
+               "-o", os.path.join(tmp, "kernel.cubin")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed ({proc.returncode}):\n{log}")
+    regs = _int_after(r"Used\s+(\d+)\s+registers", log)
+    m = re.search(r"(\d+)\s+bytes spill stores,\s*(\d+)\s+bytes spill loads", log)
+    if regs is None or m is None:
+        raise RuntimeError(f"could not parse ptxas -v output:\n{log}")
+    return regs, int(m.group(1)) + int(m.group(2))
+
+
+def _nvidia_fields(compiled) -> dict:
+    ptx = compiled.asm["ptx"]
+    regs, spills = _ptxas_usage(ptx)
+    matrix = len(re.findall(r"^.*(?:\bwgmma\.mma_async|\bmma\.sync).*$", ptx, flags=re.MULTILINE))
+    return {
+        "vgpr": regs,
+        "sgpr": None,
+        "spills": spills,
+        "lds_bytes": int(getattr(compiled.metadata, "shared", 0) or 0),
+        "matrix_instructions": matrix,
+        "occupancy": None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def compile_record(name: str, kernel, config, target: str) -> dict:
+    """Compile one AotConfig of `kernel` for `target` ("gfx942", "gfx950" or "sm_90") and describe the result.
+
+    Never raises for a compile problem: the record then has ok=False and the error text (fields: RECORD_FIELDS).
+    """
+    record = {k: None for k in RECORD_FIELDS}
+    record.update(kernel=name, config=config.label, target=target, ok=False,
+                  matrix_expected=bool(config.matrix_expected), num_warps=config.num_warps)
+    try:
+        import triton
+        from triton.compiler import ASTSource
+
+        gpu = _gpu_target(target)
+        src = ASTSource(fn=_jit_function(kernel), signature=dict(config.signature),
+                        constexprs=dict(config.constexprs))
+        compiled = triton.compile(src, target=gpu,
+                                  options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+        record.update(_amd_fields(compiled) if gpu.backend == "hip" else _nvidia_fields(compiled))
+        record["ok"] = True
+    except Exception as exc:  # noqa: BLE001 - a failing config is a result to report, not a crash
+        record["error"] = f"{type(exc).__name__}: {exc}"
+    return record
+
+
+def record_is_bad(record: dict) -> bool:
+    """True for a failed compile, any spill, or a GEMM-like config compiled without matrix instructions."""
+    if not record["ok"]:
+        return True
+    if (record["spills"] or 0) > 0:
+        return True
+    return bool(record["matrix_expected"]) and not record["matrix_instructions"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading the registry.
+
+_PKG_DIR = Path(__file__).resolve().parent.parent  # .../zaya_kernels
+
+
+def _ensure_package_importable() -> None:
+    """Make `zaya_kernels.triton.*` importable even if the top-level package's __init__ cannot run here.
+
+    The report needs only the Triton modules. If `import zaya_kernels` fails (e.g. the compiled extension is not
+    built), a bare package object pointing at the same folder stands in for it, so its __init__ is skipped.
+    """
+    if str(_PKG_DIR.parent) not in sys.path:
+        sys.path.insert(0, str(_PKG_DIR.parent))
+    try:
+        importlib.import_module("zaya_kernels")
+        return
+    except Exception as exc:  # noqa: BLE001
+        print(f"aot-report: `import zaya_kernels` failed ({type(exc).__name__}: {exc}); "
+              "loading zaya_kernels.triton without the package __init__", file=sys.stderr)
+    stub = types.ModuleType("zaya_kernels")
+    stub.__path__ = [str(_PKG_DIR)]
+    stub.__file__ = None
+    stub.__spec__ = importlib.util.spec_from_loader("zaya_kernels", loader=None, is_package=True)
+    stub.__spec__.submodule_search_locations = [str(_PKG_DIR)]
+    sys.modules["zaya_kernels"] = stub
+
+
+def load_registry() -> tuple[dict, list[tuple[str, str]]]:
+    """Import every public module of zaya_kernels.triton (they register at import time).
+
+    Returns (AOT_REGISTRY, [(module name, error text) for modules that failed to import]).
+    """
+    _ensure_package_importable()
+    aot = importlib.import_module("zaya_kernels.triton._aot")
+    failures = []
+    for info in sorted(pkgutil.iter_modules([str(_PKG_DIR / "triton")]), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        modname = f"zaya_kernels.triton.{info.name}"
+        try:
+            importlib.import_module(modname)
+        except Exception:  # noqa: BLE001 - reported as a failed record
+            failures.append((modname, traceback.format_exc()))
+    return aot.AOT_REGISTRY, failures
+
+
+def run_report(archs, kernel_filter: str | None = None) -> list[dict]:
+    """Compile every registered config whose kernel name contains `kernel_filter`, for every target in `archs`.
+
+    A kernel module that fails to import yields one ok=False record per target (kernel "<import MODULE>").
+    """
+    archs = list(archs)
+    for a in archs:
+        _gpu_target(a)  # reject unknown names before compiling anything
+    registry, failures = load_registry()
+    records = []
+    for modname, err in failures:
+        if kernel_filter and kernel_filter not in modname:
+            continue
+        for target in archs:
+            rec = {k: None for k in RECORD_FIELDS}
+            rec.update(kernel=f"<import {modname}>", config="-", target=target, ok=False, error=err,
+                       matrix_expected=False)
+            records.append(rec)
+    for name in sorted(registry):
+        if kernel_filter and kernel_filter not in name:
+            continue
+        entry = registry[name]
+        for config in entry.configs:
+            for target in archs:
+                records.append(compile_record(name, entry.kernel, config, target))
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI.
+
+def _status(record: dict) -> str:
+    if not record["ok"]:
+        return "FAIL"
+    if (record["spills"] or 0) > 0:
+        return "SPILL"
+    if record["matrix_expected"] and not record["matrix_instructions"]:
+        return "NO-MMA"
+    return "ok"
+
+
+def format_table(records: list[dict]) -> str:
+    """Aligned text table, one row per record; errors follow the table."""
+    headers = ("kernel", "config", "target", "status", "vgpr", "sgpr", "spills", "lds", "mma", "occ", "warps")
+
+    def cell(v):
+        return "-" if v is None else str(v)
+
+    rows = [(r["kernel"], r["config"], r["target"], _status(r), cell(r["vgpr"]), cell(r["sgpr"]), cell(r["spills"]),
+             cell(r["lds_bytes"]),
+             cell(r["matrix_instructions"]) + ("*" if r["matrix_expected"] else ""),
+             cell(r["occupancy"]), cell(r["num_warps"])) for r in records]
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(headers)]
+    numeric = set(range(4, len(headers)))
+
+    def line(vals):
+        return "  ".join(v.rjust(w) if i in numeric else v.ljust(w)
+                         for i, (v, w) in enumerate(zip(vals, widths))).rstrip()
+
+    out = [line(headers), line(["-" * w for w in widths])] + [line(row) for row in rows]
+    out.append("(mma*: matrix instructions expected; vgpr on sm_90 = registers/thread; lds in bytes; "
+               "occ = waves/SIMD on AMD)")
+    for r in records:
+        if r["error"]:
+            out.append(f"\n{r['kernel']} [{r['config']}] on {r['target']}:\n  " + r["error"].replace("\n", "\n  "))
+    return "\n".join(out)
+
+
+def _interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE_WORDS
+
+
+def _rerun_without_interpreter(argv: list[str]) -> int:
+    # Under TRITON_INTERPRET=1 @triton.jit builds interpreter functions, which triton.compile cannot take:
+    # run the report again in a clean child process and pass its output and status through.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    pythonpath = env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(_PKG_DIR.parent) + (os.pathsep + pythonpath if pythonpath else "")
+    # Load this file by path rather than `-m zaya_kernels.tools.aot_report`, so a package __init__ that cannot
+    # import here (extension not built) does not stop the report; see _ensure_package_importable.
+    code = ("import importlib.util, sys; "
+            "spec = importlib.util.spec_from_file_location('_zaya_aot_report', sys.argv[1]); "
+            "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod); "
+            "sys.exit(mod.main(sys.argv[2:]))")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve()), *argv], env=env).returncode
+
+
+def main(argv=None) -> int:
+    """CLI entry point; returns the exit status (see the module docstring)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m zaya_kernels aot-report",
+                                     description="Compile every registered Triton config ahead of time and report "
+                                                 "registers, spills, LDS and matrix instructions.")
+    parser.add_argument("--arch", default=",".join(TARGET_NAMES),
+                        help=f"comma-separated targets (default: {','.join(TARGET_NAMES)})")
+    parser.add_argument("--json", action="store_true", help="print the records as a JSON list")
+    parser.add_argument("--kernel", default=None, help="only kernels whose registry name contains this substring")
+    args = parser.parse_args(argv)
+    archs = [a.strip() for a in args.arch.split(",") if a.strip()]
+    unknown = [a for a in archs if a not in TARGET_NAMES]
+    if unknown or not archs:
+        parser.error(f"unknown --arch {','.join(unknown) or '(empty)'}; choose from {','.join(TARGET_NAMES)}")
+
+    if _interpret_mode():
+        return _rerun_without_interpreter(argv)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+    start = time.perf_counter()
+    records = run_report(archs, args.kernel)
+    elapsed = time.perf_counter() - start
+    bad = [r for r in records if record_is_bad(r)]
+    if args.json:
+        print(json.dumps(records, indent=1))
+    else:
+        if records:
+            print(format_table(records))
+        else:
+            print("no registered kernel configurations" + (f" match {args.kernel!r}" if args.kernel else ""))
+        print(f"\n{len(records)} records in {elapsed:.1f} s; {len(bad)} with problems")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
