@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up this checkout for use and development: Python build tools, Triton, the package (editable) with its test
+# and benchmark extras. With --toolchains, also the GPU cross-compilers the compile checks use (clang-19 + ROCm
+# device libs via apt, needs root; nvcc is expected at /usr/local/cuda).
+#
+# torch: an installed torch (CPU, CUDA or ROCm) is kept. Without one, torch==2.13.0 (the CPU build) is installed:
+# an unpinned torch would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--toolchains" ]; then
+  if command -v apt-get >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang-19 lld-19 libamdhip64-dev rocm-device-libs >/dev/null
+  else
+    echo "setup.sh: no apt-get here: install clang-19, lld-19, libamdhip64-dev and rocm-device-libs yourself" >&2
+  fi
+fi
+
+python -m pip install -q --upgrade pip
+python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
+python -m pip install -q setuptools wheel ninja
+# ROCm torch ships Triton as pytorch-triton-rocm: install PyPI's triton only where none is importable.
+python -c "import triton" 2>/dev/null || python -m pip install -q triton
+python -m pip install -q --no-build-isolation -e ".[test,bench]"
+python -m zaya_kernels info
