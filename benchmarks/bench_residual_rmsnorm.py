@@ -49,4 +49,18 @@ def cases(device: str):
                     return torch.ops.zaya.residual_scale_rmsnorm(*a, EPS)
             providers[f"zaya-{name}"] = run
         bytes_moved = tokens * hidden * (2 * branch.element_size() + 8)
-        yield "residual_scale_rmsnorm", {"tokens": tokens, "hidden": hidden, "dtype": str(dtype)}, bytes_moved, providers
+        shape = {"tokens": tokens, "hidden": hidden, "dtype": str(dtype).replace("torch.", "")}
+        yield "residual_scale_rmsnorm", shape, bytes_moved, providers
+
+        # backward: read dy, dR, branch, residual, R; write d branch, d residual (parameter sums are [H])
+        new_residual, normed = ref.residual_scale_rmsnorm(*args, EPS)
+        grad_normed, grad_residual = torch.randn_like(normed), torch.randn_like(new_residual)
+        bwd_args = (grad_normed, grad_residual, branch, residual, hs, hb, rs, rb, w, new_residual, EPS)
+        bwd = {"reference": lambda a=bwd_args: ref.residual_scale_rmsnorm_backward(*a)}
+        for name in zaya_backends:
+            def run_bwd(a=bwd_args, name=name):
+                with zaya_kernels.use_backend(name):
+                    return torch.ops.zaya.residual_scale_rmsnorm_backward(*a)
+            bwd[f"zaya-{name}"] = run_bwd
+        bwd_bytes = tokens * hidden * (3 * branch.element_size() + 4 * 4)
+        yield "residual_scale_rmsnorm_backward", shape, bwd_bytes, bwd

@@ -70,7 +70,7 @@ def run(families, out_dir, repeats):
     records = []
     print(f"device: {device_name}  torch {torch.__version__}  triton {triton_version}  peak HBM "
           f"{'%.1f TB/s' % (peak / 1e12) if peak else 'unknown'}")
-    header = f"{'op':<24} {'shape':<40} {'provider':<14} {'us':>10} {'GB/s':>9} {'%peak':>6} {'vs ref':>7}"
+    header = f"{'op':<32} {'shape':<40} {'provider':<14} {'us':>10} {'GB/s':>9} {'%peak':>6} {'vs ref':>7}"
     print(header)
     print("-" * len(header))
     for family in families:
@@ -90,7 +90,7 @@ def run(families, out_dir, repeats):
                 frac = f"{100 * rec['fraction_of_peak_bandwidth']:5.1f}%" if peak else "    - "
                 speed = f"{rec['speedup_vs_reference']:6.2f}x" if rec["speedup_vs_reference"] else "     - "
                 shape_text = ",".join(f"{k}={v}" for k, v in shape.items())
-                print(f"{op:<24} {shape_text:<40} {provider:<14} {seconds * 1e6:10.1f} {gbps:9.1f} {frac} {speed}")
+                print(f"{op:<32} {shape_text:<40} {provider:<14} {seconds * 1e6:10.1f} {gbps:9.1f} {frac} {speed}")
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": device_name,
             "torch": torch.__version__, "triton": triton_version, "peak_bandwidth_bytes_per_s": peak}
     os.makedirs(out_dir, exist_ok=True)
