@@ -1,10 +1,13 @@
 // Declarations of the GPU launchers (csrc/*.cu), bound into zaya_kernels._C by csrc/zaya_ops.cpp.
 #pragma once
-#include <torch/extension.h>
+#include <pybind11/pybind11.h>  // declarations only: keeps the .cu files off the heavy torch/extension.h
 
 namespace zaya {
 #if defined(ZAYA_WITH_GPU)
 // Adds every GPU launcher to the Python module; each .cu file contributes through its own bind_* function.
 void bind_gpu_launchers(pybind11::module_& m);
+
+// csrc/residual_rmsnorm.cu: residual_scale_rmsnorm_fwd/_bwd, rmsnorm_fwd/_bwd, residual_rmsnorm_bwd_num_partials.
+void bind_residual_rmsnorm(pybind11::module_& m);
 #endif
 }  // namespace zaya

@@ -18,6 +18,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 TOOL = REPO / "zaya_kernels" / "tools" / "aot_report.py"
 TARGETS = ("gfx942", "gfx950", "sm_90")
+# LDS per workgroup on MI300X / MI355X and shared memory per block on H100/H200 (shared/PEERS.md)
+LDS_LIMIT_BYTES = {"gfx942": 64 * 1024, "gfx950": 160 * 1024, "sm_90": 227 * 1024}
 
 # Loads the tool by file path, like its own TRITON_INTERPRET re-run, so the package __init__ is not required.
 _LOAD_TOOL = f"""
@@ -142,6 +144,7 @@ def test_cli_json_covers_every_registered_config():
     proc = _run([sys.executable, "-m", "zaya_kernels.tools.aot_report", "--json"], timeout=600)
     records = json.loads(proc.stdout)
     problems = [r for r in records if not r["ok"] or r["spills"] != 0
+                or r["lds_bytes"] > LDS_LIMIT_BYTES[r["target"]]
                 or (r["matrix_expected"] and not r["matrix_instructions"])]
     assert not problems, json.dumps(problems, indent=1)
     assert proc.returncode == 0, proc.stderr

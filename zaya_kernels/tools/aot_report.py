@@ -197,11 +197,18 @@ def compile_record(name: str, kernel, config, target: str) -> dict:
     return record
 
 
+# Shared memory one workgroup / block may use: a config over it compiles but cannot launch.
+LDS_LIMIT_BYTES = {"gfx942": 64 * 1024, "gfx950": 160 * 1024, "sm_90": 227 * 1024}
+
+
 def record_is_bad(record: dict) -> bool:
-    """True for a failed compile, any spill, or a GEMM-like config compiled without matrix instructions."""
+    """True for a failed compile, any spill, LDS/shared memory over the target's limit, or a GEMM-like config
+    compiled without matrix instructions."""
     if not record["ok"]:
         return True
     if (record["spills"] or 0) > 0:
+        return True
+    if (record["lds_bytes"] or 0) > LDS_LIMIT_BYTES.get(record["target"], float("inf")):
         return True
     return bool(record["matrix_expected"]) and not record["matrix_instructions"]
 
@@ -289,6 +296,8 @@ def _status(record: dict) -> str:
         return "FAIL"
     if (record["spills"] or 0) > 0:
         return "SPILL"
+    if (record["lds_bytes"] or 0) > LDS_LIMIT_BYTES.get(record["target"], float("inf")):
+        return "LDS>MAX"
     if record["matrix_expected"] and not record["matrix_instructions"]:
         return "NO-MMA"
     return "ok"
