@@ -6,6 +6,7 @@ namespace zaya {
 
 void bind_gpu_launchers(pybind11::module_& m) {
   bind_residual_rmsnorm(m);  // csrc/residual_rmsnorm.cu
+  bind_router(m);            // csrc/router.cu
 }
 
 }  // namespace zaya

@@ -9,5 +9,7 @@ void bind_gpu_launchers(pybind11::module_& m);
 
 // csrc/residual_rmsnorm.cu: residual_scale_rmsnorm_fwd/_bwd, rmsnorm_fwd/_bwd, residual_rmsnorm_bwd_num_partials.
 void bind_residual_rmsnorm(pybind11::module_& m);
+// csrc/router.cu: zaya_router_decode (one block per token, the whole router in one launch).
+void bind_router(pybind11::module_& m);
 #endif
 }  // namespace zaya

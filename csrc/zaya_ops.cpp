@@ -22,6 +22,26 @@ TORCH_LIBRARY(zaya, m) {
   // out = weight * rmsnorm(x rounded to out_dtype), in out_dtype (default x.dtype): the final norm.
   m.def("rmsnorm(Tensor x, Tensor weight, float eps, ScalarType? out_dtype=None) -> Tensor");
   m.def("rmsnorm_backward(Tensor grad_out, Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
+
+  // ---- router family (zaya_kernels/ops/router.py; DESIGN.md 1.3, 1.5) ----
+  // r = x down_w^T + down_b (+ gamma * r_prev); logits = out_w gelu(fc2 gelu(fc1 norm_w*rmsnorm(r))); p = softmax
+  // expert_index = argmax(p + balance_bias) (int32, ties to the lowest index, E = skip), routing_weight = p[e*] (fp32),
+  // r in x.dtype, logits fp32 [T, E+1] only with return_logits.
+  m.def(
+      "zaya_router(Tensor x, Tensor? r_prev, Tensor? gamma, Tensor down_w, Tensor down_b, Tensor norm_w, "
+      "Tensor fc1_w, Tensor fc1_b, Tensor fc2_w, Tensor fc2_b, Tensor out_w, Tensor balance_bias, float eps, "
+      "bool return_logits=False) -> (Tensor expert_index, Tensor routing_weight, Tensor r, Tensor? logits)");
+  m.def(
+      "zaya_router_backward(Tensor grad_weight, Tensor? grad_r, Tensor? grad_logits, Tensor expert_index, Tensor x, "
+      "Tensor? r_prev, Tensor? gamma, Tensor down_w, Tensor down_b, Tensor norm_w, Tensor fc1_w, Tensor fc1_b, "
+      "Tensor fc2_w, Tensor fc2_b, Tensor out_w, float eps) -> (Tensor, Tensor?, Tensor?, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // In place: balance_bias [E+1] fp32, state [2, E+1] fp32, step [1] int64. controller 0 = AdamW on the load error,
+  // 1 = PID. counts [E+1] are this step's tokens per class (already summed over ranks). -> (loads, error) fp32.
+  m.def(
+      "router_balance_update(Tensor counts, Tensor(a!) balance_bias, Tensor(b!) state, Tensor(c!) step, int controller, "
+      "bool include_skip, float lr, float beta1, float beta2, float adam_eps, float kp, float ki, float kd) "
+      "-> (Tensor loads, Tensor error)");
 }
 
 PYBIND11_MODULE(_C, m) {

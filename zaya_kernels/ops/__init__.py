@@ -1,4 +1,5 @@
 """Typed Python wrappers of every torch.ops.zaya op (importing this registers their implementations)."""
 from zaya_kernels.ops.residual_rmsnorm import residual_scale_rmsnorm, rmsnorm
+from zaya_kernels.ops.router import new_balance_state, router_balance_update, zaya_router
 
-__all__ = ["residual_scale_rmsnorm", "rmsnorm"]
+__all__ = ["residual_scale_rmsnorm", "rmsnorm", "zaya_router", "router_balance_update", "new_balance_state"]

@@ -57,6 +57,7 @@ EXPECTED_LAUNCHERS = [
     "rmsnorm_fwd",
     "rmsnorm_bwd",
     "residual_rmsnorm_bwd_num_partials",
+    "zaya_router_decode",
 ]
 EXPECTED_OPS = ["residual_scale_rmsnorm", "residual_scale_rmsnorm_backward", "rmsnorm", "rmsnorm_backward"]
 

@@ -1,0 +1,500 @@
+"""zaya_router, zaya_router_backward and router_balance_update: reference vs transformers, Triton vs reference,
+gradients, torch.library integration, bad input, bias balancing (both modes) and gloo count summation."""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import zaya_kernels
+from zaya_kernels.ops import new_balance_state, router_balance_update, zaya_router
+from zaya_kernels.reference import router as ref
+
+from helpers import assert_close
+
+
+def make_router_args(t, h, r, c, *, prev=True, dtype=torch.float32, seed=0, requires_grad=False, device="cpu"):
+    """Random router inputs in the op's argument order (without return_logits); weights at Linear-init scale,
+    norm weight and gamma away from 1, biases and balancing biases non-zero."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0, dt=torch.float32):
+        out = (torch.randn(*shape, generator=gen) * scale).to(dt).to(device)
+        return out.requires_grad_(requires_grad) if dt.is_floating_point else out
+
+    def uniform(*shape, lo, hi):
+        out = (torch.rand(*shape, generator=gen) * (hi - lo) + lo).to(device)
+        return out.requires_grad_(requires_grad)
+
+    x = randn(t, h, dt=dtype)
+    r_prev = randn(t, r, dt=dtype) if prev else None
+    gamma = uniform(r, lo=0.5, hi=1.5) if prev else None
+    args = (x, r_prev, gamma,
+            randn(r, h, scale=h ** -0.5, dt=dtype), randn(r, scale=0.1), uniform(r, lo=0.5, hi=1.5),
+            randn(r, r, scale=2 * r ** -0.5, dt=dtype), randn(r, scale=0.1),
+            randn(r, r, scale=2 * r ** -0.5, dt=dtype), randn(r, scale=0.1),
+            randn(c, r, scale=2 * r ** -0.5, dt=dtype),
+            (torch.randn(c, generator=gen) * 0.05).to(device), 1e-5)
+    return args
+
+
+def check_choice(index, weight, probs, balance_bias, what, dtype=torch.float32, tie_tol=1e-5):
+    """index is a valid biased top-1 of the reference probabilities (up to near-ties within tie_tol), and
+    weight = p[index] (to the tolerance of `dtype`)."""
+    biased = probs.double() + balance_bias.double()
+    picked = biased.gather(-1, index.long()[:, None]).squeeze(-1)
+    assert (picked >= biased.max(-1).values - tie_tol).all(), f"{what}: a choice is not the biased argmax"
+    assert_close(weight, probs.gather(-1, index.long()[:, None]).squeeze(-1), dtype=dtype,
+                 reduction=probs.shape[-1] * 4, what=f"{what} weight")
+
+
+# ---------------------------------------------------------------- the reference vs transformers
+def _hf_routers(h, r, num_experts, layers, seed):
+    from transformers.models.zaya.modeling_zaya import ZayaRouter
+
+    config = SimpleNamespace(hidden_size=h, num_experts=num_experts, num_experts_per_tok=1, router_hidden_size=r,
+                             rms_norm_eps=1e-5)
+    torch.manual_seed(seed)
+    routers = [ZayaRouter(config, layer) for layer in range(layers)]
+    with torch.no_grad():
+        for router in routers:
+            for name, p in router.named_parameters():
+                if "norm" in name or "router_states_scale" in name:
+                    p.uniform_(0.5, 1.5)  # RMSNorm weight and gamma away from 1
+                elif p.dim() == 1:
+                    p.normal_(0, 0.1)
+                else:
+                    p.normal_(0, 2 * p.shape[1] ** -0.5)
+            router.balancing_biases.normal_(0, 0.3)
+    return routers
+
+
+def _args_of(router, x, r_prev):
+    mlp = router.router_mlp
+    gamma = router.router_states_scale if router.use_eda else None
+    return (x, r_prev, gamma, router.down_proj.weight, router.down_proj.bias, mlp.norm.weight, mlp.fc1.weight,
+            mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, mlp.out_proj.weight, router.balancing_biases,
+            mlp.norm.variance_epsilon)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_matches_transformers_router_eda_chain(backend):
+    """Three layers of transformers' ZayaRouter (EDA state carried, gamma != 1, non-zero balancing biases) against
+    the op, fp32. transformers reports the skip class as index 0 with weight 0; the op as index E with w = p[E]."""
+    b, s, h, r, num_experts = 2, 7, 48, 24, 6
+    routers = _hf_routers(h, r, num_experts, 3, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    xs = [torch.randn(b, s, h, generator=gen) for _ in routers]
+    hf_state, op_state, differs = None, None, 0
+    with torch.no_grad(), zaya_kernels.use_backend(backend):
+        for layer, (router, x) in enumerate(zip(routers, xs)):
+            hf_logits, hf_w, hf_index, hf_state = router(x, router_states=hf_state)
+            index, weight, op_state, logits = zaya_router(*_args_of(router, x, op_state), return_logits=True)
+            what = f"{backend} layer {layer}"
+            assert_close(logits.view(-1, num_experts + 1), hf_logits, reduction=h, what=f"{what} logits")
+            assert_close(op_state, hf_state, reduction=h, what=f"{what} r")
+            index, weight = index.view(-1), weight.view(-1)
+            skip = index == num_experts
+            assert torch.equal(torch.where(skip, 0, index), hf_index.view(-1).int()), what
+            assert_close(torch.where(skip, 0.0, weight), hf_w.view(-1), reduction=num_experts, what=f"{what} w")
+            probs = torch.softmax(hf_logits, -1)
+            differs += int((probs.argmax(-1).int() != index).sum())
+    assert differs > 0, "no token had a biased choice different from the unbiased one: the test lost its bite"
+    assert op_state.shape == (b, s, r)
+
+
+def test_reference_ties_go_to_lowest_index_and_skip_is_e():
+    probs = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]])
+    bias = torch.tensor([0.0, 0.0, 0.1, -1.0])
+    assert ref.select(probs, bias).tolist() == [2, 2, 0]
+    bias = torch.tensor([0.0, 0.0, 0.0, 0.5])
+    assert ref.select(probs, bias).tolist() == [3, 3, 3]
+    assert ref.select(probs, torch.zeros(4)).dtype == torch.int32
+    assert ref.select(probs[:1], torch.zeros(4)).tolist() == [0]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy inside the interpreter
+def test_nan_input_gives_nan_weight_and_index_in_range():
+    args = list(make_router_args(3, 8, 6, 4, prev=False, seed=0))
+    args[0] = args[0].clone()
+    args[0][1, 2] = float("nan")
+    for backend in ("reference", "triton"):
+        with zaya_kernels.use_backend(backend):
+            index, weight, _, _ = torch.ops.zaya.zaya_router(*args, False)
+        assert index.min() >= 0 and index.max() <= 3, backend
+        assert torch.isnan(weight[1]) and torch.isfinite(weight[[0, 2]]).all(), backend
+
+
+# ---------------------------------------------------------------- Triton (interpreter on CPU) vs the reference
+@settings(max_examples=25)
+@given(t=st.sampled_from([0, 1, 2, 5, 16, 17, 33, 40]), h=st.integers(1, 80), r=st.integers(1, 40),
+       c=st.integers(2, 20), prev=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]),
+       return_logits=st.booleans(), split_chunk=st.sampled_from([256, 16]), seed=st.integers(0, 2**16))
+@example(t=0, h=7, r=5, c=3, prev=True, dtype=torch.float32, return_logits=True, split_chunk=16, seed=0)
+@example(t=1, h=33, r=17, c=17, prev=True, dtype=torch.float32, return_logits=True, split_chunk=16, seed=1)
+@example(t=1, h=1, r=1, c=2, prev=False, dtype=torch.float32, return_logits=False, split_chunk=256, seed=2)
+@example(t=17, h=65, r=31, c=9, prev=True, dtype=torch.float16, return_logits=True, split_chunk=16, seed=3)
+@example(t=40, h=80, r=40, c=20, prev=False, dtype=torch.float32, return_logits=True, split_chunk=256, seed=4)
+def test_triton_forward_matches_reference(t, h, r, c, prev, dtype, return_logits, split_chunk, seed):
+    """split_chunk 16 makes decode launches (T <= 64) split the down projection over H even at these small H."""
+    from zaya_kernels.triton import router as tri
+
+    args = make_router_args(t, h, r, c, prev=prev, dtype=dtype, seed=seed)
+    saved, tri.SPLIT_CHUNK_H = tri.SPLIT_CHUNK_H, split_chunk
+    try:
+        with zaya_kernels.use_backend("triton"):
+            index, weight, r_out, logits = torch.ops.zaya.zaya_router(*args, return_logits)
+    finally:
+        tri.SPLIT_CHUNK_H = saved
+    if t:
+        counters = tri._COUNTERS.get(torch.device("cpu"))
+        assert counters is None or counters.abs().max() == 0, "split decode left an arrival counter non-zero"
+    assert zaya_kernels.last_backend("zaya_router") == "triton"
+    e_index, e_weight, e_r, e_logits = ref.zaya_router(*args, True)
+    assert index.dtype == torch.int32 and weight.dtype == torch.float32 and r_out.dtype == dtype
+    assert (logits is None) == (not return_logits)
+    assert_close(r_out, e_r, dtype=dtype, reduction=h, what="r")
+    if t == 0:
+        assert index.shape == (0,) and r_out.shape == (0, r)
+        return
+    # fp16: an r element may round to the neighbouring fp16 value, which then feeds the MLP
+    tol_dtype = torch.float32 if dtype == torch.float32 else torch.float16
+    if return_logits:
+        assert_close(logits, e_logits, dtype=tol_dtype, reduction=max(h, r), scale=1.0, what="logits")
+    fp32 = dtype == torch.float32
+    check_choice(index, weight, torch.softmax(e_logits, -1), args[11], what=f"triton T={t} H={h} R={r} C={c}",
+                 dtype=tol_dtype, tie_tol=1e-5 if fp32 else 1e-2)
+
+
+# ---------------------------------------------------------------- gradients
+def _loss(outputs, seed):
+    index, weight, r, logits = outputs
+    gen = torch.Generator().manual_seed(seed)
+    loss = (weight * torch.randn(weight.shape, generator=gen)).sum() + (r.float() * torch.randn(r.shape, generator=gen)).sum()
+    if logits is not None:
+        loss = loss + (logits * torch.randn(logits.shape, generator=gen)).sum()
+    return loss
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("prev,return_logits", [(True, True), (False, False), (True, False)])
+def test_gradients_match_autograd_through_reference(backend, prev, return_logits):
+    t, h, r, c = 9, 24, 12, 5
+    args = make_router_args(t, h, r, c, prev=prev, seed=3, requires_grad=True)
+    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    with zaya_kernels.use_backend(backend):
+        actual = torch.autograd.grad(_loss(torch.ops.zaya.zaya_router(*args, return_logits), 4), inputs)
+    assert zaya_kernels.last_backend("zaya_router_backward") == "reference"
+    ref_out = ref.zaya_router(*args, return_logits)
+    expected = torch.autograd.grad(_loss(ref_out, 4), inputs)
+    for inp, a, e in zip(inputs, actual, expected):
+        assert a.dtype == inp.dtype and a.shape == inp.shape
+        rows = t if inp.dim() <= 2 and inp.shape[0] != t else 1  # parameter gradients sum over tokens
+        assert_close(a, e, reduction=max(t, h, r), scale=e.abs().max().item() * rows, what=f"grad {tuple(inp.shape)}")
+
+
+def test_gradients_through_weight_only():
+    """w = p[e*]: the only path when r and logits are unused; a nonzero gradient reaches the first layer."""
+    args = make_router_args(4, 8, 6, 3, prev=True, seed=5, requires_grad=True)
+    _, weight, _, _ = torch.ops.zaya.zaya_router(*args, False)
+    grads = torch.autograd.grad(weight.sum(), [args[0], args[3], args[10]])
+    expected = torch.autograd.grad(ref.zaya_router(*args)[1].sum(), [args[0], args[3], args[10]])
+    for a, e in zip(grads, expected):
+        assert e.abs().max() > 0
+        assert_close(a, e, reduction=32, scale=e.abs().max().item() * 4, what="grad via w")
+
+
+# ---------------------------------------------------------------- torch.library integration
+# opcheck's test_aot_dispatch_dynamic sums every output into one accumulator starting from the first output; with
+# the int32 expert index first it fails inside opcheck ("result type Float can't be cast to ... Long"), not in the op.
+# The compiled forward + backward is covered by test_torch_compile_forward_backward instead.
+_OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("prev,return_logits", [(True, True), (False, False)])
+def test_opcheck(backend, prev, return_logits):
+    args = make_router_args(5, 20, 16, 4, prev=prev, seed=0, requires_grad=True)
+    with zaya_kernels.use_backend(backend):
+        torch.library.opcheck(torch.ops.zaya.zaya_router.default, (*args, return_logits), test_utils=_OPCHECK_UTILS)
+
+
+def test_opcheck_backward_and_balance_ops():
+    args = make_router_args(5, 20, 16, 4, prev=True, seed=0)
+    index, weight, r, logits = ref.zaya_router(*args, True)
+    torch.library.opcheck(torch.ops.zaya.zaya_router_backward.default,
+                          (torch.randn(5), torch.randn(5, 16), torch.randn(5, 4), index, *args[:11], 1e-5))
+    state, step = new_balance_state(4)
+    torch.library.opcheck(torch.ops.zaya.router_balance_update.default,
+                          (torch.tensor([3, 1, 0, 1]), torch.zeros(4), state, step, 0, True, 1e-3, 0.9, 0.999, 1e-8,
+                           0.1, 0.01, 0.0))
+
+
+def test_torch_compile_forward_backward():
+    args = make_router_args(6, 16, 8, 5, prev=True, seed=0, requires_grad=True)
+    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+
+    def route(*a):
+        index, weight, r, logits = torch.ops.zaya.zaya_router(*a, True)
+        return index, (weight * 2).sum() + r.pow(2).sum() + logits.sin().sum()
+
+    compiled = torch.compile(route, fullgraph=True, backend="aot_eager")
+    (index, loss), (e_index, e_loss) = compiled(*args), route(*args)
+    assert torch.equal(index, e_index) and torch.equal(loss, e_loss)
+    for a, e in zip(torch.autograd.grad(loss, inputs), torch.autograd.grad(e_loss, inputs)):
+        assert torch.equal(a, e)
+
+
+def test_typed_wrapper_takes_leading_dims():
+    args = list(make_router_args(6, 16, 8, 5, prev=True, seed=0))
+    flat = ref.zaya_router(*args, True)
+    args[0], args[1] = args[0].view(2, 3, 16), args[1].view(2, 3, 8)
+    index, weight, r, logits = zaya_router(*args, return_logits=True)
+    assert index.shape == (2, 3) and r.shape == (2, 3, 8) and logits.shape == (2, 3, 5)
+    assert torch.equal(index.view(-1), flat[0]) and torch.equal(logits.view(6, 5), flat[3])
+
+
+# ---------------------------------------------------------------- bad input
+def _bad(i, value):
+    def mutate(a):
+        a[i] = value(a) if callable(value) else value
+    return mutate
+
+
+@pytest.mark.parametrize(
+    "mutate, exc, message",
+    [
+        (_bad(11, torch.zeros(6)), ValueError, "expert count mismatch: `balance_bias` has 6 classes but `out_w` has 5"),
+        (_bad(11, torch.zeros(5, dtype=torch.bfloat16)), TypeError, "`balance_bias` must have dtype"),
+        (_bad(0, lambda a: a[0].to(torch.int32)), TypeError, "`x` must have dtype"),
+        (_bad(6, lambda a: a[6].half()), TypeError, "`fc1_w` must have dtype"),
+        (_bad(1, lambda a: a[1].half()), TypeError, "`r_prev` must have dtype"),
+        (_bad(1, torch.zeros(3, 8)), ValueError, "token count mismatch: `r_prev` has 3 rows but `x` has 4"),
+        (_bad(2, None), ValueError, "r_prev given but gamma missing"),
+        (_bad(3, torch.zeros(8, 15)), ValueError, "`down_w` must have shape"),
+        (_bad(10, torch.zeros(5, 7)), ValueError, "`out_w` must have shape"),
+        (_bad(10, torch.zeros(1, 8)), ValueError, "E\\+1 >= 2"),
+        (_bad(0, lambda a: torch.zeros(16, 4).t()), ValueError, "`x` must be contiguous"),
+        (_bad(12, -1.0), ValueError, "`eps` must be a non-negative float"),
+    ],
+)
+def test_bad_input_raises_clear_error(mutate, exc, message):
+    args = list(make_router_args(4, 16, 8, 5, prev=True, seed=0))
+    mutate(args)
+    for backend in ("reference", "triton"):
+        with zaya_kernels.use_backend(backend), pytest.raises(exc, match=message):
+            torch.ops.zaya.zaya_router(*args, False)
+
+
+def test_balance_bad_input():
+    state, step = new_balance_state(5)
+    with pytest.raises(ValueError, match="`expert_index` values must lie in \\[0, 4\\]"):
+        router_balance_update(torch.tensor([0, 5]), torch.zeros(5), state, step)
+    with pytest.raises(ValueError, match="`mode` must be one of"):
+        router_balance_update(torch.tensor([0]), torch.zeros(5), state, step, mode="sgd")
+    with pytest.raises(ValueError, match="expert count mismatch: `counts` has 4 classes"):
+        torch.ops.zaya.router_balance_update(torch.zeros(4), torch.zeros(5), state, step, 0, True, 1e-3, 0.9,
+                                             0.999, 1e-8, 0.0, 0.0, 0.0)
+    with pytest.raises(TypeError, match="`state` must have dtype"):
+        router_balance_update(torch.tensor([0]), torch.zeros(5), state.double(), step)
+
+
+# ---------------------------------------------------------------- bias balancing
+def _skewed_probs(t, num_experts, seed):
+    """Router probabilities whose logits favour the first few experts; the skip class starts rarely chosen."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(t, num_experts + 1, generator=gen)
+    logits[:, :3] += torch.tensor([2.0, 1.5, 1.0])
+    return torch.softmax(logits, -1)
+
+
+def _imbalance(index, num_experts):
+    counts = torch.bincount(index.long(), minlength=num_experts + 1)[:num_experts].float()
+    return (counts.max() / counts.mean()).item()
+
+
+@pytest.mark.parametrize("mode,include_skip,kwargs", [
+    ("adamw", True, dict(lr=5e-3)),
+    ("adamw", False, dict(lr=5e-3)),
+    ("pid", True, dict(kp=0.2, ki=0.02, kd=0.05)),
+    ("pid", False, dict(kp=0.2, ki=0.02, kd=0.05)),
+])
+def test_balancing_brings_load_imbalance_below_1_1(mode, include_skip, kwargs):
+    num_experts, t, max_steps = 8, 2048, 300
+    probs = _skewed_probs(t, num_experts, seed=0)
+    bias = torch.zeros(num_experts + 1)
+    bias[-1] = -1.0
+    state, step = new_balance_state(num_experts + 1)
+    start = _imbalance(ref.select(probs, bias), num_experts)
+    assert start > 2.0
+    history = []
+    for _ in range(max_steps):
+        index = ref.select(probs, bias)
+        history.append(_imbalance(index, num_experts))
+        counts, loads = router_balance_update(index, bias, state, step, mode=mode, include_skip=include_skip, **kwargs)
+        assert counts.sum() == t and torch.allclose(loads.sum(), torch.tensor(1.0))
+        if len(history) >= 10 and max(history[-10:]) < 1.1:
+            break
+    assert max(history[-10:]) < 1.1, f"{mode}: imbalance {history[0]:.2f} -> {history[-10:]} after {len(history)} steps"
+    assert step.item() == len(history)
+    if not include_skip:
+        assert bias[-1].item() == -1.0 and state[:, -1].abs().max() == 0  # frozen skip class
+
+
+def test_balance_step_without_tokens_changes_nothing():
+    state, step = new_balance_state(4)
+    bias = torch.tensor([0.1, 0.0, -0.1, -1.0])
+    before = bias.clone()
+    counts, loads = router_balance_update(torch.zeros(0, dtype=torch.int32), bias, state, step)
+    assert torch.equal(bias, before) and step.item() == 0 and counts.sum() == 0 and loads.abs().max() == 0
+
+
+def test_balance_adamw_first_step_is_lr_sign():
+    """Bias-corrected AdamW's first step is lr * sign(error) (up to eps): overloaded classes go down by lr."""
+    state, step = new_balance_state(4)
+    bias = torch.zeros(4)
+    router_balance_update(torch.tensor([0, 0, 0, 1, 2, 3, 0, 1]), bias, state, step, lr=1e-3)
+    # loads 4/8, 2/8, 1/8, 1/8 vs target 1/4
+    assert_close(bias, torch.tensor([-1e-3, 0.0, 1e-3, 1e-3]), scale=1e-3)
+
+
+# ---------------------------------------------------------------- torch.distributed: counts summed over ranks
+def _gloo_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        index = torch.tensor([0, 0, 1] if rank == 0 else [2, 2, 2, 3], dtype=torch.int32)
+        state, step = new_balance_state(4)
+        bias = torch.zeros(4)
+        counts, loads = router_balance_update(index, bias, state, step, group=dist.group.WORLD)
+        torch.save({"counts": counts, "loads": loads, "bias": bias}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gloo_counts_are_summed_across_ranks():
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # fork: the children inherit the imported torch and zaya_kernels (spawn re-imports them: ~10 s more)
+        ctx = mp.start_processes(_gloo_worker, args=(2, os.path.join(tmp, "store"), tmp), nprocs=2, join=False,
+                                 start_method="fork")
+        deadline = time.monotonic() + 60
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail("gloo workers did not finish within 60 s")
+        results = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+    for res in results:
+        assert res["counts"].tolist() == [2, 1, 3, 1]
+        assert_close(res["loads"], torch.tensor([2, 1, 3, 1]) / 7.0)
+    assert torch.equal(results[0]["bias"], results[1]["bias"])
+
+
+# ---------------------------------------------------------------- HIP decode kernel (kernels/router.cuh), host emulation
+_EMU_DRIVER = r"""
+#define ZAYA_HOST_EMULATION 1
+#include "router.cuh"
+using namespace zaya::kernels;
+using zaya::dev::bf16_t;
+using zaya::dev::half_t;
+
+template <typename T>
+static void run(const void* x, const void* rp, const float* g, const void* dw, const float* db, const float* nw,
+                const void* w1, const float* b1, const void* w2, const float* b2, const void* w3, const float* beta,
+                int* idx, float* wt, void* r, float* lg, int T_, int H, int R, int C, float eps) {
+  zaya_emu_launch(T_, kRouterThreads, [&] {
+    zaya_router_decode_kernel<T, T>((const T*)x, (const T*)rp, g, (const T*)dw, db, nw, (const T*)w1, b1,
+                                    (const T*)w2, b2, (const T*)w3, beta, idx, wt, (T*)r, lg, H, R, C, eps); });
+}
+
+extern "C" int zaya_emu_router_decode(int dt, const void* x, const void* rp, const float* g, const void* dw,
+    const float* db, const float* nw, const void* w1, const float* b1, const void* w2, const float* b2,
+    const void* w3, const float* beta, int* idx, float* wt, void* r, float* lg, int T_, int H, int R, int C,
+    float eps) {
+  if (dt == 0) run<float>(x, rp, g, dw, db, nw, w1, b1, w2, b2, w3, beta, idx, wt, r, lg, T_, H, R, C, eps);
+  else if (dt == 2) run<bf16_t>(x, rp, g, dw, db, nw, w1, b1, w2, b2, w3, beta, idx, wt, r, lg, T_, H, R, C, eps);
+  else return 1;
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def router_emulation(tmp_path_factory):
+    import ctypes
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    cxx = shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no host C++20 compiler for the kernel emulation")
+    tmp = tmp_path_factory.mktemp("router_emu")
+    kernels = Path(__file__).resolve().parent.parent / "kernels"
+    (tmp / "emu.cpp").write_text(_EMU_DRIVER)
+    cmd = [cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread", f"-I{kernels}",
+           str(tmp / "emu.cpp"), "-o", str(tmp / "emu.so")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return ctypes.CDLL(str(tmp / "emu.so"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,h,r,c,prev", [(3, 64, 32, 17, True), (2, 37, 21, 5, False), (1, 2048, 256, 17, True)])
+def test_hip_decode_kernel_emulated_matches_reference(router_emulation, dtype, t, h, r, c, prev):
+    """kernels/router.cuh run on CPU threads (compat.cuh's host emulation, warp size 32) against the reference."""
+    import ctypes
+
+    args = make_router_args(t, h, r, c, prev=prev, dtype=dtype, seed=t + h)
+    x, r_prev, gamma, dw, db, nw, w1, b1, w2, b2, w3, beta, eps = args
+    index = torch.empty(t, dtype=torch.int32)
+    weight = torch.empty(t, dtype=torch.float32)
+    r_out = torch.empty(t, r, dtype=dtype)
+    logits = torch.empty(t, c, dtype=torch.float32)
+
+    def ptr(tensor):
+        return ctypes.c_void_p(0 if tensor is None else tensor.data_ptr())
+
+    vecs = [None if v is None else v.float().contiguous() for v in (gamma, db, nw, b1, b2)]
+    rc = router_emulation.zaya_emu_router_decode(
+        0 if dtype == torch.float32 else 2, ptr(x), ptr(r_prev), ptr(vecs[0]), ptr(dw), ptr(vecs[1]), ptr(vecs[2]),
+        ptr(w1), ptr(vecs[3]), ptr(w2), ptr(vecs[4]), ptr(w3), ptr(beta), ptr(index), ptr(weight), ptr(r_out),
+        ptr(logits), t, h, r, c, ctypes.c_float(eps))
+    assert rc == 0
+    e_index, e_weight, e_r, e_logits = ref.zaya_router(*args, True)
+    assert_close(r_out, e_r, dtype=dtype, reduction=h, what="r")
+    tol_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
+    assert_close(logits, e_logits, dtype=tol_dtype, reduction=max(h, r), scale=1.0, what="logits")
+    check_choice(index, weight, torch.softmax(e_logits, -1), beta, what="hip emulated", dtype=tol_dtype,
+                 tie_tol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+# ---------------------------------------------------------------- GPU: every GPU backend at ZAYA1-8B shape
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "hip"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("t", [1, 8, 64, 1000])
+def test_gpu_backends_match_reference(backend, dtype, t):
+    from zaya_kernels.ops._registry import OPS
+
+    if backend not in OPS["zaya_router"].impls:
+        pytest.skip("the extension was built without the router's HIP/CUDA launcher (csrc/router.cu not bound)")
+    args = make_router_args(t, 2048, 256, 17, prev=True, dtype=dtype, seed=t, device="cuda")
+    with zaya_kernels.use_backend(backend):
+        index, weight, r, logits = torch.ops.zaya.zaya_router(*args, True)
+    assert zaya_kernels.last_backend("zaya_router") == backend
+    e_index, e_weight, e_r, e_logits = ref.zaya_router(*args, True)
+    assert_close(r, e_r, dtype=dtype, reduction=2048, what="r")
+    assert_close(logits, e_logits, dtype=dtype, reduction=2048, scale=1.0, what="logits")
+    if dtype == torch.float32:
+        check_choice(index, weight, torch.softmax(e_logits, -1), args[11], what="gpu")
+    assert (index == e_index).float().mean() >= 0.95
