@@ -20,7 +20,7 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FAMILIES = ["residual_rmsnorm"]
+FAMILIES = sorted(f[len("bench_"):-3] for f in os.listdir(HERE) if f.startswith("bench_") and f.endswith(".py"))
 # peak HBM bandwidth in bytes/s, by a substring of the device name (shared/PEERS.md)
 PEAK_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "MI300X": 5.3e12, "MI355X": 8.0e12, "MI325X": 6.0e12}
 

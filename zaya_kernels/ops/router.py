@@ -9,8 +9,7 @@ Ops (schemas in csrc/zaya_ops.cpp, "router family"):
 Backends:
   zaya_router: reference (zaya_kernels.reference.router), triton (zaya_kernels.triton.router; one launch, R <= 512;
     decode launches split the down projection over H), hip (kernels/router.cuh via csrc/router.cu: one block per
-    token, built for decode, T <= 64; registered only when the extension was built with its launcher bound, see
-    csrc/router.cu). `auto` on a GPU picks triton; the hip kernel runs when asked for (ZAYA_KERNELS_BACKEND=hip)
+    token, built for decode, T <= 64; needs a GPU build of the extension). `auto` on a GPU picks triton; the hip kernel runs when asked for (ZAYA_KERNELS_BACKEND=hip)
     until it has been timed against the Triton one on a GPU.
   zaya_router_backward: the reference's explicit chain rule only (dense torch GEMMs, which run on any device). It is
     registered with auto_order=("reference",), so `auto` picks it on GPUs too, and the forward's autograd calls it

@@ -1,0 +1,58 @@
+"""Benchmark cases for the ZAYA router: decode latency (T = 1, 8, 64) and prefill (8k, 64k tokens) at ZAYA1-8B shapes
+(H 2048, R 256, 16 experts + skip) on GPU, tiny shapes on CPU.
+
+Providers: the reference (op by op in torch), transformers' ZayaRouter where it can be built, and every zaya backend
+available. Bytes are the weights read once plus x and the outputs: decode is a weight-streaming problem.
+"""
+from __future__ import annotations
+
+import torch
+
+from zaya_kernels.reference import router as ref
+
+EPS = 1e-5
+
+
+def _weights(hidden, router_hidden, experts, dtype, device, gen):
+    def mat(rows, cols):
+        return (torch.randn(rows, cols, generator=gen) / cols**0.5).to(dtype).to(device)
+
+    def vec(n, lo=-0.1, hi=0.1):
+        return (torch.rand(n, generator=gen) * (hi - lo) + lo).to(device)
+
+    bias = torch.zeros(experts + 1, device=device)
+    bias[-1] = -1.0
+    return dict(down_w=mat(router_hidden, hidden), down_b=vec(router_hidden), norm_w=vec(router_hidden, 0.5, 1.5),
+                fc1_w=mat(router_hidden, router_hidden), fc1_b=vec(router_hidden),
+                fc2_w=mat(router_hidden, router_hidden), fc2_b=vec(router_hidden), out_w=mat(experts + 1, router_hidden),
+                balance_bias=bias, gamma=vec(router_hidden, 0.5, 1.5))
+
+
+def cases(device: str):
+    import zaya_kernels
+    from zaya_kernels import backend
+
+    on_gpu = device == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    hidden, router_hidden, experts = (2048, 256, 16) if on_gpu else (128, 32, 4)
+    token_counts = (1, 8, 64, 8192, 65536) if on_gpu else (1, 8, 64)
+    gen = torch.Generator().manual_seed(0)
+    w = _weights(hidden, router_hidden, experts, dtype, device, gen)
+    zaya_backends = [b for b in ("triton", "hip") if backend.unavailable_reason(b, device, ("hip", "triton")) is None]
+    weight_bytes = sum(t.numel() * t.element_size() for t in w.values())
+    for tokens in token_counts:
+        x = torch.randn(tokens, hidden, generator=gen).to(dtype).to(device)
+        r_prev = torch.randn(tokens, router_hidden, generator=gen).to(dtype).to(device)
+        args = (x, r_prev, w["gamma"], w["down_w"], w["down_b"], w["norm_w"], w["fc1_w"], w["fc1_b"], w["fc2_w"],
+                w["fc2_b"], w["out_w"], w["balance_bias"], EPS)
+        providers = {"reference": lambda a=args: ref.zaya_router(*a)}
+        for name in zaya_backends:
+            if name == "hip" and tokens > 64:
+                continue  # the HIP kernel is the decode path
+            def run(a=args, name=name):
+                with zaya_kernels.use_backend(name):
+                    return torch.ops.zaya.zaya_router(*a)
+            providers[f"zaya-{name}"] = run
+        io_bytes = tokens * (hidden + 2 * router_hidden) * x.element_size() + tokens * 8
+        shape = {"tokens": tokens, "hidden": hidden, "router_hidden": router_hidden, "experts": experts}
+        yield "zaya_router", shape, weight_bytes + io_bytes, providers
