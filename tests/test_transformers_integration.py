@@ -1,0 +1,117 @@
+"""kernelize(model): a transformers ZAYA model on zaya ops gives the unmodified model's logits, tokens and gradients."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import zaya_kernels
+from zaya_kernels.integrations.transformers import kernelize
+
+transformers = pytest.importorskip("transformers", reason="the integration tests need transformers >= 5.8")
+from transformers import ZayaConfig, ZayaForCausalLM, ZayaModel  # noqa: E402
+
+CONFIGS = {
+    "gqa2": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, router_hidden_size=32),
+    "mha": dict(num_attention_heads=2, num_key_value_heads=2, head_dim=32, num_experts=3, router_hidden_size=24),
+    "gqa4-odd": dict(num_attention_heads=4, num_key_value_heads=1, head_dim=16, num_experts=5, router_hidden_size=20),
+}
+
+
+def tiny_model(name, seed=0, layers=3):
+    """A random tiny ZAYA model with every ZAYA-specific parameter away from its init value and the skip class
+    reachable (its balancing bias raised for half of the layers)."""
+    torch.manual_seed(seed)
+    cfg = ZayaConfig(vocab_size=97, hidden_size=48, num_hidden_layers=layers, moe_intermediate_size=40,
+                     max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                     initializer_range=0.2, **CONFIGS[name])
+    model = ZayaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "bias" in pname:
+                p.uniform_(-0.5, 0.5)
+            elif any(k in pname for k in ("scale", "temp", "norm", "layernorm")):
+                p.uniform_(0.5, 1.5)
+        for i, layer in enumerate(model.model.layers):
+            layer.mlp.gate.balancing_biases.uniform_(-0.2, 0.2)
+            layer.mlp.gate.balancing_biases[-1] = 0.3 if i % 2 else -0.2
+    return model
+
+
+def left_padded_batch(seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 97, (3, 10), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[2, :1] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def relative_error(actual, expected):
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_and_greedy_tokens_match(name, backend):
+    model = tiny_model(name)
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        expected_logits = model(input_ids=ids, attention_mask=mask).logits
+        expected_tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+        kernelize(model, backend=backend)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert zaya_kernels.last_backend("zaya_router") == backend
+    assert zaya_kernels.last_backend("residual_scale_rmsnorm") == backend
+    assert relative_error(logits, expected_logits) < 5e-5
+    assert torch.equal(tokens, expected_tokens)
+
+
+def test_skip_class_is_chosen_in_the_parity_model():
+    """The parity tests exercise the skip expert: some tokens route to it."""
+    model = tiny_model("gqa2")
+    ids, mask = left_padded_batch()
+    routing_weights = []
+    # transformers rewrites the skip class to expert 0 with weight 0: a zero routing weight marks a skipped token
+    handle = model.model.layers[1].mlp.gate.register_forward_hook(lambda mod, inp, out: routing_weights.append(out[1]))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    handle.remove()
+    assert (routing_weights[0] == 0).any() and (routing_weights[0] > 0).any()
+
+
+def test_training_loss_and_every_gradient_match():
+    model = tiny_model("gqa2", layers=2).train()
+    kernelized = kernelize(copy.deepcopy(model), backend="reference")
+    ids, _ = left_padded_batch()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    k_loss = kernelized(input_ids=ids, labels=ids).loss
+    k_loss.backward()
+    assert relative_error(k_loss.detach(), loss.detach()) < 1e-5
+    grads = dict(model.named_parameters())
+    for pname, p in kernelized.named_parameters():
+        expected = grads[pname].grad
+        if expected is None:
+            assert p.grad is None or not p.grad.any(), pname
+            continue
+        assert p.grad is not None, pname
+        scale = expected.abs().max().item()
+        assert (p.grad - expected).abs().max().item() <= 1e-4 * max(scale, 1e-6), pname
+
+
+def test_kernelize_zaya_model_and_bad_input():
+    model = tiny_model("mha")
+    base = copy.deepcopy(model.model)
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        expected = base(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert isinstance(kernelize(base), ZayaModel)
+        actual = base(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert relative_error(actual, expected) < 5e-5
+    with pytest.raises(TypeError, match="ZayaForCausalLM or ZayaModel"):
+        kernelize(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="unknown zaya_kernels backend"):
+        kernelize(model, backend="cuda")

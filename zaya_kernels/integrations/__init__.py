@@ -1,0 +1,1 @@
+"""Integrations of the zaya ops into other libraries' models (transformers)."""

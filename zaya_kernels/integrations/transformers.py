@@ -1,0 +1,135 @@
+"""`kernelize(model)`: run a transformers ZayaForCausalLM / ZayaModel on torch.ops.zaya, in place.
+
+What is swapped (with transformers' own cache objects, masks and rotary embeddings kept):
+- the residual stream: the model-input scaling fused with layer 0's input norm, and every residual update fused with
+  the norm that follows it (post-attention update + post-attention norm; post-MoE update + the next layer's input
+  norm, or the final norm after the last layer): `zaya::residual_scale_rmsnorm`;
+- the router: `zaya::zaya_router` (down projection, EDA, MLP, fp32 softmax, biased top-1 with the skip class).
+What still runs as transformers' modules: attention (CCA projection, QK norm, RoPE, attention) and the experts.
+
+Outputs: `last_hidden_state` and `cache`; `output_hidden_states`, `output_attentions` and
+`output_router_logits` are not recorded by the kernelized forward (they come back as None).
+Numerics: the kernelized model computes the residual update, router softmax and selection in fp32 (DESIGN.md);
+transformers rounds some of these to the model dtype, so bf16 models agree to bf16 rounding, fp32 models exactly
+up to fp32 rounding.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+
+from zaya_kernels.backend import use_backend
+
+
+def _zaya_classes():
+    from transformers.models.zaya import modeling_zaya
+
+    return modeling_zaya
+
+
+def _residual_params(scaling):
+    return (scaling.hidden_states_scale, scaling.hidden_states_bias, scaling.residual_scale, scaling.residual_bias)
+
+
+def _norm_eps(norm) -> float:
+    return float(norm.variance_epsilon)
+
+
+def _fused_residual_norm(branch, residual, scaling, norm):
+    """(new residual fp32, normed in the norm weight's dtype) for [B, S, H] tensors."""
+    shape = branch.shape
+    h = shape[-1]
+    new_residual, normed = torch.ops.zaya.residual_scale_rmsnorm(
+        branch.to(norm.weight.dtype).reshape(-1, h).contiguous(), residual.reshape(-1, h).contiguous(),
+        *_residual_params(scaling), norm.weight, _norm_eps(norm))
+    return new_residual.view(shape), normed.view(shape)
+
+
+def moe_block_forward(block, hidden_states, prev_router_hidden_states=None):
+    """ZayaSparseMoeBlock.forward with the router as one zaya op. hidden_states [B, S, H]; returns (y, r [B, S, R])."""
+    gate, mlp = block.gate, block.gate.router_mlp
+    batch, seq, hidden = hidden_states.shape
+    x = hidden_states.reshape(-1, hidden).contiguous()
+    use_eda = gate.use_eda and prev_router_hidden_states is not None
+    r_prev = prev_router_hidden_states.reshape(x.shape[0], -1).contiguous() if use_eda else None
+    index, weight, router_state, _ = torch.ops.zaya.zaya_router(
+        x, r_prev, gate.router_states_scale if use_eda else None, gate.down_proj.weight, gate.down_proj.bias,
+        mlp.norm.weight, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, mlp.out_proj.weight,
+        gate.balancing_biases, _norm_eps(mlp.norm))
+    # transformers' experts take the skip class as expert 0 with weight 0 (skip_mode 0: the output is zero)
+    skipped = index == gate.num_experts
+    experts_index = index.masked_fill(skipped, 0).long().unsqueeze(-1)
+    experts_weight = weight.masked_fill(skipped, 0.0).to(x.dtype).unsqueeze(-1)
+    y = block.experts(x, experts_index, experts_weight)
+    return y.view(batch, seq, hidden), router_state.view(batch, seq, -1)
+
+
+def model_forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                  use_cache=None, **kwargs):
+    """ZayaModel.forward on zaya ops (see the module docstring); same arguments and cache behaviour."""
+    mz = _zaya_classes()
+    kwargs.pop("past_key_values", None) if cache is not None else None
+    cache = kwargs.pop("past_key_values", cache)
+    for unused in ("output_attentions", "output_hidden_states", "output_router_logits", "return_dict"):
+        kwargs.pop(unused, None)
+    if (input_ids is None) ^ (inputs_embeds is not None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    use_cache = self.config.use_cache if use_cache is None else use_cache
+    if inputs_embeds is None:
+        inputs_embeds = self.embed_tokens(input_ids)
+    if use_cache and cache is None:
+        cache = mz.DynamicCache(config=self.config)
+    if position_ids is None:
+        past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+        position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens)[None]
+    if not isinstance(mask_mapping := attention_mask, dict):
+        mask_kwargs = {"config": self.config, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
+                       "cache": cache, "position_ids": position_ids}
+        makers = {"hybrid": mz.create_causal_mask, "hybrid_sliding": mz.create_sliding_window_causal_mask}
+        mask_mapping = {kind: makers[kind](**mask_kwargs) for kind in set(self.config.layer_types)}
+        mask_mapping["conv"] = mz.create_recurrent_attention_mask(**mask_kwargs)
+    position_embeddings = {kind: self.rotary_emb(inputs_embeds, position_ids, kind)
+                           for kind in set(self.config.layer_types)}
+
+    with use_backend(self._zaya_backend):
+        layers = self.layers
+        batch, seq, hidden = inputs_embeds.shape
+        first_norm = layers[0].input_layernorm if len(layers) else self.norm
+        residual, normed = torch.ops.zaya.residual_scale_rmsnorm(
+            inputs_embeds.to(first_norm.weight.dtype).reshape(-1, hidden).contiguous(), None,
+            self.input_hidden_states_scale, self.input_hidden_states_bias, None, None, first_norm.weight,
+            _norm_eps(first_norm))
+        residual, normed = residual.view(batch, seq, hidden), normed.view(batch, seq, hidden)
+        router_state = None
+        for idx, layer in enumerate(layers):
+            kind = self.config.layer_types[idx]
+            attn_out, _ = layer.self_attn(
+                hidden_states=normed,
+                attention_mask={"causal": mask_mapping[kind], "conv": mask_mapping.get("conv")},
+                cache=cache, position_embeddings=position_embeddings[kind], **kwargs)
+            residual, normed = _fused_residual_norm(attn_out, residual, layer.post_attention_residual_scale,
+                                                    layer.post_attention_layernorm)
+            moe_out, router_state = layer.mlp(normed, router_state)
+            next_norm = layers[idx + 1].input_layernorm if idx + 1 < len(layers) else self.norm
+            residual, normed = _fused_residual_norm(moe_out, residual, layer.post_mlp_residual_scale, next_norm)
+    return mz.MoeModelOutputWithPast(last_hidden_state=normed, cache=cache if use_cache else None)
+
+
+def kernelize(model, backend: str = "auto"):
+    """Swap the zaya ops into a transformers ZayaForCausalLM or ZayaModel in place and return it.
+
+    backend: the zaya backend the model's ops use (auto, triton, hip or reference), whatever the global setting.
+    Call it once; calling it again only changes the backend.
+    """
+    mz = _zaya_classes()
+    base = model.model if isinstance(model, mz.ZayaForCausalLM) else model
+    if not isinstance(base, mz.ZayaModel):
+        raise TypeError(f"kernelize: expected a transformers ZayaForCausalLM or ZayaModel, got {type(model).__name__}")
+    with use_backend(backend):  # validates the name now rather than at the first forward
+        pass
+    base._zaya_backend = backend
+    base.forward = types.MethodType(model_forward, base)
+    for layer in base.layers:
+        layer.mlp.forward = types.MethodType(moe_block_forward, layer.mlp)
+    return model
