@@ -51,7 +51,8 @@ def _demo(args) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from zaya_kernels.demo import run_demo
 
-    return run_demo(tokens=args.tokens, layers=args.layers, repeats=args.repeats)
+    return run_demo(tokens=args.tokens, layers=args.layers, repeats=args.repeats, model_path=args.model,
+                    new_tokens=args.new_tokens, batch=args.batch)
 
 
 def main(argv=None) -> int:
@@ -61,10 +62,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zaya_kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, GPU, and the backend each op would use")
-    demo = sub.add_parser("demo", help="run the ops on ZAYA1-8B shapes (GPU) or a tiny configuration (CPU)")
-    demo.add_argument("--tokens", type=int, default=None, help="tokens per batch (default 4096 on GPU, 64 on CPU)")
-    demo.add_argument("--layers", type=int, default=None, help="decoder layers (default 40 on GPU, 3 on CPU)")
-    demo.add_argument("--repeats", type=int, default=None, help="timed repeats (default 20 on GPU, 2 on CPU)")
+    demo = sub.add_parser("demo", help="run the ops and a kernelized ZAYA model on ZAYA1-8B shapes (GPU) or a tiny "
+                                       "configuration (CPU), checked against the reference and transformers")
+    demo.add_argument("--model", default=None, help="a transformers ZAYA checkpoint directory (default: random weights)")
+    demo.add_argument("--tokens", type=int, default=None, dest="new_tokens",
+                      help="tokens to generate (default 32 on GPU, 8 on CPU)")
+    demo.add_argument("--batch", type=int, default=1, help="sequences generated together (default 1)")
+    demo.add_argument("--op-tokens", type=int, default=None, dest="tokens",
+                      help="tokens in the op check (default 4096 on GPU, 64 on CPU)")
+    demo.add_argument("--layers", type=int, default=None, help="layers in the op check (default 40 on GPU, 3 on CPU)")
+    demo.add_argument("--repeats", type=int, default=None, help="timed repeats in the op check (default 20 GPU, 2 CPU)")
     sub.add_parser("aot-report", help="compile every Triton kernel config for gfx942/gfx950/sm_90 (see --help)")
     args = parser.parse_args(argv)
     if args.command == "info":
