@@ -115,3 +115,26 @@ def test_kernelize_zaya_model_and_bad_input():
         kernelize(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="unknown zaya_kernels backend"):
         kernelize(model, backend="cuda")
+
+
+def test_sharded_checkpoint_round_trip_into_a_kernelized_model(tmp_path):
+    """A tiny checkpoint written by transformers' save_pretrained (sharded safetensors + index, no network) loads
+    into a model that is then kernelized, and gives the logits of the same checkpoint loaded unmodified.
+
+    (transformers 5.24's loader re-initialises the skip class's balancing bias to -1 after loading, so the
+    reference here is the unmodified model loaded from the same files, not the model that wrote them.)
+    """
+    model = tiny_model("gqa2", layers=2)
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    plain = ZayaForCausalLM.from_pretrained(tmp_path).eval()
+    loaded = kernelize(ZayaForCausalLM.from_pretrained(tmp_path).eval(), backend="reference")
+    for (name, p), (_, q) in zip(plain.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(p, q), name
+    for (name, p), (_, q) in zip(model.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(p, q), name  # every weight made the round trip
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        expected = plain(input_ids=ids, attention_mask=mask).logits
+        actual = loaded(input_ids=ids, attention_mask=mask).logits
+    assert relative_error(actual, expected) < 5e-5
