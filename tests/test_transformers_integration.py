@@ -138,3 +138,20 @@ def test_sharded_checkpoint_round_trip_into_a_kernelized_model(tmp_path):
         expected = plain(input_ids=ids, attention_mask=mask).logits
         actual = loaded(input_ids=ids, attention_mask=mask).logits
     assert relative_error(actual, expected) < 5e-5
+
+
+def test_training_updates_balancing_biases_toward_equal_load():
+    from zaya_kernels.integrations.transformers import update_balancing_biases
+
+    model = kernelize(tiny_model("gqa2", layers=2).train(), backend="reference")
+    ids, _ = left_padded_batch()
+    assert update_balancing_biases(model) is None  # no training forward yet
+    before = [layer.mlp.gate.balancing_biases.clone() for layer in model.model.layers]
+    model(input_ids=ids, labels=ids).loss.backward()
+    loads = update_balancing_biases(model, lr=1e-2)
+    assert loads.shape == (2, 5) and torch.allclose(loads.sum(-1), torch.ones(2))
+    for layer, old, load in zip(model.model.layers, before, loads):
+        step = layer.mlp.gate.balancing_biases - old
+        # AdamW's first step moves every class by ~lr against the sign of its load error
+        overloaded, underloaded = load > 1 / 5, load < 1 / 5
+        assert (step[overloaded] < 0).all() and (step[underloaded] > 0).all()

@@ -7,6 +7,9 @@ What is swapped (with transformers' own cache objects, masks and rotary embeddin
 - the router: `zaya::zaya_router` (down projection, EDA, MLP, fp32 softmax, biased top-1 with the skip class).
 What still runs as transformers' modules: attention (CCA projection, QK norm, RoPE, attention) and the experts.
 
+Training: after each optimizer step, `update_balancing_biases(model)` moves every layer's balancing biases toward
+equal load with `zaya::router_balance_update` (DESIGN.md 1.5), from the choices the training forwards made.
+
 Outputs: `last_hidden_state` and `cache`; `output_hidden_states`, `output_attentions` and
 `output_router_logits` are not recorded by the kernelized forward (they come back as None).
 Numerics: the kernelized model computes the residual update, router softmax and selection in fp32 (DESIGN.md);
@@ -62,6 +65,8 @@ def moe_block_forward(block, hidden_states, prev_router_hidden_states=None):
     experts_index = index.masked_fill(skipped, 0).long().unsqueeze(-1)
     experts_weight = weight.masked_fill(skipped, 0.0).to(x.dtype).unsqueeze(-1)
     y = block.experts(x, experts_index, experts_weight)
+    if block.training:  # the choices of this step feed update_balancing_biases (micro-batches accumulate)
+        block._zaya_expert_index = getattr(block, "_zaya_expert_index", []) + [index.detach()]
     return y.view(batch, seq, hidden), router_state.view(batch, seq, -1)
 
 
@@ -133,3 +138,31 @@ def kernelize(model, backend: str = "auto"):
     for layer in base.layers:
         layer.mlp.forward = types.MethodType(moe_block_forward, layer.mlp)
     return model
+
+
+def update_balancing_biases(model, *, mode: str = "adamw", include_skip: bool = True, group=None, **controller):
+    """One balancing step per layer from the expert choices of the training forwards since the last call.
+
+    mode, include_skip, group and the controller settings (lr, betas, eps for "adamw"; kp, ki, kd for "pid") are
+    those of `zaya_kernels.ops.router_balance_update`; each router keeps its controller state between calls.
+    Returns the per-layer loads fp32 [layers, E+1] (fraction of tokens per class), or None if no training forward
+    ran since the last call.
+    """
+    from zaya_kernels.ops import new_balance_state, router_balance_update
+
+    mz = _zaya_classes()
+    base = model.model if isinstance(model, mz.ZayaForCausalLM) else model
+    loads = []
+    for layer in base.layers:
+        chosen = getattr(layer.mlp, "_zaya_expert_index", None)
+        if not chosen:
+            continue
+        gate = layer.mlp.gate
+        key = f"_zaya_balance_state_{mode}"
+        if not hasattr(gate, key):
+            setattr(gate, key, new_balance_state(gate.balancing_biases.shape[0], gate.balancing_biases.device))
+        _, layer_loads = router_balance_update(torch.cat(chosen), gate.balancing_biases, *getattr(gate, key),
+                                               mode=mode, include_skip=include_skip, group=group, **controller)
+        layer.mlp._zaya_expert_index = []
+        loads.append(layer_loads)
+    return torch.stack(loads) if loads else None
