@@ -15,9 +15,10 @@ import json
 import os
 import platform
 import sys
-import time
 
 import torch
+
+from zaya_kernels.tools.timing import median_seconds
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FAMILIES = sorted(f[len("bench_"):-3] for f in os.listdir(HERE) if f.startswith("bench_") and f.endswith(".py"))
@@ -30,28 +31,6 @@ def peak_bandwidth(device_name: str):
         if key in device_name:
             return value
     return None
-
-
-def time_call(fn, device: str, repeats: int) -> float:
-    """Median seconds per call. On GPU: triton.testing.do_bench (flushes L2 between calls) when available."""
-    if device == "cuda":
-        try:
-            from triton.testing import do_bench
-
-            return do_bench(fn, warmup=10, rep=max(20, repeats), return_mode="median") / 1e3
-        except ImportError:
-            pass
-    fn()
-    samples = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        samples.append(time.perf_counter() - start)
-    return sorted(samples)[len(samples) // 2]
 
 
 def run(families, out_dir, repeats):
@@ -80,7 +59,7 @@ def run(families, out_dir, repeats):
             for provider, fn in providers.items():
                 if interpreter and provider == "zaya-triton" and device == "cpu":
                     continue  # interpreter timings say nothing about kernels
-                seconds = time_call(fn, device, repeats)
+                seconds = median_seconds(fn, device, repeats)
                 ref_seconds = seconds if provider == "reference" else ref_seconds
                 gbps = bytes_moved / seconds / 1e9
                 rec = {"op": op, "shape": shape, "provider": provider, "seconds": seconds, "gb_per_s": gbps,

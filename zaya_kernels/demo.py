@@ -16,6 +16,7 @@ import torch
 import zaya_kernels
 from zaya_kernels import backend as _backend
 from zaya_kernels.reference import residual_rmsnorm as ref
+from zaya_kernels.tools.timing import median_seconds
 
 ZAYA1_8B_HIDDEN = 2048
 EPS = 1e-5
@@ -56,21 +57,6 @@ class _Stack:
         return new_residual, norm_fn(new_residual, self.final_norm, EPS, embeddings.dtype)
 
 
-def _time(fn, repeats, device) -> float:
-    """Median seconds per call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def run_demo(tokens=None, layers=None, repeats=None, model_path=None, new_tokens=None, batch=1) -> int:
     """Both parts of the demo; returns the process exit code (1 if anything disagrees with its reference)."""
     failures = run_ops_demo(tokens=tokens, layers=layers, repeats=repeats)
@@ -103,7 +89,7 @@ def run_ops_demo(tokens=None, layers=None, repeats=None) -> int:
     residual = torch.randn(tokens, hidden, device=device)
     hs, hb, rs, rb, w = stack.updates[0]
     bytes_moved = tokens * hidden * (2 * branch.element_size() + 8)
-    ref_time = _time(lambda: ref.residual_scale_rmsnorm(branch, residual, hs, hb, rs, rb, w, EPS), repeats, device)
+    ref_time = median_seconds(lambda: ref.residual_scale_rmsnorm(branch, residual, hs, hb, rs, rb, w, EPS), device, repeats)
 
     header = f"{'backend':<10} {'final-norm max err':>19} {'residual rel err':>17} {'us/call':>10} {'GB/s':>8} {'vs ref':>8}"
     print(header)
@@ -113,8 +99,8 @@ def run_ops_demo(tokens=None, layers=None, repeats=None) -> int:
     for name in backends:
         with zaya_kernels.use_backend(name):
             got_residual, got_out = stack.run(embeddings, torch.ops.zaya.residual_scale_rmsnorm, torch.ops.zaya.rmsnorm)
-            seconds = _time(lambda: torch.ops.zaya.residual_scale_rmsnorm(branch, residual, hs, hb, rs, rb, w, EPS),
-                            repeats, device)
+            seconds = median_seconds(lambda: torch.ops.zaya.residual_scale_rmsnorm(branch, residual, hs, hb, rs, rb, w, EPS),
+                                     device, repeats)
         out_err = (got_out.float() - expected_out.float()).abs().max().item()
         res_err = ((got_residual - expected_residual).abs().max() / expected_residual.abs().max()).item()
         # one output rounding per layer can flip; the stack must stay within a few ulps of the activation dtype
