@@ -15,8 +15,8 @@ from helpers import assert_close
 FORMS = ("residual", "input", "rmsnorm")
 
 
-def make_inputs(form, n, h, dtype, scale, seed, device="cpu", requires_grad=False):
-    """Random inputs of one form; parameters are drawn away from their init values (1 and 0)."""
+def make_inputs(form, n, h, dtype, scale, seed, device="cpu", requires_grad=False, param_dtype=torch.float32):
+    """Random inputs of one form; parameters (param_dtype) are drawn away from their init values (1 and 0)."""
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape, dt=torch.float32, lo=-1.0, hi=1.0):
@@ -25,8 +25,9 @@ def make_inputs(form, n, h, dtype, scale, seed, device="cpu", requires_grad=Fals
 
     branch = rand(n, h, dt=dtype, lo=-scale, hi=scale)
     residual = rand(n, h, lo=-scale, hi=scale)
-    hs, hb, rs, rb = rand(h, lo=0.5, hi=1.5), rand(h), rand(h, lo=0.5, hi=1.5), rand(h)
-    weight = rand(h, lo=0.5, hi=1.5)
+    hs, hb = rand(h, dt=param_dtype, lo=0.5, hi=1.5), rand(h, dt=param_dtype)
+    rs, rb = rand(h, dt=param_dtype, lo=0.5, hi=1.5), rand(h, dt=param_dtype)
+    weight = rand(h, dt=param_dtype, lo=0.5, hi=1.5)
     if form == "residual":
         return (branch, residual, hs, hb, rs, rb, weight, 1e-5)
     if form == "input":
@@ -154,10 +155,11 @@ def test_op_auto_backend_is_reference_on_cpu(shape, form, dtype, seed):
 # ---------------------------------------------------------------- Triton (interpreter on CPU, compiled on GPU)
 @settings(max_examples=30)
 @given(shape=small_shapes, form=st.sampled_from(FORMS), dtype=st.sampled_from([torch.float32, torch.float16]),
-       scale=st.sampled_from([1e-3, 1.0, 300.0]), seed=st.integers(0, 2**16))
-def test_triton_forward_matches_reference(shape, form, dtype, scale, seed):
+       scale=st.sampled_from([1e-3, 1.0, 300.0]), seed=st.integers(0, 2**16),
+       param_dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_triton_forward_matches_reference(shape, form, dtype, scale, seed, param_dtype):
     n, h = shape
-    args = make_inputs(form, n, h, dtype, scale, seed)
+    args = make_inputs(form, n, h, dtype, scale, seed, param_dtype=param_dtype)
     with zaya_kernels.use_backend("triton"):
         actual = run_op(form, args)
     assert zaya_kernels.last_backend("rmsnorm" if form == "rmsnorm" else "residual_scale_rmsnorm") == "triton"
@@ -297,7 +299,7 @@ def test_typed_wrappers_take_leading_dims():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("n,h", [(1, 2048), (257, 2048), (33, 2047), (8, 5120), (0, 64), (3, 9000)])
 def test_gpu_backends_match_reference(backend, form, dtype, n, h):
-    args = make_inputs(form, n, h, dtype, 1.0, n + h, device="cuda", requires_grad=True)
+    args = make_inputs(form, n, h, dtype, 1.0, n + h, device="cuda", requires_grad=True, param_dtype=dtype)
     with zaya_kernels.use_backend(backend):
         actual = run_op(form, args)
         _, actual_grads = grads_through(run_op, form, args, 0)

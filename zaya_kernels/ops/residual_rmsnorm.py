@@ -20,8 +20,13 @@ _OP = "residual_scale_rmsnorm"
 
 
 def _fp32(param):
-    """Parameter vectors reach the kernels as contiguous fp32 (a [H] copy at most)."""
+    """Parameter vectors as contiguous fp32 (a [H] copy at most): what the HIP launchers and the backward math take."""
     return None if param is None else param.float().contiguous()
+
+
+def _vec(param):
+    """Parameter vectors as they are (the Triton kernels load any float dtype in fp32): no extra launch per call."""
+    return None if param is None else param.contiguous()
 
 
 # ---------------------------------------------------------------- validation
@@ -111,7 +116,7 @@ def _triton_fwd(branch, residual, hs, hb, rs, rb, weight, eps):
 
     new_residual, normed = _fwd_outputs(branch)
     mode = MODE_INPUT if residual is None else MODE_RESIDUAL
-    tri.residual_rmsnorm_fwd(branch, residual, _fp32(hs), _fp32(hb), _fp32(rs), _fp32(rb), _fp32(weight), eps,
+    tri.residual_rmsnorm_fwd(branch, residual, _vec(hs), _vec(hb), _vec(rs), _vec(rb), _vec(weight), eps,
                              new_residual, normed, mode)
     return new_residual, normed
 
@@ -155,7 +160,7 @@ def _triton_rmsnorm(x, weight, eps, out_dtype=None):
     from zaya_kernels.triton import residual_rmsnorm as tri
 
     out = torch.empty_like(x, dtype=out_dtype or x.dtype)
-    tri.residual_rmsnorm_fwd(x, None, None, None, None, None, _fp32(weight), eps, None, out, MODE_RMSNORM)
+    tri.residual_rmsnorm_fwd(x, None, None, None, None, None, _vec(weight), eps, None, out, MODE_RMSNORM)
     return out
 
 

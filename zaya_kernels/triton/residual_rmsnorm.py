@@ -218,7 +218,8 @@ def _grid(N: int, block_n: int, device: torch.device) -> int:
 
 def residual_rmsnorm_fwd(x, residual, hs, hb, rs, rb, weight, eps, new_residual, normed, mode):
     """Launch the forward into preallocated outputs. x [N, H]; residual [N, H] fp32 or None; hs, hb, rs, rb,
-    weight [H] fp32; new_residual [N, H] fp32 (ignored in MODE 0); normed [N, H] activation dtype."""
+    weight [H] contiguous, any float dtype (loaded as fp32); new_residual [N, H] fp32 (ignored in MODE 0);
+    normed [N, H] activation dtype."""
     N, H = x.shape
     if N == 0:
         return
@@ -258,7 +259,8 @@ def residual_rmsnorm_bwd(dy, d_new_residual, x, residual, hs, rs, weight, eps, n
 
 
 def _aot_configs():
-    """Every (config, mode) the launchers can pick, with bf16 activations (the model's dtype) and fp32 for MODE 0."""
+    """Every (config, mode) the launchers can pick, with the dtypes of a bf16 ZAYA model: bf16 activations and
+    forward parameters, the fp32 residual (which the final norm, MODE 0, reads); the backward takes fp32 parameters."""
     shapes = [(bn, bh, nw, True) for _, bn, bh, nw in _CONFIGS] + [(1, MAX_BLOCK_H, 8, False)]
     fwd, bwd = [], []
     for block_n, block_h, num_warps, single in shapes:
@@ -268,8 +270,8 @@ def _aot_configs():
             consts = {"MODE": mode, "BLOCK_N": block_n, "BLOCK_H": block_h, "SINGLE_CHUNK": single}
             fwd.append(AotConfig(
                 label=tag,
-                signature={"x_ptr": x_type, "r_ptr": "*fp32", "hs_ptr": "*fp32", "hb_ptr": "*fp32", "rs_ptr": "*fp32",
-                           "rb_ptr": "*fp32", "w_ptr": "*fp32", "new_residual_ptr": "*fp32", "normed_ptr": "*bf16",
+                signature={"x_ptr": x_type, "r_ptr": "*fp32", "hs_ptr": "*bf16", "hb_ptr": "*bf16", "rs_ptr": "*bf16",
+                           "rb_ptr": "*bf16", "w_ptr": "*bf16", "new_residual_ptr": "*fp32", "normed_ptr": "*bf16",
                            "N": "i32", "H": "i32", "eps": "fp32", "MODE": "constexpr", "BLOCK_N": "constexpr",
                            "BLOCK_H": "constexpr", "SINGLE_CHUNK": "constexpr"},
                 constexprs=consts, num_warps=num_warps))
