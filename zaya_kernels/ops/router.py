@@ -35,6 +35,10 @@ def _fp32(param):
     return None if param is None else param.float().contiguous()
 
 
+def _vec(param):
+    return None if param is None else param.contiguous()
+
+
 # ---------------------------------------------------------------- validation
 def _validate_router_args(op, x, r_prev, gamma, down_w, down_b, norm_w, fc1_w, fc1_b, fc2_w, fc2_b, out_w,
                           balance_bias, eps):
@@ -150,8 +154,9 @@ def _triton_fwd(x, r_prev, gamma, down_w, down_b, norm_w, fc1_w, fc1_b, fc2_w, f
     weight = torch.empty(t, dtype=torch.float32, device=x.device)
     r = torch.empty(t, down_w.shape[0], dtype=x.dtype, device=x.device)
     logits = torch.empty(t, c, dtype=torch.float32, device=x.device) if return_logits else None
-    tri.zaya_router_fwd(x, r_prev, _fp32(gamma), down_w, _fp32(down_b), _fp32(norm_w), fc1_w, _fp32(fc1_b), fc2_w,
-                        _fp32(fc2_b), out_w, balance_bias.contiguous(), eps, index, weight, r, logits)
+    # [R] vectors go in their own dtype (the kernel loads them as fp32): no extra launches on the decode path
+    tri.zaya_router_fwd(x, r_prev, _vec(gamma), down_w, _vec(down_b), _vec(norm_w), fc1_w, _vec(fc1_b), fc2_w,
+                        _vec(fc2_b), out_w, balance_bias.contiguous(), eps, index, weight, r, logits)
     return index, weight, r, logits
 
 

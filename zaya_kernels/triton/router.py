@@ -231,7 +231,8 @@ def zaya_router_fwd(x, r_prev, gamma, down_w, down_b, norm_w, fc1_w, fc1_b, fc2_
 
 
 def _aot_configs(H: int = 2048, R: int = 256, C: int = 17):
-    """ZAYA1-8B router (H 2048, R 256, 16 experts + skip), bf16 activations and weights: every launch config the
+    """ZAYA1-8B router (H 2048, R 256, 16 experts + skip), bf16 activations and parameters (fp32 balancing biases,
+    as in a bf16 transformers model): every launch config the
     launcher picks at T = 1 (split decode), 64 (split decode, BLOCK_T 32) and 8192 (prefill)."""
     configs = []
     for T in (1, 64, 8192):
@@ -242,9 +243,9 @@ def _aot_configs(H: int = 2048, R: int = 256, C: int = 17):
             consts = dict(HAS_PREV=has_prev, STORE_LOGITS=store_logits, SPLIT_H=split, **cfg)
             label = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in consts.items()) + \
                 f",warps={num_warps}"
-            sig = {"x_ptr": "*bf16", "r_prev_ptr": "*bf16", "gamma_ptr": "*fp32", "down_w_ptr": "*bf16",
-                   "down_b_ptr": "*fp32", "norm_w_ptr": "*fp32", "fc1_w_ptr": "*bf16", "fc1_b_ptr": "*fp32",
-                   "fc2_w_ptr": "*bf16", "fc2_b_ptr": "*fp32", "out_w_ptr": "*bf16", "bias_ptr": "*fp32",
+            sig = {"x_ptr": "*bf16", "r_prev_ptr": "*bf16", "gamma_ptr": "*bf16", "down_w_ptr": "*bf16",
+                   "down_b_ptr": "*bf16", "norm_w_ptr": "*bf16", "fc1_w_ptr": "*bf16", "fc1_b_ptr": "*bf16",
+                   "fc2_w_ptr": "*bf16", "fc2_b_ptr": "*bf16", "out_w_ptr": "*bf16", "bias_ptr": "*fp32",
                    "index_ptr": "*i32", "weight_ptr": "*fp32", "r_ptr": "*bf16", "logits_ptr": "*fp32",
                    "partial_ptr": "*fp32", "counter_ptr": "*i32",
                    "T": "i32", "H": "i32", "R": "i32", "C": "i32", "eps": "fp32", "H_PER_SPLIT": "i32"}
