@@ -7,6 +7,7 @@ namespace zaya {
 void bind_gpu_launchers(pybind11::module_& m) {
   bind_residual_rmsnorm(m);  // csrc/residual_rmsnorm.cu
   bind_router(m);            // csrc/router.cu
+  bind_moe(m);               // csrc/moe.cu
 }
 
 }  // namespace zaya

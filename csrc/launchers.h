@@ -11,5 +11,7 @@ void bind_gpu_launchers(pybind11::module_& m);
 void bind_residual_rmsnorm(pybind11::module_& m);
 // csrc/router.cu: zaya_router_decode (one block per token, the whole router in one launch).
 void bind_router(pybind11::module_& m);
+// csrc/moe.cu: moe_dispatch (top-1 MoE dispatch in one block).
+void bind_moe(pybind11::module_& m);
 #endif
 }  // namespace zaya

@@ -42,6 +42,22 @@ TORCH_LIBRARY(zaya, m) {
       "router_balance_update(Tensor counts, Tensor(a!) balance_bias, Tensor(b!) state, Tensor(c!) step, int controller, "
       "bool include_skip, float lr, float beta1, float beta2, float adam_eps, float kp, float ki, float kd) "
       "-> (Tensor loads, Tensor error)");
+
+  // ---- top-1 MoE family (zaya_kernels/ops/moe.py; DESIGN.md 1.4) ----
+  // Dispatch of expert_index int32 [T] (values 0..E, E = skip) into tiles of block_m rows, all int32:
+  // counts [E+1], offsets [E+2] (exclusive prefix sum), sorted_token_ids [T] (stable, skip last), inverse [T],
+  // tile_expert [cdiv(T, block_m) + E] (class of each row tile, -1 unused), tile_start [same] (first sorted row).
+  m.def(
+      "moe_dispatch(Tensor expert_index, int num_experts, int block_m) -> (Tensor counts, Tensor offsets, "
+      "Tensor sorted_token_ids, Tensor inverse, Tensor tile_expert, Tensor tile_start)");
+  // y [T, H] = w * down[e] (SiLU(gate_up[e, :I] x) * gate_up[e, I:] x) per token; skipped: 0 (skip_mode 0) or w x (1).
+  m.def(
+      "moe_experts(Tensor x, Tensor gate_up, Tensor down, Tensor routing_weight, Tensor sorted_token_ids, "
+      "Tensor offsets, Tensor tile_expert, Tensor tile_start, int block_m, int skip_mode) -> Tensor");
+  m.def(
+      "moe_experts_backward(Tensor grad_y, Tensor x, Tensor gate_up, Tensor down, Tensor routing_weight, "
+      "Tensor sorted_token_ids, Tensor offsets, Tensor tile_expert, Tensor tile_start, int block_m, int skip_mode) "
+      "-> (Tensor grad_x, Tensor grad_gate_up, Tensor grad_down, Tensor grad_routing_weight)");
 }
 
 PYBIND11_MODULE(_C, m) {

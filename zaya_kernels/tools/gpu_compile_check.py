@@ -58,6 +58,7 @@ EXPECTED_LAUNCHERS = [
     "rmsnorm_bwd",
     "residual_rmsnorm_bwd_num_partials",
     "zaya_router_decode",
+    "moe_dispatch",
 ]
 EXPECTED_OPS = ["residual_scale_rmsnorm", "residual_scale_rmsnorm_backward", "rmsnorm", "rmsnorm_backward"]
 
