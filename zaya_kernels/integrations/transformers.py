@@ -4,8 +4,9 @@ What is swapped (with transformers' own cache objects, masks and rotary embeddin
 - the residual stream: the model-input scaling fused with layer 0's input norm, and every residual update fused with
   the norm that follows it (post-attention update + post-attention norm; post-MoE update + the next layer's input
   norm, or the final norm after the last layer): `zaya::residual_scale_rmsnorm`;
-- the router: `zaya::zaya_router` (down projection, EDA, MLP, fp32 softmax, biased top-1 with the skip class).
-What still runs as transformers' modules: attention (CCA projection, QK norm, RoPE, attention) and the experts.
+- the router: `zaya::zaya_router` (down projection, EDA, MLP, fp32 softmax, biased top-1 with the skip class);
+- the experts: `zaya::moe_dispatch` + `zaya::moe_experts` (top-1 grouped GEMMs, skip_mode 0), for SiLU experts.
+What still runs as transformers' modules: attention (CCA projection, QK norm, RoPE, attention).
 
 Training: after each optimizer step, `update_balancing_biases(model)` moves every layer's balancing biases toward
 equal load with `zaya::router_balance_update` (DESIGN.md 1.5), from the choices the training forwards made.
@@ -22,6 +23,7 @@ import types
 
 import torch
 
+from zaya_kernels import ops as zaya_ops
 from zaya_kernels.backend import use_backend
 
 
@@ -60,11 +62,14 @@ def moe_block_forward(block, hidden_states, prev_router_hidden_states=None):
         x, r_prev, gate.router_states_scale if use_eda else None, gate.down_proj.weight, gate.down_proj.bias,
         mlp.norm.weight, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, mlp.out_proj.weight,
         gate.balancing_biases, _norm_eps(mlp.norm))
-    # transformers' experts take the skip class as expert 0 with weight 0 (skip_mode 0: the output is zero)
-    skipped = index == gate.num_experts
-    experts_index = index.masked_fill(skipped, 0).long().unsqueeze(-1)
-    experts_weight = weight.masked_fill(skipped, 0.0).to(x.dtype).unsqueeze(-1)
-    y = block.experts(x, experts_index, experts_weight)
+    experts = block.experts
+    if block.zaya_silu_experts:
+        # skip_mode 0: a skipped token's expert output is zero, as in transformers
+        y = zaya_ops.moe(x, experts.gate_up_proj, experts.down_proj, index, weight, skip_mode=0)
+    else:  # an expert activation the zaya kernels do not implement: transformers' experts, skip as expert 0, w 0
+        skipped = index == gate.num_experts
+        y = experts(x, index.masked_fill(skipped, 0).long().unsqueeze(-1),
+                    weight.masked_fill(skipped, 0.0).to(x.dtype).unsqueeze(-1))
     if block.training:  # the choices of this step feed update_balancing_biases (micro-batches accumulate)
         block._zaya_expert_index = getattr(block, "_zaya_expert_index", []) + [index.detach()]
     return y.view(batch, seq, hidden), router_state.view(batch, seq, -1)
@@ -136,6 +141,7 @@ def kernelize(model, backend: str = "auto"):
     base._zaya_backend = backend
     base.forward = types.MethodType(model_forward, base)
     for layer in base.layers:
+        layer.mlp.zaya_silu_experts = base.config.hidden_act == "silu"  # the activation the MoE kernels implement
         layer.mlp.forward = types.MethodType(moe_block_forward, layer.mlp)
     return model
 
