@@ -58,6 +58,23 @@ TORCH_LIBRARY(zaya, m) {
       "moe_experts_backward(Tensor grad_y, Tensor x, Tensor gate_up, Tensor down, Tensor routing_weight, "
       "Tensor sorted_token_ids, Tensor offsets, Tensor tile_expert, Tensor tile_start, int block_m, int skip_mode) "
       "-> (Tensor grad_x, Tensor grad_gate_up, Tensor grad_down, Tensor grad_routing_weight)");
+
+  // ---- CCA attention family (zaya_kernels/ops/attention.py; DESIGN.md 1.1 step 9) ----
+  // Packed varlen GQA (q head h uses kv head h // (Hq/Hkv)): q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens int32 [B+1].
+  // out [T, Hq, D], lse [Hq, T] fp32. softmax_scale None = 1/sqrt(D); window > 0: sliding window (needs causal).
+  m.def(
+      "cca_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, float? softmax_scale=None, "
+      "bool causal=True, int window=-1) -> (Tensor out, Tensor lse)");
+  m.def(
+      "cca_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor cu_seqlens, int max_seqlen, float? softmax_scale=None, bool causal=True, int window=-1) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)");
+  // The newest token(s) per sequence: q [B, Hq, D] or [B, Q, Hq, D] (speculative decoding; out shaped like q);
+  // caches [B, S_max, Hkv, D] or paged [num_blocks, block_size, Hkv, D]
+  // with block_table int32 [B, max_blocks]; seq_lens int32 [B]. max_seqlen: optional bound of seq_lens (split sizing).
+  m.def(
+      "cca_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor? block_table=None, "
+      "float? softmax_scale=None, int window=-1, int? max_seqlen=None) -> Tensor");
 }
 
 PYBIND11_MODULE(_C, m) {
