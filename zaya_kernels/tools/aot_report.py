@@ -260,16 +260,8 @@ def load_registry() -> tuple[dict, list[tuple[str, str]]]:
     return aot.AOT_REGISTRY, failures
 
 
-def _compile_by_key(key) -> dict:
-    """Worker side of run_report(jobs > 1): kernels are not picklable, so each process loads the registry itself."""
-    name, index, target = key
-    entry = load_registry()[0][name]
-    return compile_record(name, entry.kernel, entry.configs[index], target)
-
-
-def run_report(archs, kernel_filter: str | None = None, jobs: int = 1) -> list[dict]:
-    """Compile every registered config whose kernel name contains `kernel_filter`, for every target in `archs`,
-    in `jobs` processes (the records come back in the same order whatever `jobs` is).
+def run_report(archs, kernel_filter: str | None = None) -> list[dict]:
+    """Compile every registered config whose kernel name contains `kernel_filter`, for every target in `archs`.
 
     A kernel module that fails to import yields one ok=False record per target (kernel "<import MODULE>").
     """
@@ -288,16 +280,8 @@ def run_report(archs, kernel_filter: str | None = None, jobs: int = 1) -> list[d
             records.append(rec)
     keys = [(name, index, target) for name in sorted(registry) if not (kernel_filter and kernel_filter not in name)
             for index in range(len(registry[name].configs)) for target in archs]
-    if jobs > 1 and len(keys) > 1:
-        import concurrent.futures
-        import multiprocessing
-
-        # spawn, not fork: Triton's compiler state does not survive a fork safely
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            records.extend(pool.map(_compile_by_key, keys, chunksize=4))
-    else:
-        records.extend(compile_record(name, registry[name].kernel, registry[name].configs[index], target)
-                       for name, index, target in keys)
+    records.extend(compile_record(name, registry[name].kernel, registry[name].configs[index], target)
+                   for name, index, target in keys)
     return records
 
 
@@ -375,8 +359,6 @@ def main(argv=None) -> int:
                         help=f"comma-separated targets (default: {','.join(TARGET_NAMES)})")
     parser.add_argument("--json", action="store_true", help="print the records as a JSON list")
     parser.add_argument("--kernel", default=None, help="only kernels whose registry name contains this substring")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                        help="compile in this many processes (default: one per CPU core)")
     args = parser.parse_args(argv)
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     unknown = [a for a in archs if a not in TARGET_NAMES]
@@ -388,7 +370,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
     start = time.perf_counter()
-    records = run_report(archs, args.kernel, jobs=max(1, args.jobs))
+    records = run_report(archs, args.kernel)
     elapsed = time.perf_counter() - start
     bad = [r for r in records if record_is_bad(r)]
     if args.json:
