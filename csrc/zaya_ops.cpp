@@ -59,6 +59,34 @@ TORCH_LIBRARY(zaya, m) {
       "Tensor sorted_token_ids, Tensor offsets, Tensor tile_expert, Tensor tile_start, int block_m, int skip_mode) "
       "-> (Tensor grad_x, Tensor grad_gate_up, Tensor grad_down, Tensor grad_routing_weight)");
 
+  // ---- CCA projection family (zaya_kernels/ops/cca.py; DESIGN.md 1.1 steps 3-8) ----
+  // From X = qk = [Q0 | K0] [T, C], C = (n_q + n_kv) D: depthwise causal conv (conv0 [C, k0]) then grouped conv
+  // (conv1 [C, D, k1], one group per head), mean coupling, value shift, sqrt(D) L2 norm (keys times temperature
+  // [n_kv]), NeoX RoPE on the first rotary_dim dims. Packed varlen (cu_seqlens int32 [B+1]), optional initial
+  // states per sequence (conv [B, C, k0+k1-2], value [B, n_kv D/2], has_initial_state [B]).
+  // -> q [T, n_q, D], k [T, n_kv, D], v [T, n_kv, D] in qk.dtype; final states fp32 [B, C, k0+k1-2], [B, n_kv D/2].
+  m.def(
+      "cca_prepare(Tensor qk, Tensor v_current, Tensor v_delayed, Tensor conv0_weight, Tensor conv0_bias, "
+      "Tensor conv1_weight, Tensor conv1_bias, Tensor temperature, Tensor positions, Tensor cu_seqlens, "
+      "int num_q_heads, int num_kv_heads, int rotary_dim, float rope_theta, Tensor? initial_conv_state=None, "
+      "Tensor? initial_value_state=None, Tensor? has_initial_state=None) "
+      "-> (Tensor q, Tensor k, Tensor v, Tensor final_conv_state, Tensor final_value_state)");
+  // Gradients to (qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature).
+  m.def(
+      "cca_prepare_backward(Tensor? grad_q, Tensor? grad_k, Tensor? grad_v, Tensor? grad_final_conv_state, "
+      "Tensor? grad_final_value_state, Tensor qk, Tensor v_current, Tensor v_delayed, Tensor conv0_weight, "
+      "Tensor conv0_bias, Tensor conv1_weight, Tensor conv1_bias, Tensor temperature, Tensor positions, "
+      "Tensor cu_seqlens, int num_q_heads, int num_kv_heads, int rotary_dim, float rope_theta, "
+      "Tensor? initial_conv_state=None, Tensor? initial_value_state=None, Tensor? has_initial_state=None) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Decode: one token per row [B, C]; conv_state [slots, C, k0+k1-2] and value_state [slots, n_kv D/2] of slot
+  // state_indices[b] are read and updated in place (negative index: padded row, zero output, states untouched).
+  m.def(
+      "cca_prepare_decode(Tensor qk, Tensor v_current, Tensor v_delayed, Tensor conv0_weight, Tensor conv0_bias, "
+      "Tensor conv1_weight, Tensor conv1_bias, Tensor temperature, Tensor positions, Tensor(a!) conv_state, "
+      "Tensor(b!) value_state, Tensor state_indices, int num_q_heads, int num_kv_heads, int rotary_dim, "
+      "float rope_theta) -> (Tensor q, Tensor k, Tensor v)");
+
   // ---- CCA attention family (zaya_kernels/ops/attention.py; DESIGN.md 1.1 step 9) ----
   // Packed varlen GQA (q head h uses kv head h // (Hq/Hkv)): q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens int32 [B+1].
   // out [T, Hq, D], lse [Hq, T] fp32. softmax_scale None = 1/sqrt(D); window > 0: sliding window (needs causal).

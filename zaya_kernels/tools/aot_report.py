@@ -41,7 +41,9 @@ RECORD_FIELDS = (
     "error",  # compile error text, None when ok
     "vgpr",  # AMD: VGPRs per lane (arch VGPRs + AGPRs); NVIDIA: registers per thread (ptxas "Used N registers")
     "sgpr",  # AMD: SGPRs per wave (.sgpr_count); NVIDIA: None
-    "spills",  # AMD: vgpr_spill_count + sgpr_spill_count; NVIDIA: spill store + spill load bytes (ptxas -v)
+    "spills",  # values spilled to memory. AMD: VGPR spills (+ SGPR spills when scratch is used); NVIDIA: spill store +
+    # spill load bytes (ptxas -v)
+    "sgpr_lane_spills",  # AMD: SGPRs parked in VGPR lanes (v_writelane: no memory traffic, not a failure); else None
     "lds_bytes",  # shared memory / LDS bytes per workgroup (see _amd_lds_bytes for AMD)
     "matrix_instructions",  # AMD: lines with v_mfma / v_smfmac; NVIDIA: lines with wgmma.mma_async or mma.sync
     "matrix_expected",  # AotConfig.matrix_expected: the config is GEMM-like and must use matrix instructions
@@ -105,13 +107,16 @@ def _amd_fields(compiled) -> dict:
     vgpr = _int_after(r"^\s*;\s*TotalNumVgprs:\s*(\d+)", asm)
     if vgpr is None:
         vgpr = _int_after(r"^\s*(?:-\s+)?\.vgpr_count:\s*(\d+)", asm)
-    spills = (_int_after(r"^\s*(?:-\s+)?\.vgpr_spill_count:\s*(\d+)", asm) or 0) + (
-        _int_after(r"^\s*(?:-\s+)?\.sgpr_spill_count:\s*(\d+)", asm) or 0
-    )
+    # Spills that reach memory: VGPR spills always do; SGPR spills first park in VGPR lanes (v_writelane, no memory
+    # traffic) and reach scratch only when the kernel has scratch memory. Lane-parked SGPRs are reported apart.
+    vgpr_spills = _int_after(r"^\s*(?:-\s+)?\.vgpr_spill_count:\s*(\d+)", asm) or 0
+    sgpr_spills = _int_after(r"^\s*(?:-\s+)?\.sgpr_spill_count:\s*(\d+)", asm) or 0
+    scratch = _int_after(r"^\s*;\s*ScratchSize:\s*(\d+)", asm) or 0
     return {
         "vgpr": vgpr,
         "sgpr": _int_after(r"^\s*(?:-\s+)?\.sgpr_count:\s*(\d+)", asm),
-        "spills": spills,
+        "spills": vgpr_spills + (sgpr_spills if scratch else 0),
+        "sgpr_lane_spills": 0 if scratch else sgpr_spills,
         "lds_bytes": _amd_lds_bytes(asm, getattr(compiled.metadata, "shared", None)),
         "matrix_instructions": len(re.findall(r"^\s*v_(?:mfma|smfmac)\w*", asm, flags=re.MULTILINE)),
         "occupancy": _int_after(r"^\s*;\s*Occupancy:\s*(\d+)", asm),
@@ -302,12 +307,13 @@ def _status(record: dict) -> str:
 
 def format_table(records: list[dict]) -> str:
     """Aligned text table, one row per record; errors follow the table."""
-    headers = ("kernel", "config", "target", "status", "vgpr", "sgpr", "spills", "lds", "mma", "occ", "warps")
+    headers = ("kernel", "config", "target", "status", "vgpr", "sgpr", "spills", "lane", "lds", "mma", "occ", "warps")
 
     def cell(v):
         return "-" if v is None else str(v)
 
     rows = [(r["kernel"], r["config"], r["target"], _status(r), cell(r["vgpr"]), cell(r["sgpr"]), cell(r["spills"]),
+             cell(r["sgpr_lane_spills"]),
              cell(r["lds_bytes"]),
              cell(r["matrix_instructions"]) + ("*" if r["matrix_expected"] else ""),
              cell(r["occupancy"]), cell(r["num_warps"])) for r in records]
@@ -319,8 +325,8 @@ def format_table(records: list[dict]) -> str:
                          for i, (v, w) in enumerate(zip(vals, widths))).rstrip()
 
     out = [line(headers), line(["-" * w for w in widths])] + [line(row) for row in rows]
-    out.append("(mma*: matrix instructions expected; vgpr on sm_90 = registers/thread; lds in bytes; "
-               "occ = waves/SIMD on AMD)")
+    out.append("(mma*: matrix instructions expected; vgpr on sm_90 = registers/thread; spills = spills to memory; "
+               "lane = SGPRs parked in VGPR lanes on AMD; lds in bytes; occ = waves/SIMD on AMD)")
     for r in records:
         if r["error"]:
             out.append(f"\n{r['kernel']} [{r['config']}] on {r['target']}:\n  " + r["error"].replace("\n", "\n  "))

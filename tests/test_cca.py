@@ -1,0 +1,561 @@
+"""CCA projection ops (cca_prepare, cca_prepare_decode, cca_prepare_backward): the reference against transformers,
+the layouts against each other (decode vs prefill, chunked vs whole, varlen vs per sequence), Triton against the
+reference, gradients, torch.library integration and bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import zaya_kernels
+from zaya_kernels.reference import cca as ref
+
+from helpers import assert_close
+
+THETA = 10_000.0
+
+
+class Case:
+    """Random CCA inputs: weights drawn away from zero (non-zero biases and temperatures), sequences `lengths`."""
+
+    def __init__(self, num_q, num_kv, head_dim, k0, k1, lengths, dtype=torch.float32, seed=0, rotary_dim=None,
+                 with_init=False, device="cpu"):
+        gen = torch.Generator().manual_seed(seed)
+        self.num_q, self.num_kv, self.head_dim, self.k0, self.k1 = num_q, num_kv, head_dim, k0, k1
+        self.rotary_dim = head_dim // 2 if rotary_dim is None else rotary_dim
+        self.channels = (num_q + num_kv) * head_dim
+        self.state_len = k0 + k1 - 2
+        self.value_dim = num_kv * head_dim // 2
+        self.lengths = list(lengths)
+        self.dtype, self.device = dtype, device
+        tokens = sum(self.lengths)
+
+        def rand(*shape, scale=1.0, dt=None):
+            return (torch.randn(*shape, generator=gen) * scale).to(dt or dtype).to(device)
+
+        self.qk = rand(tokens, self.channels)
+        self.v_current, self.v_delayed = rand(tokens, self.value_dim), rand(tokens, self.value_dim)
+        self.conv0_weight = rand(self.channels, k0, scale=0.5, dt=torch.float32)
+        self.conv0_bias = rand(self.channels, scale=0.5, dt=torch.float32)
+        self.conv1_weight = rand(self.channels, head_dim, k1, scale=head_dim**-0.5, dt=torch.float32)
+        self.conv1_bias = rand(self.channels, scale=0.5, dt=torch.float32)
+        self.temperature = rand(num_kv, dt=torch.float32) + 1.0
+        self.positions = torch.cat([torch.arange(n) + 3 * i for i, n in enumerate(self.lengths)] or
+                                   [torch.zeros(0, dtype=torch.int64)]).to(device)
+        bounds = [0]
+        for n in self.lengths:
+            bounds.append(bounds[-1] + n)
+        self.cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=device)
+        num_seqs = len(self.lengths)
+        if with_init:
+            self.init = (rand(num_seqs, self.channels, self.state_len, dt=torch.float32),
+                         rand(num_seqs, self.value_dim, dt=torch.float32),
+                         (torch.arange(num_seqs) % 3 != 1).to(torch.int32).to(device))
+        else:
+            self.init = (None, None, None)
+
+    def weights(self):
+        return (self.conv0_weight, self.conv0_bias, self.conv1_weight, self.conv1_bias, self.temperature)
+
+    def heads(self):
+        return (self.num_q, self.num_kv, self.rotary_dim, THETA)
+
+    def prefill_args(self):
+        return (self.qk, self.v_current, self.v_delayed, *self.weights(), self.positions, self.cu_seqlens,
+                *self.heads(), *self.init)
+
+    def reduction(self):
+        return self.k0 * self.k1 * self.head_dim
+
+
+def prefill(case, backend="reference", args=None):
+    with zaya_kernels.use_backend(backend):
+        return torch.ops.zaya.cca_prepare(*(args or case.prefill_args()))
+
+
+def decode(case, rows, conv_state, value_state, state_indices, backend="reference"):
+    """Decode rows `rows` (indices into the case's tokens) with the given states."""
+    with zaya_kernels.use_backend(backend):
+        return torch.ops.zaya.cca_prepare_decode(
+            case.qk[rows], case.v_current[rows], case.v_delayed[rows], *case.weights(), case.positions[rows],
+            conv_state, value_state, state_indices, *case.heads())
+
+
+def assert_outputs_close(actual, expected, case, what):
+    for name, a, e in zip(("q", "k", "v", "final conv state", "final value state"), actual, expected):
+        assert a.dtype == e.dtype, f"{what} {name}: dtype {a.dtype} != {e.dtype}"
+        assert_close(a, e, dtype=case.dtype, reduction=case.reduction(), what=f"{what} {name}")
+
+
+head_configs = st.sampled_from([(1, 1), (2, 1), (4, 1), (8, 1), (2, 2), (4, 2), (8, 2), (16, 2)])  # GQA 1, 2, 4, 8
+kernel_sizes = st.tuples(st.integers(1, 4), st.integers(1, 4))
+seq_lengths = st.lists(st.sampled_from([0, 1, 2, 3, 5, 17, 40]), min_size=0, max_size=4)
+
+
+# ---------------------------------------------------------------- the reference against transformers
+def _transformers_modules(num_q, num_kv, head_dim, k0, k1, seed):
+    from transformers.models.zaya.configuration_zaya import ZayaConfig
+    from transformers.models.zaya.modeling_zaya import ZayaCCAProjection, ZayaQKNorm, ZayaRotaryEmbedding
+
+    torch.manual_seed(seed)
+    config = ZayaConfig(hidden_size=40, num_attention_heads=num_q, num_key_value_heads=num_kv, head_dim=head_dim,
+                        cca_time0=k0, cca_time1=k1, num_hidden_layers=1)
+    projection, norm, rotary = ZayaCCAProjection(config, 0), ZayaQKNorm(config), ZayaRotaryEmbedding(config)
+    with torch.no_grad():
+        for p in list(projection.parameters()) + list(norm.parameters()):
+            p.normal_(0.0, 0.3)  # conv biases and temperatures non-zero
+    return config, projection, norm, rotary
+
+
+def _transformers_forward(projection, norm, rotary, hidden, cache, positions):
+    from transformers.models.zaya.modeling_zaya import apply_rotary_pos_emb
+
+    q, k, v = projection(hidden, cache)
+    q, k = norm(q, k)
+    cos, sin = rotary(hidden, positions, "hybrid")
+    q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    return q.transpose(1, 2), k.transpose(1, 2), v
+
+
+@pytest.mark.parametrize("num_q,num_kv,head_dim,k0,k1", [(4, 2, 16, 2, 2), (8, 1, 8, 3, 1), (2, 2, 12, 1, 4),
+                                                         (8, 2, 16, 4, 3)])
+def test_reference_matches_transformers(num_q, num_kv, head_dim, k0, k1):
+    """Whole sequences, then the same sequences in chunks and token by token through transformers' DynamicCache:
+    the reference's outputs and final states equal ZayaCCAProjection + ZayaQKNorm + RoPE (fp32)."""
+    from transformers.cache_utils import DynamicCache
+
+    config, projection, norm, rotary = _transformers_modules(num_q, num_kv, head_dim, k0, k1, seed=num_q + k0)
+    theta = config.rope_parameters["hybrid"]["rope_theta"]
+    rotary_dim = int(head_dim * config.rope_parameters["hybrid"]["partial_rotary_factor"])
+    batch, seq = 2, 7
+    hidden = torch.randn(batch, seq, 40)
+    positions = torch.arange(seq)[None].expand(batch, seq)
+    with torch.no_grad():
+        expected = _transformers_forward(projection, norm, rotary, hidden, None, positions)
+        qk = torch.cat([projection.q_proj(hidden), projection.k_proj(hidden)], -1)
+        v_current, v_delayed = projection.v_proj_current(hidden), projection.v_proj_delayed(hidden)
+    weights = (projection.conv_qk_depthwise.weight[:, 0].detach(), projection.conv_qk_depthwise.bias.detach(),
+               projection.conv_qk_grouped.weight.detach(), projection.conv_qk_grouped.bias.detach(), norm.temp.detach())
+    heads = (num_q, num_kv, rotary_dim, theta)
+    flat = lambda t: t.reshape(batch * seq, -1)  # noqa: E731
+    cu_seqlens = torch.tensor([0, seq, 2 * seq], dtype=torch.int32)
+    q, k, v, conv_state, value_state = ref.cca_prepare(flat(qk), flat(v_current), flat(v_delayed), *weights,
+                                                       positions.reshape(-1), cu_seqlens, *heads)
+    for name, a, e in (("q", q, expected[0]), ("k", k, expected[1]), ("v", v, expected[2])):
+        assert_close(a, e.reshape(a.shape), reduction=k0 * k1 * head_dim, what=f"whole {name}")
+
+    # Chunked prefill with a cache (chunks of 3, 1, 3 tokens): outputs and the cache's states after each chunk.
+    cache = DynamicCache(config=config)
+    init = (None, None, None)
+    for start, end in ((0, 3), (3, 4), (4, 7)):
+        with torch.no_grad():
+            chunk_expected = _transformers_forward(projection, norm, rotary, hidden[:, start:end], cache,
+                                                   positions[:, start:end])
+        piece = lambda t: t[:, start:end].reshape(batch * (end - start), -1)  # noqa: E731
+        chunk_cu = torch.tensor([0, end - start, 2 * (end - start)], dtype=torch.int32)
+        outputs = ref.cca_prepare(piece(qk), piece(v_current), piece(v_delayed), *weights,
+                                  positions[:, start:end].reshape(-1), chunk_cu, *heads, *init)
+        for name, a, e in zip("qkv", outputs, chunk_expected):
+            assert_close(a, e.reshape(a.shape), reduction=k0 * k1 * head_dim, what=f"chunk {start} {name}")
+        layer = cache.layers[0]
+        if outputs[3].shape[-1]:
+            assert_close(outputs[3], layer.conv_states[0].float(), what="conv state")
+        assert_close(outputs[4], layer.recurrent_states[0].float(), what="value state")
+        init = (outputs[3], outputs[4], torch.ones(batch, dtype=torch.int32))
+
+
+def test_batched_wrapper_matches_transformers_with_left_padding():
+    """transformers' module with a 2D mask (conv_mask) on left-padded rows equals cca_prepare_batched, and a
+    left-padded row equals its unpadded sequence run alone."""
+    num_q, num_kv, head_dim = 4, 2, 16
+    config, projection, norm, rotary = _transformers_modules(num_q, num_kv, head_dim, 2, 2, seed=7)
+    theta = config.rope_parameters["hybrid"]["rope_theta"]
+    batch, seq, pad = 2, 6, 2
+    hidden = torch.randn(batch, seq, 40)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1, :pad] = 0
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        masked = hidden * mask[..., None]
+        from transformers.models.zaya.modeling_zaya import apply_rotary_pos_emb
+
+        q_hf, k_hf, v_hf = projection(hidden, None, conv_mask=mask)
+        q_hf, k_hf = norm(q_hf, k_hf)
+        cos, sin = rotary(hidden, positions, "hybrid")
+        q_hf, k_hf = apply_rotary_pos_emb(q_hf.transpose(1, 2), k_hf.transpose(1, 2), cos, sin)
+        q_hf, k_hf = q_hf.transpose(1, 2), k_hf.transpose(1, 2)
+        qk = torch.cat([projection.q_proj(hidden), projection.k_proj(hidden)], -1)
+        v_current, v_delayed = projection.v_proj_current(hidden), projection.v_proj_delayed(hidden)
+        assert torch.equal(projection.q_proj(masked)[1, :pad], torch.zeros(pad, num_q * head_dim))
+    weights = (projection.conv_qk_depthwise.weight[:, 0].detach(), projection.conv_qk_depthwise.bias.detach(),
+               projection.conv_qk_grouped.weight.detach(), projection.conv_qk_grouped.bias.detach(), norm.temp.detach())
+    heads = (num_q, num_kv, head_dim // 2, theta)
+    q, k, v = zaya_kernels.ops.cca_prepare_batched(qk, v_current, v_delayed, *weights, positions, *heads,
+                                                   attention_mask=mask)
+    for name, a, e in (("q", q, q_hf), ("k", k, k_hf), ("v", v, v_hf)):
+        assert_close(a, e, reduction=4 * head_dim, what=f"batched {name}")
+    alone = zaya_kernels.ops.cca_prepare_batched(qk[1:, pad:], v_current[1:, pad:], v_delayed[1:, pad:], *weights,
+                                                 positions[1:, pad:], *heads)
+    for name, a, e in zip("qkv", alone, (q, k, v)):
+        assert_close(a[0], e[1, pad:], reduction=4 * head_dim, what=f"left padding {name}")
+
+
+# ---------------------------------------------------------------- layouts against each other (reference and Triton)
+def _decode_token_by_token(case, backend, state_dtype=torch.float32):
+    """Feed every sequence of the case token by token (all sequences in one batch per step, finished ones padded
+    with index -1) through cca_prepare_decode from zeroed slots; returns prefill-shaped outputs and final states."""
+    num_seqs = len(case.lengths)
+    slots = num_seqs + 2
+    conv_state = torch.zeros(slots, case.channels, case.state_len, dtype=state_dtype, device=case.device)
+    value_state = torch.zeros(slots, case.value_dim, dtype=state_dtype, device=case.device)
+    slot_of = torch.arange(num_seqs, device=case.device).flip(0) + 1  # not the identity: exercises the indirection
+    tokens = sum(case.lengths)
+    q = case.qk.new_zeros(tokens, case.num_q, case.head_dim)
+    k = case.qk.new_zeros(tokens, case.num_kv, case.head_dim)
+    v = case.qk.new_zeros(tokens, case.num_kv, case.head_dim)
+    starts = case.cu_seqlens[:-1].tolist()
+    for step in range(max(case.lengths, default=0)):
+        active = [b for b in range(num_seqs) if step < case.lengths[b]]
+        rows = torch.tensor([starts[b] + step if step < case.lengths[b] else 0 for b in range(num_seqs)])
+        indices = torch.tensor([int(slot_of[b]) if b in active else -1 for b in range(num_seqs)], dtype=torch.int32)
+        outs = decode(case, rows.to(case.device), conv_state, value_state, indices.to(case.device), backend)
+        for out, full in zip(outs, (q, k, v)):
+            for b in range(num_seqs):
+                if b in active:
+                    full[starts[b] + step] = out[b]
+                else:
+                    assert not out[b].any(), "a padded row must have zero outputs"
+    return q, k, v, conv_state[slot_of].float(), value_state[slot_of].float()
+
+
+@settings(max_examples=25)
+@given(heads=head_configs, kernels=kernel_sizes, lengths=seq_lengths, head_dim=st.sampled_from([4, 8, 16]),
+       seed=st.integers(0, 2**16))
+def test_reference_decode_equals_prefill(heads, kernels, lengths, head_dim, seed):
+    case = Case(*heads, head_dim, *kernels, lengths, seed=seed)
+    expected = prefill(case)
+    actual = _decode_token_by_token(case, "reference")
+    assert_outputs_close(actual, expected, case, "decode vs prefill")
+
+
+@settings(max_examples=25)
+@given(heads=head_configs, kernels=kernel_sizes, lengths=st.lists(st.integers(0, 12), min_size=1, max_size=3),
+       split=st.integers(0, 12), head_dim=st.sampled_from([4, 16]), seed=st.integers(0, 2**16))
+def test_reference_chunked_equals_whole_and_varlen_equals_per_sequence(heads, kernels, lengths, split, head_dim, seed):
+    case = Case(*heads, head_dim, *kernels, lengths, seed=seed)
+    whole = prefill(case)
+    # Per sequence: each sequence alone equals its rows of the packed call.
+    for b, (start, end) in enumerate(zip(case.cu_seqlens[:-1].tolist(), case.cu_seqlens[1:].tolist())):
+        args = list(case.prefill_args())
+        for i in (0, 1, 2, 8):
+            args[i] = args[i][start:end]
+        args[9] = torch.tensor([0, end - start], dtype=torch.int32)
+        alone = prefill(case, args=tuple(args))
+        for name, a, e in zip("qkv", alone[:3], whole[:3]):
+            assert torch.equal(a, e[start:end]), f"sequence {b} {name}"
+        assert torch.equal(alone[3][0], whole[3][b]) and torch.equal(alone[4][0], whole[4][b])
+    # Chunked: every sequence split at min(split, length); the second chunk starts from the first's final states.
+    cuts = [min(split, n) for n in case.lengths]
+    firsts, seconds = [], []
+    for (start, end), cut in zip(zip(case.cu_seqlens[:-1].tolist(), case.cu_seqlens[1:].tolist()), cuts):
+        firsts.append(torch.arange(start, start + cut))
+        seconds.append(torch.arange(start + cut, end))
+
+    def run(rows, cut_lengths, init):
+        rows = torch.cat(rows).long()
+        args = list(case.prefill_args())
+        for i in (0, 1, 2, 8):
+            args[i] = args[i][rows]
+        args[9] = torch.tensor([0] + torch.tensor(cut_lengths).cumsum(0).tolist(), dtype=torch.int32)
+        args[14:17] = init
+        return rows, prefill(case, args=tuple(args))
+
+    rows1, first = run(firsts, cuts, (None, None, None))
+    rows2, second = run(seconds, [n - c for n, c in zip(case.lengths, cuts)],
+                        (first[3], first[4], torch.ones(len(lengths), dtype=torch.bool)))
+    for i, name in enumerate("qkv"):
+        stitched = torch.empty_like(whole[i])
+        stitched[rows1], stitched[rows2] = first[i], second[i]
+        assert_close(stitched, whole[i], reduction=case.reduction(), what=f"chunked {name}")
+    assert torch.equal(second[3], whole[3]) and torch.equal(second[4], whole[4])
+
+
+def test_reference_handles_single_tokens_and_empty_batches():
+    for lengths in ([], [0], [1], [2], [3], [1, 0, 2]):
+        case = Case(4, 2, 8, 2, 2, lengths)
+        q, k, v, conv_state, value_state = prefill(case)
+        assert q.shape == (sum(lengths), 4, 8) and conv_state.shape == (len(lengths), case.channels, 2)
+        assert value_state.shape == (len(lengths), case.value_dim)
+        if lengths and lengths[0] == 1:
+            # a fresh one-token sequence: Y_{-1} = b0 (not 0), X_{-1} = 0, and the delayed values are zero
+            assert torch.equal(v[0, 1], torch.zeros(8))
+
+
+# ---------------------------------------------------------------- Triton (interpreter on CPU, compiled on GPU)
+tiny_lengths = st.lists(st.sampled_from([0, 1, 2, 3, 9, 33, 70]), min_size=1, max_size=3)
+
+
+@settings(max_examples=10)
+@given(heads=st.sampled_from([(1, 1), (2, 1), (4, 1), (8, 1), (4, 2), (2, 2)]), kernels=kernel_sizes,
+       lengths=tiny_lengths, head_dim=st.sampled_from([16, 32, 24]), with_init=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 2**16))
+def test_triton_prefill_matches_reference(heads, kernels, lengths, head_dim, with_init, dtype, seed):
+    case = Case(*heads, head_dim, *kernels, lengths, dtype=dtype, seed=seed, with_init=with_init)
+    actual = prefill(case, "triton")
+    assert zaya_kernels.last_backend("cca_prepare") == "triton"
+    assert_outputs_close(actual, prefill(case), case, "triton prefill")
+
+
+@settings(max_examples=10)
+@given(heads=st.sampled_from([(2, 1), (4, 2), (8, 1)]), kernels=kernel_sizes,
+       rows=st.integers(1, 5), head_dim=st.sampled_from([16, 32]), state_dtype=st.sampled_from([torch.float32,
+                                                                                                 torch.float16]),
+       seed=st.integers(0, 2**16))
+def test_triton_decode_matches_reference(heads, kernels, rows, head_dim, state_dtype, seed):
+    case = Case(*heads, head_dim, *kernels, [rows], seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    slots = rows + 3
+    conv_state = torch.randn(slots, case.channels, case.state_len, generator=gen).to(state_dtype)
+    value_state = torch.randn(slots, case.value_dim, generator=gen).to(state_dtype)
+    indices = torch.randperm(slots, generator=gen)[:rows].to(torch.int32)
+    indices[0] = -1  # a padded row
+    expected_states = (conv_state.clone(), value_state.clone())
+    expected = decode(case, torch.arange(rows), *expected_states, indices)
+    actual = decode(case, torch.arange(rows), conv_state, value_state, indices, "triton")
+    assert zaya_kernels.last_backend("cca_prepare_decode") == "triton"
+    for name, a, e in zip("qkv", actual, expected):
+        assert_close(a, e, reduction=case.reduction(), what=f"triton decode {name}")
+    assert torch.equal(conv_state, expected_states[0]) and torch.equal(value_state, expected_states[1])
+
+
+def test_triton_decode_equals_triton_prefill_token_by_token():
+    case = Case(4, 2, 16, 2, 2, [3, 1, 2], seed=5)
+    expected = prefill(case, "triton")
+    actual = _decode_token_by_token(case, "triton")
+    assert_outputs_close(actual, expected, case, "triton decode vs prefill")
+
+
+def test_triton_decode_ignores_out_of_range_index_on_gpu_style_call():
+    """The kernel itself (as on GPU, where values are not checked) treats an index >= slots as a padded row."""
+    from zaya_kernels.triton import cca as tri
+
+    case = Case(2, 1, 16, 2, 2, [2], seed=1)
+    conv_state, value_state = torch.randn(2, case.channels, 2), torch.randn(2, case.value_dim)
+    before = (conv_state.clone(), value_state.clone())
+    q, k, v = (torch.full((2, h, 16), 7.0) for h in (2, 1, 1))
+    with zaya_kernels.use_backend("triton"):
+        tri.cca_prepare_decode(case.qk, case.v_current, case.v_delayed, *case.weights(), case.positions,
+                               conv_state, value_state, torch.tensor([5, -3], dtype=torch.int32), *case.heads(),
+                               q, k, v)
+    assert not q.any() and not k.any() and not v.any()
+    assert torch.equal(conv_state, before[0]) and torch.equal(value_state, before[1])
+
+
+# ---------------------------------------------------------------- gradients
+def _differentiable(case):
+    return [t.detach().clone().requires_grad_(True) for t in (case.qk, case.v_current, case.v_delayed,
+                                                              *case.weights())]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("with_init", [False, True])
+def test_gradients_match_autograd_through_the_reference(backend, with_init):
+    case = Case(4, 2, 16, 2, 3, [5, 1, 7], seed=3, with_init=with_init)
+    gen = torch.Generator().manual_seed(0)
+
+    def grads(fn):
+        inputs = _differentiable(case)
+        outputs = fn(*inputs, case.positions, case.cu_seqlens, *case.heads(), *case.init)
+        loss = sum((o.float() * torch.randn(o.shape, generator=gen)).sum() for o in outputs)
+        return torch.autograd.grad(loss, inputs)
+
+    with zaya_kernels.use_backend(backend):
+        actual = grads(torch.ops.zaya.cca_prepare)
+    gen.manual_seed(0)
+    expected = grads(ref.cca_prepare)
+    for name, a, e in zip(("qk", "v_current", "v_delayed", "w0", "b0", "w1", "b1", "temp"), actual, expected):
+        assert_close(a, e, reduction=case.reduction() * 13, what=f"{backend} grad {name}")
+
+
+def test_reference_gradients_pass_gradcheck_in_float64():
+    case = Case(2, 1, 4, 2, 2, [3, 1], dtype=torch.float64, seed=2)
+
+    def fn(*inputs):
+        return ref.cca_prepare(*inputs, case.positions, case.cu_seqlens, *case.heads())[:3]
+
+    inputs = [t.double().requires_grad_(True) for t in _differentiable(case)]
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+# ---------------------------------------------------------------- torch.library integration
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("with_init", [False, True])
+def test_opcheck_prefill(backend, with_init):
+    case = Case(2, 1, 16, 2, 2, [3, 2], seed=0, with_init=with_init)
+    args = list(case.prefill_args())
+    args[0] = args[0].clone().requires_grad_(True)
+    with zaya_kernels.use_backend(backend):
+        torch.library.opcheck(torch.ops.zaya.cca_prepare.default, tuple(args))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_opcheck_decode(backend):
+    case = Case(2, 1, 16, 2, 2, [2], seed=0)
+    conv_state, value_state = torch.randn(3, case.channels, 2), torch.randn(3, case.value_dim)
+    args = (case.qk, case.v_current, case.v_delayed, *case.weights(), case.positions, conv_state, value_state,
+            torch.tensor([2, -1], dtype=torch.int32), *case.heads())
+    with zaya_kernels.use_backend(backend):
+        torch.library.opcheck(torch.ops.zaya.cca_prepare_decode.default, args)
+
+
+def test_opcheck_backward():
+    case = Case(2, 1, 8, 2, 2, [3, 2], seed=0)
+    q, k, v, conv_state, value_state = prefill(case)
+    grads = (torch.randn_like(q), None, torch.randn_like(v), torch.randn_like(conv_state), None)
+    torch.library.opcheck(torch.ops.zaya.cca_prepare_backward.default, (*grads, *case.prefill_args()))
+    # Called directly (below autograd, as a compiled graph calls it) it still equals autograd through the reference.
+    actual = torch.ops.zaya.cca_prepare_backward(*grads, *case.prefill_args())
+    inputs = _differentiable(case)
+    outputs = ref.cca_prepare(*inputs, case.positions, case.cu_seqlens, *case.heads())
+    loss = sum((o * g).sum() for o, g in zip(outputs, grads) if g is not None)
+    expected = [torch.zeros_like(t) if g is None else g
+                for g, t in zip(torch.autograd.grad(loss, inputs, allow_unused=True), inputs)]
+    assert actual[0].abs().max() > 0
+    for a, e in zip(actual, expected):
+        assert torch.allclose(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_fullgraph():
+    case = Case(2, 1, 8, 2, 2, [3, 2], seed=0)
+    args = case.prefill_args()
+
+    def attention_inputs(qk):
+        q, k, v, _, _ = torch.ops.zaya.cca_prepare(qk, *args[1:])
+        return q.sum() + k.sum() + v.sum()
+
+    compiled = torch.compile(attention_inputs, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(case.qk), attention_inputs(case.qk))
+
+
+def test_typed_wrappers():
+    case = Case(4, 2, 8, 2, 2, [3, 2], seed=0)
+    expected = prefill(case)
+    actual = zaya_kernels.ops.cca_prepare(*case.prefill_args())
+    for a, e in zip(actual, expected):
+        assert torch.equal(a, e)
+    conv_state, value_state = torch.zeros(2, case.channels, 2), torch.zeros(2, case.value_dim)
+    q, k, v = zaya_kernels.ops.cca_prepare_decode(case.qk[:1], case.v_current[:1], case.v_delayed[:1], *case.weights(),
+                                                  case.positions[:1], conv_state, value_state,
+                                                  torch.tensor([1], dtype=torch.int32), *case.heads())
+    assert torch.equal(q[0], expected[0][0]) and torch.equal(k[0], expected[1][0])
+
+
+# ---------------------------------------------------------------- bad input
+def _bad_prefill(index, value):
+    args = list(Case(4, 2, 8, 2, 2, [3, 2], with_init=True).prefill_args())
+    args[index] = value(args) if callable(value) else value
+    return args
+
+
+@pytest.mark.parametrize(
+    "index, value, exc, message",
+    [
+        (10, 6, ValueError, r"`qk` has C = 48 channels but \(num_q_heads \+ num_kv_heads\) \* head_dim"),
+        (11, 3, ValueError, "must be a multiple of `num_kv_heads`"),
+        (0, lambda a: a[0].to(torch.int32), TypeError, "`qk` must have dtype"),
+        (0, lambda a: a[0].t().contiguous().t(), ValueError, "`qk` must be contiguous"),
+        (3, torch.zeros(48, 5), ValueError, "`conv0_weight` kernel size must be in 1..4"),
+        (5, torch.zeros(48, 8, 2, 1), ValueError, "`conv1_weight` must have 3 dimensions"),
+        (7, torch.ones(3), ValueError, "`temperature` must have shape"),
+        (1, lambda a: a[1][:, :-1].contiguous(), ValueError, "`v_current` must have shape"),
+        (8, lambda a: a[8].float(), TypeError, "`positions` must have dtype"),
+        (9, torch.tensor([0, 3, 4], dtype=torch.int32), ValueError, "`cu_seqlens` must start at 0"),
+        (9, torch.tensor([0, 3, 5], dtype=torch.int64), TypeError, "`cu_seqlens` must have dtype"),
+        (12, 3, ValueError, "`rotary_dim` must be an even int"),
+        (13, -1.0, ValueError, "`rope_theta` must be a positive float"),
+        (14, lambda a: a[14][:, :, :1].contiguous(), ValueError, "`initial_conv_state` must have shape"),
+        (15, lambda a: a[15].to(torch.int32), TypeError, "`initial_value_state` must have dtype"),
+        (16, None, ValueError, "has_initial_state missing"),
+    ],
+)
+def test_prefill_bad_input_raises_clear_error(index, value, exc, message):
+    args = _bad_prefill(index, value)
+    for backend in ("reference", "triton"):
+        with zaya_kernels.use_backend(backend), pytest.raises(exc, match=message):
+            torch.ops.zaya.cca_prepare(*args)
+
+
+def _bad_decode(index, value):
+    case = Case(4, 2, 8, 2, 2, [2])
+    args = [case.qk, case.v_current, case.v_delayed, *case.weights(), case.positions, torch.zeros(3, 48, 2),
+            torch.zeros(3, case.value_dim), torch.tensor([0, -1], dtype=torch.int32), *case.heads()]
+    args[index] = value(args) if callable(value) else value
+    return args
+
+
+@pytest.mark.parametrize(
+    "index, value, exc, message",
+    [
+        (9, torch.zeros(3, 48, 2, dtype=torch.int32), TypeError, "`conv_state` must have dtype"),
+        (9, torch.zeros(3, 48, 3), ValueError, "`conv_state` must have shape"),
+        (10, torch.zeros(2, 8), ValueError, "`value_state` must have shape"),
+        (10, torch.zeros(3, 8, dtype=torch.int64), TypeError, "`value_state` must have dtype"),
+        (11, torch.tensor([0, 3], dtype=torch.int32), ValueError, "`state_indices` has index 3 but the states have "
+                                                                   "only 3 slots"),
+        (11, torch.tensor([0], dtype=torch.int32), ValueError, "`state_indices` must have shape"),
+        (12, 6, ValueError, "`qk` has C = 48 channels"),
+    ],
+)
+def test_decode_bad_input_raises_clear_error(index, value, exc, message):
+    args = _bad_decode(index, value)
+    for backend in ("reference", "triton"):
+        with zaya_kernels.use_backend(backend), pytest.raises(exc, match=message):
+            torch.ops.zaya.cca_prepare_decode(*args)
+
+
+# ---------------------------------------------------------------- GPU: Triton at ZAYA1-8B shapes (n_q 8, n_kv 2, D 128)
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("lengths,with_init", [([1], False), ([3, 0, 700, 64], True), ([2048], False)])
+def test_gpu_triton_prefill_matches_reference(dtype, lengths, with_init):
+    case = Case(8, 2, 128, 2, 2, lengths, dtype=dtype, seed=len(lengths), rotary_dim=64, with_init=with_init,
+                device="cuda")
+    actual = prefill(case, "triton")
+    assert_outputs_close(actual, prefill(case), case, "gpu triton prefill")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.float32, torch.float32)])
+@pytest.mark.parametrize("rows", [1, 8, 256])
+def test_gpu_triton_decode_matches_reference(dtype, state_dtype, rows):
+    case = Case(8, 2, 128, 2, 2, [rows], dtype=dtype, seed=rows, rotary_dim=64, device="cuda")
+    slots = rows + 4
+    conv_state = torch.randn(slots, case.channels, 2, device="cuda").to(state_dtype)
+    value_state = torch.randn(slots, case.value_dim, device="cuda").to(state_dtype)
+    indices = torch.randperm(slots, device="cuda")[:rows].to(torch.int32)
+    indices[rows // 2] = -1
+    expected_states = (conv_state.clone(), value_state.clone())
+    expected = decode(case, torch.arange(rows, device="cuda"), *expected_states, indices)
+    actual = decode(case, torch.arange(rows, device="cuda"), conv_state, value_state, indices, "triton")
+    for name, a, e in zip("qkv", actual, expected):
+        assert_close(a, e, dtype=dtype, reduction=case.reduction(), what=f"gpu decode {name}")
+    assert torch.equal(conv_state, expected_states[0]) and torch.equal(value_state, expected_states[1])
+
+
+@pytest.mark.gpu
+def test_gpu_decode_equals_prefill_and_is_graph_capturable():
+    case = Case(8, 2, 128, 2, 2, [5, 3], dtype=torch.bfloat16, seed=0, rotary_dim=64, device="cuda")
+    expected = prefill(case, "triton")
+    actual = _decode_token_by_token(case, "triton")
+    assert_outputs_close(actual, expected, case, "gpu decode vs prefill")
+    conv_state = torch.zeros(4, case.channels, 2, device="cuda")
+    value_state = torch.zeros(4, case.value_dim, device="cuda")
+    rows, indices = torch.tensor([0, 5], device="cuda"), torch.tensor([1, 2], dtype=torch.int32, device="cuda")
+    decode(case, rows, conv_state, value_state, indices, "triton")  # warm up (compile) outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decode(case, rows, conv_state, value_state, indices, "triton")
+    graph.replay()
+    torch.cuda.synchronize()

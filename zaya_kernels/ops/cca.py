@@ -1,0 +1,396 @@
+"""CCA projection ops (DESIGN.md 1.1 steps 3-8): registration, validation, fake kernels, autograd, typed wrappers.
+
+Ops (schemas in csrc/zaya_ops.cpp):
+  zaya::cca_prepare(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature,
+                    positions, cu_seqlens, num_q_heads, num_kv_heads, rotary_dim, rope_theta,
+                    initial_conv_state?, initial_value_state?, has_initial_state?)
+      -> (q, k, v, final_conv_state, final_value_state)                         packed varlen / chunked prefill
+  zaya::cca_prepare_backward(grad_q?, grad_k?, grad_v?, grad_final_conv_state?, grad_final_value_state?, <forward
+                    arguments>) -> gradients of the 8 differentiable forward inputs
+  zaya::cca_prepare_decode(qk, v_current, v_delayed, conv weights/biases, temperature, positions, conv_state!,
+                    value_state!, state_indices, num_q_heads, num_kv_heads, rotary_dim, rope_theta) -> (q, k, v)
+Backends: reference (zaya_kernels.reference.cca) for all three; triton (zaya_kernels.triton.cca) for the two
+forward ops. There is no Triton backward kernel yet: the backward is autograd through the reference forward (torch
+ops on the tensors' device) whichever backend ran the forward; its "triton" entry is that same reference code.
+"""
+from __future__ import annotations
+
+import torch
+
+from zaya_kernels import backend as _backend
+from zaya_kernels.ops import _validate as check
+from zaya_kernels.ops._registry import register_op
+from zaya_kernels.reference import cca as ref
+
+_OP = "cca_prepare"
+_DECODE_OP = "cca_prepare_decode"
+MAX_KERNEL_SIZE = 4
+INDEX_DTYPES = (torch.int32, torch.int64)
+FLAG_DTYPES = (torch.bool, torch.int32, torch.int64)
+
+
+def _has_values(t: torch.Tensor) -> bool:
+    """True for a plain CPU tensor, whose values can be checked for free (never for fake/meta/GPU tensors:
+    reading GPU values would synchronise the host, which decode under CUDA/HIP graphs must not do)."""
+    return type(t) is torch.Tensor and t.device.type == "cpu"
+
+
+# ---------------------------------------------------------------- validation
+def _validate_common(op, qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature,
+                     positions, num_q_heads, num_kv_heads, rotary_dim, rope_theta):
+    """Checks shared by every CCA op; returns (T, C, D, k0, k1, value_dim)."""
+    check.tensor(op, "qk", qk, ndim=2, dtypes=check.FLOAT_DTYPES, contiguous=True)
+    tokens, channels = qk.shape
+    dev = qk.device
+    for name, value in (("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"zaya::{op}: `{name}` must be a positive int, got {value!r}")
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"zaya::{op}: `num_q_heads` ({num_q_heads}) must be a multiple of `num_kv_heads` "
+                         f"({num_kv_heads})")
+    check.tensor(op, "conv1_weight", conv1_weight, ndim=3, dtypes=check.FLOAT_DTYPES, device=dev, contiguous=True)
+    head_dim = conv1_weight.shape[1]
+    heads = num_q_heads + num_kv_heads
+    if channels != heads * head_dim:
+        raise ValueError(f"zaya::{op}: `qk` has C = {channels} channels but (num_q_heads + num_kv_heads) * head_dim = "
+                         f"({num_q_heads} + {num_kv_heads}) * {head_dim} = {heads * head_dim} (head_dim is "
+                         f"conv1_weight.shape[1])")
+    k1 = conv1_weight.shape[2]
+    check.tensor(op, "conv1_weight", conv1_weight, shape=(channels, head_dim, k1))
+    check.tensor(op, "conv0_weight", conv0_weight, ndim=2, dtypes=check.FLOAT_DTYPES, device=dev, contiguous=True)
+    k0 = conv0_weight.shape[1]
+    check.tensor(op, "conv0_weight", conv0_weight, shape=(channels, k0))
+    for name, size in (("conv0_weight", k0), ("conv1_weight", k1)):
+        if not 1 <= size <= MAX_KERNEL_SIZE:
+            raise ValueError(f"zaya::{op}: `{name}` kernel size must be in 1..{MAX_KERNEL_SIZE}, got {size}")
+    for name, bias in (("conv0_bias", conv0_bias), ("conv1_bias", conv1_bias)):
+        check.tensor(op, name, bias, dtypes=check.FLOAT_DTYPES, shape=(channels,), device=dev, contiguous=True)
+    check.tensor(op, "temperature", temperature, dtypes=check.FLOAT_DTYPES, shape=(num_kv_heads,), device=dev,
+                 contiguous=True)
+    if (num_kv_heads * head_dim) % 2:
+        raise ValueError(f"zaya::{op}: num_kv_heads * head_dim = {num_kv_heads * head_dim} must be even (half the "
+                         "value channels are current-token, half previous-token)")
+    value_dim = num_kv_heads * head_dim // 2
+    for name, t in (("v_current", v_current), ("v_delayed", v_delayed)):
+        check.tensor(op, name, t, dtypes=check.FLOAT_DTYPES, shape=(tokens, value_dim), device=dev, contiguous=True)
+    check.tensor(op, "positions", positions, dtypes=INDEX_DTYPES, shape=(tokens,), device=dev, contiguous=True)
+    if not isinstance(rotary_dim, int) or rotary_dim < 0 or rotary_dim > head_dim or rotary_dim % 2:
+        raise ValueError(f"zaya::{op}: `rotary_dim` must be an even int in 0..head_dim={head_dim}, got {rotary_dim!r}")
+    if not isinstance(rope_theta, float) or not rope_theta > 0.0:
+        raise ValueError(f"zaya::{op}: `rope_theta` must be a positive float, got {rope_theta!r}")
+    return tokens, channels, head_dim, k0, k1, value_dim
+
+
+def _validate_prefill_args(op, qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias,
+                           temperature, positions, cu_seqlens, num_q_heads, num_kv_heads, rotary_dim, rope_theta,
+                           initial_conv_state=None, initial_value_state=None, has_initial_state=None):
+    tokens, channels, _, k0, k1, value_dim = _validate_common(
+        op, qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature, positions,
+        num_q_heads, num_kv_heads, rotary_dim, rope_theta)
+    check.tensor(op, "cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=qk.device, contiguous=True)
+    if cu_seqlens.shape[0] < 1:
+        raise ValueError(f"zaya::{op}: `cu_seqlens` must have B + 1 >= 1 entries, got shape {tuple(cu_seqlens.shape)}")
+    num_seqs = cu_seqlens.shape[0] - 1
+    if _has_values(cu_seqlens):
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] != tokens or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
+            raise ValueError(f"zaya::{op}: `cu_seqlens` must start at 0, never decrease and end at T = {tokens}; got "
+                             f"{bounds[:8]}{'...' if len(bounds) > 8 else ''}")
+    check.optional_together(op, "chunked prefill needs all three state arguments",
+                            [("initial_conv_state", initial_conv_state), ("initial_value_state", initial_value_state),
+                             ("has_initial_state", has_initial_state)])
+    if initial_conv_state is not None:
+        state_len = k0 + k1 - 2
+        check.tensor(op, "initial_conv_state", initial_conv_state, dtypes=check.FLOAT_DTYPES,
+                     shape=(num_seqs, channels, state_len), device=qk.device, contiguous=True)
+        check.tensor(op, "initial_value_state", initial_value_state, dtypes=check.FLOAT_DTYPES,
+                     shape=(num_seqs, value_dim), device=qk.device, contiguous=True)
+        check.tensor(op, "has_initial_state", has_initial_state, dtypes=FLAG_DTYPES, shape=(num_seqs,),
+                     device=qk.device, contiguous=True)
+
+
+def _validate_fwd(*args):
+    _validate_prefill_args(_OP, *args)
+
+
+def _validate_bwd(grad_q, grad_k, grad_v, grad_conv, grad_value, *fwd_args):
+    op = _OP + "_backward"
+    _validate_prefill_args(op, *fwd_args)
+    qk, conv1_weight, cu_seqlens, num_q_heads, num_kv_heads = (fwd_args[0], fwd_args[5], fwd_args[9], fwd_args[10],
+                                                               fwd_args[11])
+    tokens, head_dim = qk.shape[0], conv1_weight.shape[1]
+    num_seqs = cu_seqlens.shape[0] - 1
+    state_len = fwd_args[3].shape[1] + conv1_weight.shape[2] - 2
+    for name, grad, shape in (("grad_q", grad_q, (tokens, num_q_heads, head_dim)),
+                              ("grad_k", grad_k, (tokens, num_kv_heads, head_dim)),
+                              ("grad_v", grad_v, (tokens, num_kv_heads, head_dim)),
+                              ("grad_final_conv_state", grad_conv, (num_seqs, qk.shape[1], state_len)),
+                              ("grad_final_value_state", grad_value, (num_seqs, num_kv_heads * head_dim // 2))):
+        if grad is not None:
+            check.tensor(op, name, grad, dtypes=check.FLOAT_DTYPES, shape=shape, device=qk.device)
+
+
+def _validate_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature,
+                     positions, conv_state, value_state, state_indices, num_q_heads, num_kv_heads, rotary_dim,
+                     rope_theta):
+    op = _DECODE_OP
+    _, channels, _, k0, k1, value_dim = _validate_common(
+        op, qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature, positions,
+        num_q_heads, num_kv_heads, rotary_dim, rope_theta)
+    check.tensor(op, "conv_state", conv_state, ndim=3, dtypes=check.FLOAT_DTYPES, device=qk.device, contiguous=True)
+    slots = conv_state.shape[0]
+    check.tensor(op, "conv_state", conv_state, shape=(slots, channels, k0 + k1 - 2))
+    check.tensor(op, "value_state", value_state, dtypes=check.FLOAT_DTYPES, shape=(slots, value_dim),
+                 device=qk.device, contiguous=True)
+    check.tensor(op, "state_indices", state_indices, dtypes=INDEX_DTYPES, shape=(qk.shape[0],), device=qk.device,
+                 contiguous=True)
+    if _has_values(state_indices) and state_indices.numel() and int(state_indices.max()) >= slots:
+        raise ValueError(f"zaya::{op}: `state_indices` has index {int(state_indices.max())} but the states have only "
+                         f"{slots} slots (negative indices mark padded rows)")
+
+
+# ---------------------------------------------------------------- fake kernels (shapes only)
+def _fake_outputs(qk, conv1_weight, num_q_heads, num_kv_heads):
+    tokens, head_dim = qk.shape[0], conv1_weight.shape[1]
+    return (qk.new_empty(tokens, num_q_heads, head_dim), qk.new_empty(tokens, num_kv_heads, head_dim),
+            qk.new_empty(tokens, num_kv_heads, head_dim))
+
+
+def _fake_fwd(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature, positions,
+              cu_seqlens, num_q_heads, num_kv_heads, rotary_dim, rope_theta, initial_conv_state=None,
+              initial_value_state=None, has_initial_state=None):
+    num_seqs = cu_seqlens.shape[0] - 1
+    state_len = conv0_weight.shape[1] + conv1_weight.shape[2] - 2
+    return _fake_outputs(qk, conv1_weight, num_q_heads, num_kv_heads) + (
+        qk.new_empty(num_seqs, qk.shape[1], state_len, dtype=torch.float32),
+        qk.new_empty(num_seqs, v_current.shape[1], dtype=torch.float32))
+
+
+def _fake_bwd(grad_q, grad_k, grad_v, grad_conv, grad_value, *fwd_args):
+    return tuple(torch.empty_like(t) for t in fwd_args[:8])
+
+
+def _fake_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature, positions,
+                 conv_state, value_state, state_indices, num_q_heads, num_kv_heads, rotary_dim, rope_theta):
+    return _fake_outputs(qk, conv1_weight, num_q_heads, num_kv_heads)
+
+
+# ---------------------------------------------------------------- Triton implementations
+def _triton_fwd(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature, positions,
+                cu_seqlens, num_q_heads, num_kv_heads, rotary_dim, rope_theta, initial_conv_state=None,
+                initial_value_state=None, has_initial_state=None):
+    from zaya_kernels.triton import cca as tri
+
+    q, k, v = _fake_outputs(qk, conv1_weight, num_q_heads, num_kv_heads)
+    final_conv_state, final_value_state = _fake_fwd(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight,
+                                                    conv1_bias, temperature, positions, cu_seqlens, num_q_heads,
+                                                    num_kv_heads, rotary_dim, rope_theta)[3:]
+    tri.cca_prepare_fwd(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature,
+                        positions, cu_seqlens, num_q_heads, num_kv_heads, rotary_dim, rope_theta, initial_conv_state,
+                        initial_value_state, has_initial_state, q, k, v, final_conv_state, final_value_state)
+    return q, k, v, final_conv_state, final_value_state
+
+
+def _triton_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature,
+                   positions, conv_state, value_state, state_indices, num_q_heads, num_kv_heads, rotary_dim,
+                   rope_theta):
+    from zaya_kernels.triton import cca as tri
+
+    q, k, v = _fake_outputs(qk, conv1_weight, num_q_heads, num_kv_heads)
+    tri.cca_prepare_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature,
+                           positions, conv_state, value_state, state_indices, num_q_heads, num_kv_heads, rotary_dim,
+                           rope_theta, q, k, v)
+    return q, k, v
+
+
+# ---------------------------------------------------------------- autograd
+_NUM_DIFFERENTIABLE = 8  # qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature
+_NUM_FWD_INPUTS = 17
+
+
+def _setup_fwd(ctx, inputs, output):
+    ctx.save_for_backward(*[t for t in inputs if isinstance(t, torch.Tensor)])
+    ctx.tensor_slots = [i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor)]
+    ctx.plain_args = {i: t for i, t in enumerate(inputs) if not isinstance(t, torch.Tensor)}
+
+
+def _backward_fwd(ctx, grad_q, grad_k, grad_v, grad_conv, grad_value):
+    inputs = [None] * _NUM_FWD_INPUTS
+    for slot, tensor in zip(ctx.tensor_slots, ctx.saved_tensors):
+        inputs[slot] = tensor
+    for slot, value in ctx.plain_args.items():
+        inputs[slot] = value
+    # Only the reference backward exists: run it explicitly (on any device) rather than the forward's backend.
+    with _backend.use_backend("reference"):
+        grads = torch.ops.zaya.cca_prepare_backward(grad_q, grad_k, grad_v, grad_conv, grad_value, *inputs)
+    return tuple(grads) + (None,) * (_NUM_FWD_INPUTS - _NUM_DIFFERENTIABLE)
+
+
+register_op(_OP, impls={"reference": ref.cca_prepare, "triton": _triton_fwd}, fake=_fake_fwd, validate=_validate_fwd,
+            auto_order=("triton",), backward=_backward_fwd, setup_context=_setup_fwd)
+# There is no Triton backward kernel: the backward op's "triton" entry is the reference (autograd through the
+# pure-PyTorch forward, on the tensors' device). It exists because a compiled graph replays the backward outside
+# the `use_backend("reference")` block above, under whatever backend the caller requested for the forward.
+register_op(_OP + "_backward", impls={"reference": ref.cca_prepare_backward, "triton": ref.cca_prepare_backward},
+            fake=_fake_bwd, validate=_validate_bwd, auto_order=("reference",))
+register_op(_DECODE_OP, impls={"reference": ref.cca_prepare_decode, "triton": _triton_decode}, fake=_fake_decode,
+            validate=_validate_decode, auto_order=("triton",))
+
+
+# ---------------------------------------------------------------- typed wrappers
+def cca_prepare(
+    qk: torch.Tensor,
+    v_current: torch.Tensor,
+    v_delayed: torch.Tensor,
+    conv0_weight: torch.Tensor,
+    conv0_bias: torch.Tensor,
+    conv1_weight: torch.Tensor,
+    conv1_bias: torch.Tensor,
+    temperature: torch.Tensor,
+    positions: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    rotary_dim: int,
+    rope_theta: float,
+    initial_conv_state: torch.Tensor | None = None,
+    initial_value_state: torch.Tensor | None = None,
+    has_initial_state: torch.Tensor | None = None,
+):
+    """ZAYA's CCA projection for packed variable-length sequences (prefill, or one chunk of a chunked prefill).
+
+    Per sequence (see zaya_kernels.reference.cca for the full math): Y = depthwise causal conv(X) with X zero (or the
+    initial conv state) before the sequence start, Z = grouped causal conv(Y), Q = Z_q + (Q0 + K0[h // g]) / 2,
+    K = Z_k + mean_m (Q0[g j + m] + K0[j]) / 2, V = concat(Vc_t, Vd_{t-1}), Qhat = sqrt(D) Q / ||Q||,
+    Khat = temp sqrt(D) K / ||K||, then NeoX RoPE on the first rotary_dim dims.
+
+    Parameters
+    ----------
+    qk : [T, C] float32 / float16 / bfloat16 (activation dtype A), contiguous
+        X = [Q0 | K0]: all q heads then all k heads, C = (num_q_heads + num_kv_heads) * D.
+    v_current, v_delayed : [T, num_kv_heads * D / 2], any float dtype
+        The current- and delayed-value projections (transformers' v_proj_current / v_proj_delayed outputs).
+    conv0_weight : [C, k0]   depthwise conv weight (transformers' conv_qk_depthwise.weight[:, 0]), 1 <= k0 <= 4
+    conv0_bias : [C]
+    conv1_weight : [C, D, k1]  grouped conv weight (conv_qk_grouped.weight; groups = heads), 1 <= k1 <= 4
+    conv1_bias : [C]
+    temperature : [num_kv_heads]  the linear key temperature (ZayaQKNorm.temp)
+    positions : [T] int32 / int64   RoPE position of every token
+    cu_seqlens : [B + 1] int32   sequence b is tokens cu_seqlens[b] : cu_seqlens[b + 1]
+    num_q_heads, num_kv_heads : int (num_q_heads % num_kv_heads == 0)
+    rotary_dim : even int <= D (D * partial_rotary_factor)
+    rope_theta : float
+    initial_conv_state : [B, C, k0 + k1 - 2] float or None   last raw X columns before this chunk (oldest first)
+    initial_value_state : [B, num_kv_heads * D / 2] float or None   Vd of the token before this chunk
+    has_initial_state : [B] bool / int or None   0: a fresh sequence, the state rows are ignored
+
+    Returns
+    -------
+    q : [T, num_q_heads, D] A
+    k : [T, num_kv_heads, D] A
+    v : [T, num_kv_heads, D] A
+    final_conv_state : [B, C, k0 + k1 - 2] float32
+    final_value_state : [B, num_kv_heads * D / 2] float32
+    """
+    return torch.ops.zaya.cca_prepare(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias,
+                                      temperature, positions, cu_seqlens, int(num_q_heads), int(num_kv_heads),
+                                      int(rotary_dim), float(rope_theta), initial_conv_state, initial_value_state,
+                                      has_initial_state)
+
+
+def cca_prepare_decode(
+    qk: torch.Tensor,
+    v_current: torch.Tensor,
+    v_delayed: torch.Tensor,
+    conv0_weight: torch.Tensor,
+    conv0_bias: torch.Tensor,
+    conv1_weight: torch.Tensor,
+    conv1_bias: torch.Tensor,
+    temperature: torch.Tensor,
+    positions: torch.Tensor,
+    conv_state: torch.Tensor,
+    value_state: torch.Tensor,
+    state_indices: torch.Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    rotary_dim: int,
+    rope_theta: float,
+):
+    """ZAYA's CCA projection for one new token of each of B sequences, with per-slot states updated in place.
+
+    Same math as `cca_prepare` with the conv and value states of slot state_indices[b] as the history. A zeroed
+    slot is a fresh sequence. No host synchronisation (CUDA/HIP-graph safe); out-of-range indices are rejected
+    on CPU tensors only (checking GPU values would synchronise): on GPU the Triton kernel treats an index >= slots
+    like a negative one.
+
+    Parameters
+    ----------
+    qk : [B, C] A, contiguous
+    v_current, v_delayed : [B, num_kv_heads * D / 2]
+    conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature : as in `cca_prepare`
+    positions : [B] int32 / int64
+    conv_state : [slots, C, k0 + k1 - 2] float32 / bfloat16 / float16, updated in place
+    value_state : [slots, num_kv_heads * D / 2] float32 / bfloat16 / float16, updated in place
+    state_indices : [B] int32 / int64   slot of each row; negative = padded row (zero outputs, no state change).
+        Two rows must not share a slot.
+    num_q_heads, num_kv_heads, rotary_dim, rope_theta : as in `cca_prepare`
+
+    Returns
+    -------
+    q : [B, num_q_heads, D] A
+    k : [B, num_kv_heads, D] A
+    v : [B, num_kv_heads, D] A
+    """
+    return torch.ops.zaya.cca_prepare_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight,
+                                             conv1_bias, temperature, positions, conv_state, value_state,
+                                             state_indices, int(num_q_heads), int(num_kv_heads), int(rotary_dim),
+                                             float(rope_theta))
+
+
+def cca_prepare_batched(
+    qk: torch.Tensor,
+    v_current: torch.Tensor,
+    v_delayed: torch.Tensor,
+    conv0_weight: torch.Tensor,
+    conv0_bias: torch.Tensor,
+    conv1_weight: torch.Tensor,
+    conv1_bias: torch.Tensor,
+    temperature: torch.Tensor,
+    positions: torch.Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    rotary_dim: int,
+    rope_theta: float,
+    attention_mask: torch.Tensor | None = None,
+):
+    """`cca_prepare` for the batched padded layout transformers uses: B sequences of S tokens (fresh, no cache).
+
+    transformers multiplies the hidden states by the 2D mask before the projections, so with attention_bias=False
+    (ZAYA1) a padding token has X = 0 and zero value projections; this wrapper zeroes those rows the same way and
+    runs the packed op with every row as one sequence. Left padding is then exact: zeros before a sequence are what
+    a fresh sequence sees anyway (X_{t<0} = 0, Y_{-1} = b0, Vd_{-1} = 0), so a left-padded row equals its unpadded
+    sequence. Outputs at padding positions are defined (what transformers computes there) but meaningless.
+
+    Parameters
+    ----------
+    qk : [B, S, C] A;  v_current, v_delayed : [B, S, num_kv_heads * D / 2];  positions : [B, S] int32 / int64
+    attention_mask : [B, S] bool / int / float (1 = token, 0 = padding) or None
+    the weights, num_q_heads, num_kv_heads, rotary_dim, rope_theta : as in `cca_prepare`
+
+    Returns
+    -------
+    q : [B, S, num_q_heads, D] A;  k, v : [B, S, num_kv_heads, D] A
+    """
+    check.tensor(_OP, "qk", qk, ndim=3)
+    batch, seq = qk.shape[:2]
+    if attention_mask is not None:
+        check.tensor(_OP, "attention_mask", attention_mask, shape=(batch, seq), device=qk.device)
+        keep = attention_mask[..., None]
+        qk, v_current, v_delayed = (t * keep.to(t.dtype) for t in (qk, v_current, v_delayed))
+    cu_seqlens = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=qk.device)
+    q, k, v, _, _ = cca_prepare(
+        qk.reshape(batch * seq, -1).contiguous(), v_current.reshape(batch * seq, -1).contiguous(),
+        v_delayed.reshape(batch * seq, -1).contiguous(), conv0_weight, conv0_bias, conv1_weight, conv1_bias,
+        temperature, positions.reshape(-1).contiguous(), cu_seqlens, num_q_heads, num_kv_heads, rotary_dim,
+        rope_theta)
+    return q.view(batch, seq, *q.shape[1:]), k.view(batch, seq, *k.shape[1:]), v.view(batch, seq, *v.shape[1:])
