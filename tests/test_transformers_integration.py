@@ -65,6 +65,8 @@ def test_logits_and_greedy_tokens_match(name, backend):
         tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
     assert zaya_kernels.last_backend("zaya_router") == backend
     assert zaya_kernels.last_backend("residual_scale_rmsnorm") == backend
+    assert zaya_kernels.last_backend("cca_prepare") == backend
+    assert zaya_kernels.last_backend("moe_experts") == backend
     assert relative_error(logits, expected_logits) < 5e-5
     assert torch.equal(tokens, expected_tokens)
 

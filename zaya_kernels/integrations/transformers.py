@@ -6,7 +6,10 @@ What is swapped (with transformers' own cache objects, masks and rotary embeddin
   norm, or the final norm after the last layer): `zaya::residual_scale_rmsnorm`;
 - the router: `zaya::zaya_router` (down projection, EDA, MLP, fp32 softmax, biased top-1 with the skip class);
 - the experts: `zaya::moe_dispatch` + `zaya::moe_experts` (top-1 grouped GEMMs, skip_mode 0), for SiLU experts.
-What still runs as transformers' modules: attention (CCA projection, QK norm, RoPE, attention).
+- the CCA projection: `zaya::cca_prepare` (both convolutions, mean coupling, value shift, QK norm, partial RoPE),
+  reading and writing the conv and value states of transformers' cache.
+What still runs as transformers' code: the q/k/v/o linear layers and the attention itself (its attention interface,
+eager / sdpa / flash, with transformers' causal and sliding-window masks and KV cache).
 
 Training: after each optimizer step, `update_balancing_biases(model)` moves every layer's balancing biases toward
 equal load with `zaya::router_balance_update` (DESIGN.md 1.5), from the choices the training forwards made.
@@ -75,6 +78,54 @@ def moe_block_forward(block, hidden_states, prev_router_hidden_states=None):
     return y.view(batch, seq, hidden), router_state.view(batch, seq, -1)
 
 
+def attention_forward(attn, hidden_states, position_ids, attention_mask, cache, config, **kwargs):
+    """ZayaAttention.forward with the CCA projection (convolutions, mean coupling, value shift, QK norm, partial
+    RoPE) as one `zaya::cca_prepare` op; transformers' cache objects keep the conv, value and KV states, and its
+    attention interface (eager / sdpa / flash, with the causal or sliding-window mask) does the attention.
+
+    hidden_states [B, S, H] (RMSNorm1 output); position_ids [1 or B, S]; returns (attn_out [B, S, H], None).
+    """
+    mz = _zaya_classes()
+    proj = attn.qkv_proj
+    batch, seq, _ = hidden_states.shape
+    conv_mask = attention_mask.get("conv")
+    if conv_mask is not None:  # padding tokens are zero before the projections, as in transformers
+        hidden_states = hidden_states * conv_mask[:, :, None].to(hidden_states.dtype)
+    qk = torch.cat([proj.q_proj(hidden_states), proj.k_proj(hidden_states)], dim=-1).reshape(batch * seq, -1)
+    v_current = proj.v_proj_current(hidden_states).reshape(batch * seq, -1)
+    v_delayed = proj.v_proj_delayed(hidden_states).reshape(batch * seq, -1)
+    conv_state = cache.get_conv_state(attn.layer_idx, state_idx=0) if cache is not None else None
+    value_state = cache.get_recurrent_state(attn.layer_idx, state_idx=0) if cache is not None else None
+    rope = config.rope_parameters[attn.layer_type]
+    rotary_dim = int(attn.head_dim * rope.get("partial_rotary_factor", 1.0))
+    has_state = None
+    if conv_state is not None:
+        has_state = torch.ones(batch, dtype=torch.int32, device=qk.device)
+        if value_state is None:
+            value_state = torch.zeros(batch, v_delayed.shape[-1], dtype=qk.dtype, device=qk.device)
+    q, k, v, final_conv, final_value = zaya_ops.cca_prepare(
+        qk.contiguous(), v_current.contiguous(), v_delayed.contiguous(), proj.conv_qk_depthwise.weight.squeeze(1),
+        proj.conv_qk_depthwise.bias, proj.conv_qk_grouped.weight, proj.conv_qk_grouped.bias, attn.qk_norm.temp,
+        position_ids.expand(batch, seq).reshape(-1).contiguous(),
+        torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=qk.device),
+        config.num_attention_heads, config.num_key_value_heads, rotary_dim, float(rope["rope_theta"]),
+        None if conv_state is None else conv_state.contiguous(),
+        None if value_state is None else value_state.contiguous(), has_state)
+    if cache is not None:
+        cache.update_conv_state(final_conv.to(qk.dtype), attn.layer_idx)
+        cache.update_recurrent_state(final_value.to(qk.dtype), attn.layer_idx)
+    query = q.view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+    key = k.view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+    value = v.view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+    if cache is not None:
+        key, value = cache.update(key, value, attn.layer_idx, kwargs=kwargs)
+    interface = mz.ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, mz.eager_attention_forward)
+    out, _ = interface(attn, query, key, value, attention_mask.get("causal"),
+                       dropout=0.0 if not attn.training else attn.attention_dropout, scaling=attn.scaling,
+                       sliding_window=attn.sliding_window, **kwargs)
+    return attn.o_proj(out.reshape(batch, seq, -1)), None
+
+
 def model_forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                   use_cache=None, **kwargs):
     """ZayaModel.forward on zaya ops (see the module docstring); same arguments and cache behaviour."""
@@ -114,10 +165,13 @@ def model_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
         router_state = None
         for idx, layer in enumerate(layers):
             kind = self.config.layer_types[idx]
-            attn_out, _ = layer.self_attn(
-                hidden_states=normed,
-                attention_mask={"causal": mask_mapping[kind], "conv": mask_mapping.get("conv")},
-                cache=cache, position_embeddings=position_embeddings[kind], **kwargs)
+            layer_masks = {"causal": mask_mapping[kind], "conv": mask_mapping.get("conv")}
+            if self._zaya_cca:
+                attn_out, _ = attention_forward(layer.self_attn, normed, position_ids, layer_masks, cache,
+                                                self.config, **kwargs)
+            else:
+                attn_out, _ = layer.self_attn(hidden_states=normed, attention_mask=layer_masks, cache=cache,
+                                              position_embeddings=position_embeddings[kind], **kwargs)
             residual, normed = _fused_residual_norm(attn_out, residual, layer.post_attention_residual_scale,
                                                     layer.post_attention_layernorm)
             moe_out, router_state = layer.mlp(normed, router_state)
@@ -126,11 +180,12 @@ def model_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
     return mz.MoeModelOutputWithPast(last_hidden_state=normed, cache=cache if use_cache else None)
 
 
-def kernelize(model, backend: str = "auto"):
+def kernelize(model, backend: str = "auto", cca: bool = True):
     """Swap the zaya ops into a transformers ZayaForCausalLM or ZayaModel in place and return it.
 
     backend: the zaya backend the model's ops use (auto, triton, hip or reference), whatever the global setting.
-    Call it once; calling it again only changes the backend.
+    cca: run the CCA projection on `zaya::cca_prepare` (False keeps transformers' projection module).
+    Call it once; calling it again only changes these settings.
     """
     mz = _zaya_classes()
     base = model.model if isinstance(model, mz.ZayaForCausalLM) else model
@@ -139,6 +194,7 @@ def kernelize(model, backend: str = "auto"):
     with use_backend(backend):  # validates the name now rather than at the first forward
         pass
     base._zaya_backend = backend
+    base._zaya_cca = cca
     base.forward = types.MethodType(model_forward, base)
     for layer in base.layers:
         layer.mlp.zaya_silu_experts = base.config.hidden_act == "silu"  # the activation the MoE kernels implement
