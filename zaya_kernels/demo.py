@@ -205,7 +205,7 @@ def run_model_demo(model_path=None, new_tokens=None, batch=1) -> int:
     print(f"{'transformers':<13} {batch * prompt_len / base_prefill:14.1f} {batch / base_decode:13.1f}")
     print(f"{'kernelized':<13} {batch * prompt_len / k_prefill:14.1f} {batch / k_decode:13.1f}")
     print(f"speedup: prefill {base_prefill / k_prefill:.2f}x, decode {base_decode / k_decode:.2f}x "
-          f"(kernelized: residual/norm chain and router on zaya ops, backend {_backend.last_backend('zaya_router')})")
+          f"(kernelized: residual/norm chain, CCA projection, router and experts on zaya ops, backend {_backend.last_backend('zaya_router')})")
     print(f"agreement: max logit error {err:.3e} (relative {rel:.1e}), generated tokens "
           f"{'identical' if same else 'DIFFER'}")
     dtype_ok = 5e-5 if next(model.parameters()).dtype == torch.float32 else 5e-2
