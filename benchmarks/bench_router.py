@@ -1,8 +1,9 @@
 """Benchmark cases for the ZAYA router: decode latency (T = 1, 8, 64) and prefill (8k, 64k tokens) at ZAYA1-8B shapes
 (H 2048, R 256, 16 experts + skip) on GPU, tiny shapes on CPU.
 
-Providers: the reference (op by op in torch), transformers' ZayaRouter where it can be built, and every zaya backend
-available. Bytes are the weights read once plus x and the outputs: decode is a weight-streaming problem.
+Providers: the reference (op by op in torch), transformers' ZayaRouter (same weights), and every zaya backend
+available; forward, and forward + backward (`zaya_router_train`: gradients to x and every weight through w and r).
+Bytes are the weights read once plus x and the outputs: decode is a weight-streaming problem.
 """
 from __future__ import annotations
 
@@ -28,6 +29,25 @@ def _weights(hidden, router_hidden, experts, dtype, device, gen):
                 balance_bias=bias, gamma=vec(router_hidden, 0.5, 1.5))
 
 
+def _transformers_router(w, hidden, router_hidden, experts, dtype, device):
+    """transformers' ZayaRouter (an EDA layer) holding the same weights, or None without transformers."""
+    try:
+        from transformers import ZayaConfig
+        from transformers.models.zaya.modeling_zaya import ZayaRouter
+    except ImportError:
+        return None
+    cfg = ZayaConfig(hidden_size=hidden, router_hidden_size=router_hidden, num_experts=experts, num_hidden_layers=2)
+    router = ZayaRouter(cfg, layer_idx=1).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        router.down_proj.weight.copy_(w["down_w"]), router.down_proj.bias.copy_(w["down_b"])
+        router.router_states_scale.copy_(w["gamma"])
+        mlp = router.router_mlp
+        mlp.norm.weight.copy_(w["norm_w"]), mlp.fc1.weight.copy_(w["fc1_w"]), mlp.fc1.bias.copy_(w["fc1_b"])
+        mlp.fc2.weight.copy_(w["fc2_w"]), mlp.fc2.bias.copy_(w["fc2_b"]), mlp.out_proj.weight.copy_(w["out_w"])
+        router.balancing_biases.copy_(w["balance_bias"])
+    return router
+
+
 def cases(device: str):
     import zaya_kernels
     from zaya_kernels import backend
@@ -40,12 +60,15 @@ def cases(device: str):
     w = _weights(hidden, router_hidden, experts, dtype, device, gen)
     zaya_backends = [b for b in ("triton", "hip") if backend.unavailable_reason(b, device, ("hip", "triton")) is None]
     weight_bytes = sum(t.numel() * t.element_size() for t in w.values())
+    hf_router = _transformers_router(w, hidden, router_hidden, experts, dtype, device)
     for tokens in token_counts:
         x = torch.randn(tokens, hidden, generator=gen).to(dtype).to(device)
         r_prev = torch.randn(tokens, router_hidden, generator=gen).to(dtype).to(device)
         args = (x, r_prev, w["gamma"], w["down_w"], w["down_b"], w["norm_w"], w["fc1_w"], w["fc1_b"], w["fc2_w"],
                 w["fc2_b"], w["out_w"], w["balance_bias"], EPS)
         providers = {"reference": lambda a=args: ref.zaya_router(*a)}
+        if hf_router is not None:
+            providers["transformers"] = lambda: hf_router(x[None], r_prev[None])
         for name in zaya_backends:
             if name == "hip" and tokens > 64:
                 continue  # the HIP kernel is the decode path
@@ -56,3 +79,18 @@ def cases(device: str):
         io_bytes = tokens * (hidden + 2 * router_hidden) * x.element_size() + tokens * 8
         shape = {"tokens": tokens, "hidden": hidden, "router_hidden": router_hidden, "experts": experts}
         yield "zaya_router", shape, weight_bytes + io_bytes, providers
+
+        # training step: forward + backward through the routing weight and the EDA state
+        train_args = tuple(a.detach().requires_grad_(a.is_floating_point() and a is not w["balance_bias"])
+                           if isinstance(a, torch.Tensor) else a for a in args)
+
+        def train(backend, a=train_args):
+            with zaya_kernels.use_backend(backend):
+                _, weight, r, _ = torch.ops.zaya.zaya_router(*a)
+            (weight.sum() + r.float().sum()).backward()
+
+        train_providers = {"reference": lambda: train("reference")}
+        for name in zaya_backends:
+            if name == "triton":
+                train_providers["zaya-triton"] = lambda: train("triton")
+        yield "zaya_router_train", shape, 2 * weight_bytes + 2 * io_bytes, train_providers
