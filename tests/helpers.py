@@ -42,3 +42,33 @@ def assert_close(actual, expected, *, dtype=None, reduction: int = 1, scale: flo
         f"{what}: max error {err.max().item():.3e} (tol {tol:.2e}, scale {scale:.3e}); worst element "
         f"{a.flatten()[worst].item()} vs {e.flatten()[worst].item()}"
     )
+
+
+def compile_host_emulation(driver_source: str, tmp_dir):
+    """Build kernels/*.cuh device code for the host (kernels/compat.cuh's ZAYA_HOST_EMULATION runs each block on CPU
+    threads) together with a test's extern "C" driver, and load it with ctypes.
+
+    Skips when no C++20 host compiler exists, unless ZAYA_REQUIRE_TOOLCHAINS=1 (CI), where that fails.
+    """
+    import ctypes
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import pytest
+
+    cxx = shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        reason = "no host C++20 compiler (g++ or clang++) for the kernel emulation"
+        if os.environ.get("ZAYA_REQUIRE_TOOLCHAINS", "0") == "1":
+            pytest.fail(reason + " and ZAYA_REQUIRE_TOOLCHAINS=1")
+        pytest.skip(reason)
+    kernels = Path(__file__).resolve().parent.parent / "kernels"
+    source, library = Path(tmp_dir) / "emu.cpp", Path(tmp_dir) / "emu.so"
+    source.write_text(driver_source)
+    cmd = [cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread", f"-I{kernels}", str(source),
+           "-o", str(library)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return ctypes.CDLL(str(library))

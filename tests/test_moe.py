@@ -10,7 +10,7 @@ import zaya_kernels
 from zaya_kernels.ops import moe, moe_dispatch
 from zaya_kernels.reference import moe as ref
 
-from helpers import assert_close
+from helpers import assert_close, compile_host_emulation
 
 ROUTINGS = ("random", "one_expert", "some_experts_empty", "all_skipped", "none_skipped")
 
@@ -434,22 +434,7 @@ extern "C" int zaya_emu_moe_dispatch(const int32_t* index, int T, int E, int blo
 
 @pytest.fixture(scope="module")
 def moe_emulation(tmp_path_factory):
-    import ctypes
-    import shutil
-    import subprocess
-    from pathlib import Path
-
-    cxx = shutil.which("g++") or shutil.which("clang++")
-    if cxx is None:
-        pytest.skip("no host C++20 compiler for the kernel emulation")
-    tmp = tmp_path_factory.mktemp("moe_emu")
-    kernels = Path(__file__).resolve().parent.parent / "kernels"
-    (tmp / "emu.cpp").write_text(_EMU_DRIVER)
-    cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", f"-I{kernels}", str(tmp / "emu.cpp"), "-o",
-           str(tmp / "emu.so")]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return ctypes.CDLL(str(tmp / "emu.so"))
+    return compile_host_emulation(_EMU_DRIVER, tmp_path_factory.mktemp("moe_emu"))
 
 
 @pytest.mark.parametrize("T, E, block_m, routing", [(0, 4, 16, "random"), (1, 1, 16, "random"), (37, 5, 16, "random"),

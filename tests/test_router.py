@@ -16,7 +16,7 @@ import zaya_kernels
 from zaya_kernels.ops import new_balance_state, router_balance_update, zaya_router
 from zaya_kernels.reference import router as ref
 
-from helpers import assert_close
+from helpers import assert_close, compile_host_emulation
 
 
 def make_router_args(t, h, r, c, *, prev=True, dtype=torch.float32, seed=0, requires_grad=False, device="cpu"):
@@ -430,22 +430,7 @@ extern "C" int zaya_emu_router_decode(int dt, const void* x, const void* rp, con
 
 @pytest.fixture(scope="module")
 def router_emulation(tmp_path_factory):
-    import ctypes
-    import shutil
-    import subprocess
-    from pathlib import Path
-
-    cxx = shutil.which("g++") or shutil.which("clang++")
-    if cxx is None:
-        pytest.skip("no host C++20 compiler for the kernel emulation")
-    tmp = tmp_path_factory.mktemp("router_emu")
-    kernels = Path(__file__).resolve().parent.parent / "kernels"
-    (tmp / "emu.cpp").write_text(_EMU_DRIVER)
-    cmd = [cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread", f"-I{kernels}",
-           str(tmp / "emu.cpp"), "-o", str(tmp / "emu.so")]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return ctypes.CDLL(str(tmp / "emu.so"))
+    return compile_host_emulation(_EMU_DRIVER, tmp_path_factory.mktemp("router_emu"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
