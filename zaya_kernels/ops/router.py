@@ -144,16 +144,22 @@ def _fake_balance(counts, balance_bias, state, step, *args):
     return torch.empty_like(balance_bias), torch.empty_like(balance_bias)
 
 
-# ---------------------------------------------------------------- Triton implementation
+# ---------------------------------------------------------------- Triton and HIP implementations
+def _outputs(x, down_w, out_w, return_logits):
+    """(expert_index int32 [T], routing_weight fp32 [T], r [T, R] x.dtype, logits fp32 [T, E+1] or None)."""
+    t = x.shape[0]
+    index = torch.empty(t, dtype=torch.int32, device=x.device)
+    weight = torch.empty(t, dtype=torch.float32, device=x.device)
+    r = torch.empty(t, down_w.shape[0], dtype=x.dtype, device=x.device)
+    logits = torch.empty(t, out_w.shape[0], dtype=torch.float32, device=x.device) if return_logits else None
+    return index, weight, r, logits
+
+
 def _triton_fwd(x, r_prev, gamma, down_w, down_b, norm_w, fc1_w, fc1_b, fc2_w, fc2_b, out_w, balance_bias, eps,
                 return_logits=False):
     from zaya_kernels.triton import router as tri
 
-    t, c = x.shape[0], out_w.shape[0]
-    index = torch.empty(t, dtype=torch.int32, device=x.device)
-    weight = torch.empty(t, dtype=torch.float32, device=x.device)
-    r = torch.empty(t, down_w.shape[0], dtype=x.dtype, device=x.device)
-    logits = torch.empty(t, c, dtype=torch.float32, device=x.device) if return_logits else None
+    index, weight, r, logits = _outputs(x, down_w, out_w, return_logits)
     # [R] vectors go in their own dtype (the kernel loads them as fp32): no extra launches on the decode path
     tri.zaya_router_fwd(x, r_prev, _vec(gamma), down_w, _vec(down_b), _vec(norm_w), fc1_w, _vec(fc1_b), fc2_w,
                         _vec(fc2_b), out_w, balance_bias.contiguous(), eps, index, weight, r, logits)
@@ -167,11 +173,7 @@ def _hip_fwd(x, r_prev, gamma, down_w, down_b, norm_w, fc1_w, fc1_b, fc2_w, fc2_
     if x.dtype != down_w.dtype:
         raise ValueError(f"zaya::{_OP}: the HIP kernel needs x and the weights in one dtype, got x {x.dtype} and "
                          f"weights {down_w.dtype}; use the triton or reference backend")
-    t, c = x.shape[0], out_w.shape[0]
-    index = torch.empty(t, dtype=torch.int32, device=x.device)
-    weight = torch.empty(t, dtype=torch.float32, device=x.device)
-    r = torch.empty(t, down_w.shape[0], dtype=x.dtype, device=x.device)
-    logits = torch.empty(t, c, dtype=torch.float32, device=x.device) if return_logits else None
+    index, weight, r, logits = _outputs(x, down_w, out_w, return_logits)
     _C.zaya_router_decode(x, r_prev, _fp32(gamma), down_w, _fp32(down_b), _fp32(norm_w), fc1_w, _fp32(fc1_b), fc2_w,
                           _fp32(fc2_b), out_w, balance_bias.contiguous(), eps, index, weight, r, logits)
     return index, weight, r, logits
