@@ -125,11 +125,16 @@ def select(op: str, device_type: str, op_backends: tuple[str, ...], auto_order: 
         if why is not None:
             raise BackendUnavailableError(f"zaya::{op}: backend {req!r} requested but unavailable: {why}")
         choice = req
-    _last_backend[op] = choice
-    if os.environ.get("ZAYA_KERNELS_LOG", "0") == "1" and (op, choice, device_type) not in _logged:
-        _logged.add((op, choice, device_type))
-        print(f"[zaya_kernels] {op}: {choice} backend on {device_type}", file=sys.stderr)
+    note_ran(op, choice, device_type)
     return choice
+
+
+def note_ran(op: str, backend: str, device_type: str) -> None:
+    """Record (and with ZAYA_KERNELS_LOG=1 print, once per combination) which backend runs `op`."""
+    _last_backend[op] = backend
+    if os.environ.get("ZAYA_KERNELS_LOG", "0") == "1" and (op, backend, device_type) not in _logged:
+        _logged.add((op, backend, device_type))
+        print(f"[zaya_kernels] {op}: {backend} backend on {device_type}", file=sys.stderr)
 
 
 def last_backend(op: str) -> str | None:

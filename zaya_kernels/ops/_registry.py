@@ -21,6 +21,7 @@ class OpSpec:
     impls: dict[str, Callable]
     auto_order: tuple[str, ...]
     has_autograd: bool
+    reference_only: bool = False
 
 
 OPS: dict[str, OpSpec] = {}
@@ -42,20 +43,30 @@ def register_op(
     auto_order: tuple[str, ...] = ("hip", "triton"),
     backward: Callable | None = None,
     setup_context: Callable | None = None,
+    reference_only: bool = False,
 ) -> None:
     """Attach implementations, fake kernel and autograd to the C++-defined schema `zaya::<name>`.
 
     impls maps backend name ('reference', 'triton', 'hip') to a function with the op's signature. `validate` raises
     a ValueError/TypeError naming the bad argument; it runs before every backend and in the fake kernel.
+    reference_only: the op's one implementation is the reference, in torch ops that run on any device (small
+    controller updates, backwards built from torch GEMMs): it runs whatever backend is requested, and says so
+    (last_backend and `info` report "reference"), instead of failing a request for a kernel it does not have.
     """
     qualname = f"zaya::{name}"
     if "reference" not in impls:
         raise ValueError(f"{qualname}: every op needs a reference implementation")
+    if reference_only and set(impls) != {"reference"}:
+        raise ValueError(f"{qualname}: reference_only ops have the reference implementation only")
     op_backends = tuple(impls)
 
     def dispatching_kernel(*args):
         validate(*args)
-        choice = _backend.select(name, _device_type(args), op_backends, auto_order)
+        device_type = _device_type(args)
+        if reference_only:
+            _backend.note_ran(name, "reference", device_type)
+            return impls["reference"](*args)
+        choice = _backend.select(name, device_type, op_backends, auto_order)
         return impls[choice](*args)
 
     def validated_fake(*args):
@@ -66,13 +77,17 @@ def register_op(
     torch.library.register_fake(qualname, validated_fake)
     if backward is not None:
         torch.library.register_autograd(qualname, backward, setup_context=setup_context)
-    OPS[name] = OpSpec(name=name, impls=dict(impls), auto_order=auto_order, has_autograd=backward is not None)
+    OPS[name] = OpSpec(name=name, impls=dict(impls), auto_order=auto_order, has_autograd=backward is not None,
+                       reference_only=reference_only)
 
 
 def backend_table(device_type: str) -> list[tuple[str, str, str]]:
     """(op, backends it has, what would run now on `device_type`) for every registered op."""
     rows = []
     for spec in OPS.values():
+        if spec.reference_only:
+            rows.append((spec.name, "reference", "reference (its only implementation, torch ops on any device)"))
+            continue
         try:
             chosen = _backend.select(spec.name, device_type, tuple(spec.impls), spec.auto_order)
         except _backend.BackendUnavailableError as exc:

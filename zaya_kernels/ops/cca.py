@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 
-from zaya_kernels import backend as _backend
 from zaya_kernels.ops import _validate as check
 from zaya_kernels.ops._registry import register_op
 from zaya_kernels.reference import cca as ref
@@ -220,19 +219,17 @@ def _backward_fwd(ctx, grad_q, grad_k, grad_v, grad_conv, grad_value):
         inputs[slot] = tensor
     for slot, value in ctx.plain_args.items():
         inputs[slot] = value
-    # Only the reference backward exists: run it explicitly (on any device) rather than the forward's backend.
-    with _backend.use_backend("reference"):
-        grads = torch.ops.zaya.cca_prepare_backward(grad_q, grad_k, grad_v, grad_conv, grad_value, *inputs)
+    # The backward op is reference_only: it runs the reference (on any device) whatever backend is requested.
+    grads = torch.ops.zaya.cca_prepare_backward(grad_q, grad_k, grad_v, grad_conv, grad_value, *inputs)
     return tuple(grads) + (None,) * (_NUM_FWD_INPUTS - _NUM_DIFFERENTIABLE)
 
 
 register_op(_OP, impls={"reference": ref.cca_prepare, "triton": _triton_fwd}, fake=_fake_fwd, validate=_validate_fwd,
             auto_order=("triton",), backward=_backward_fwd, setup_context=_setup_fwd)
-# There is no Triton backward kernel: the backward op's "triton" entry is the reference (autograd through the
-# pure-PyTorch forward, on the tensors' device). It exists because a compiled graph replays the backward outside
-# the `use_backend("reference")` block above, under whatever backend the caller requested for the forward.
-register_op(_OP + "_backward", impls={"reference": ref.cca_prepare_backward, "triton": ref.cca_prepare_backward},
-            fake=_fake_bwd, validate=_validate_bwd, auto_order=("reference",))
+# There is no Triton backward kernel: the backward is autograd through the pure-PyTorch forward, on the tensors'
+# device, whatever backend is requested (a compiled graph replays it outside any use_backend block).
+register_op(_OP + "_backward", impls={"reference": ref.cca_prepare_backward}, fake=_fake_bwd, validate=_validate_bwd,
+            reference_only=True)
 register_op(_DECODE_OP, impls={"reference": ref.cca_prepare_decode, "triton": _triton_decode}, fake=_fake_decode,
             validate=_validate_decode, auto_order=("triton",))
 

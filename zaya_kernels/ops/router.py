@@ -9,18 +9,16 @@ Ops (schemas in csrc/zaya_ops.cpp, "router family"):
 Backends:
   zaya_router: reference (zaya_kernels.reference.router), triton (zaya_kernels.triton.router; one launch, R <= 512;
     decode launches split the down projection over H), hip (kernels/router.cuh via csrc/router.cu: one block per
-    token, built for decode, T <= 64; needs a GPU build of the extension). `auto` on a GPU picks triton; the hip kernel runs when asked for (ZAYA_KERNELS_BACKEND=hip)
-    until it has been timed against the Triton one on a GPU.
-  zaya_router_backward: the reference's explicit chain rule only (dense torch GEMMs, which run on any device). It is
-    registered with auto_order=("reference",), so `auto` picks it on GPUs too, and the forward's autograd calls it
-    under `auto` whatever backend ran the forward; last_backend("zaya_router_backward") reports "reference".
-  router_balance_update: reference only (a few [E+1]-element torch ops on the bias's device), also auto everywhere.
+    token, built for decode, T <= 64; needs a GPU build of the extension). `auto` on a GPU picks triton; the hip
+    kernel runs when asked for (ZAYA_KERNELS_BACKEND=hip) until it has been timed against the Triton one on a GPU.
+  zaya_router_backward: the reference's explicit chain rule only (dense torch GEMMs, which run on any device),
+    registered reference_only: it runs whatever backend is requested and last_backend reports "reference".
+  router_balance_update: reference_only too (a few [E+1]-element torch ops on the bias's device).
 """
 from __future__ import annotations
 
 import torch
 
-from zaya_kernels import backend as _backend
 from zaya_kernels.ops import _validate as check
 from zaya_kernels.ops._registry import register_op
 from zaya_kernels.reference import router as ref
@@ -186,8 +184,6 @@ _DIFF_INPUTS = 11  # x, r_prev, gamma, down_w, down_b, norm_w, fc1_w, fc1_b, fc2
 def _setup_fwd(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:_DIFF_INPUTS], output[0])
     ctx.eps = inputs[12]
-    # The backward has one implementation (see the module docstring); `auto` selects it on every device.
-    ctx.backend = "reference" if _backend.requested_backend() == "reference" else "auto"
     ctx.mark_non_differentiable(output[0])
 
 
@@ -196,19 +192,18 @@ def _backward_fwd(ctx, grad_index, grad_weight, grad_r, grad_logits):
     x = inputs[0]
     if grad_weight is None:
         grad_weight = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
-    with _backend.use_backend(ctx.backend):
-        grads = torch.ops.zaya.zaya_router_backward(
-            grad_weight.contiguous(), None if grad_r is None else grad_r.contiguous(),
-            None if grad_logits is None else grad_logits.contiguous(), index, *inputs, ctx.eps)
+    grads = torch.ops.zaya.zaya_router_backward(  # reference_only: the same code whatever backend is requested
+        grad_weight.contiguous(), None if grad_r is None else grad_r.contiguous(),
+        None if grad_logits is None else grad_logits.contiguous(), index, *inputs, ctx.eps)
     return tuple(None if g is None else g.to(inp.dtype) for g, inp in zip(grads, inputs)) + (None, None, None)
 
 
 register_op(_OP, impls={"reference": ref.zaya_router, "triton": _triton_fwd, "hip": _hip_fwd},
             auto_order=("triton", "hip"),
             fake=_fake_fwd, validate=_validate_fwd, backward=_backward_fwd, setup_context=_setup_fwd)
-register_op(_BWD, impls={"reference": ref.zaya_router_backward}, auto_order=("reference",),
+register_op(_BWD, impls={"reference": ref.zaya_router_backward}, reference_only=True,
             fake=_fake_bwd, validate=_validate_bwd)
-register_op(_BAL, impls={"reference": ref.router_balance_update}, auto_order=("reference",),
+register_op(_BAL, impls={"reference": ref.router_balance_update}, reference_only=True,
             fake=_fake_balance, validate=_validate_balance)
 
 
