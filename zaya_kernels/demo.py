@@ -129,16 +129,17 @@ def _tiny_config():
 
 
 class _Progress:
-    """A generate() streamer that draws a progress bar of generated tokens."""
+    """A generate() streamer that draws a progress bar and timestamps every generated token."""
 
     def __init__(self, total, label):
-        self.total, self.label, self.count, self.started = total, label, -1, False
+        self.total, self.label, self.count, self.stamps = total, label, -1, []
 
     def put(self, value):
+        self.stamps.append(time.perf_counter())
         self.count += 1  # the first put is the prompt
         if self.count > 0:
             done = int(30 * self.count / self.total)
-            print(f"\r  {self.label:<11} [{'#' * done}{'.' * (30 - done)}] {self.count}/{self.total} tokens",
+            print(f"\r  {self.label:<12} [{'#' * done}{'.' * (30 - done)}] {self.count}/{self.total} tokens",
                   end="", flush=True)
 
     def end(self):
@@ -146,22 +147,23 @@ class _Progress:
 
 
 def _generate(model, ids, new_tokens, device, label):
-    """(prefill logits of the last position, generated tokens, prefill seconds, decode seconds per step)."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    """(last-position prefill logits, generated tokens, prefill seconds, median seconds per decode step).
+
+    Prefill = generate() start to the first new token; decode = the median gap between later tokens (streamer
+    timestamps: generate() synchronises every step for its stopping criteria).
+    """
     with torch.no_grad():
-        model(input_ids=ids)  # warm-up (kernel compilation, allocator)
-        sync()
-        start = time.perf_counter()
-        logits = model(input_ids=ids).logits[:, -1].float()
-        sync()
-        prefill = time.perf_counter() - start
+        logits = model(input_ids=ids).logits[:, -1].float()  # also the warm-up (kernel compilation, allocator)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        progress = _Progress(new_tokens, label)
         start = time.perf_counter()
         out = model.generate(input_ids=ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             streamer=_Progress(new_tokens, label))
-        sync()
-        total = time.perf_counter() - start
-    decode = max(total - prefill, 1e-9) / max(new_tokens - 1, 1)
-    return logits, out[:, ids.shape[1]:], prefill, decode
+                             streamer=progress)
+    stamps = progress.stamps[1:]  # drop the prompt's put
+    prefill = stamps[0] - start
+    gaps = sorted(b - a for a, b in zip(stamps, stamps[1:])) or [prefill]
+    return logits, out[:, ids.shape[1]:], prefill, gaps[len(gaps) // 2]
 
 
 def run_model_demo(model_path=None, new_tokens=None, batch=1) -> int:
