@@ -78,12 +78,14 @@ def moe_block_forward(block, hidden_states, prev_router_hidden_states=None):
     return y.view(batch, seq, hidden), router_state.view(batch, seq, -1)
 
 
-def attention_forward(attn, hidden_states, position_ids, attention_mask, cache, config, **kwargs):
+def attention_forward(attn, hidden_states, position_ids, attention_mask, cache, config, batch_layout, **kwargs):
     """ZayaAttention.forward with the CCA projection (convolutions, mean coupling, value shift, QK norm, partial
     RoPE) as one `zaya::cca_prepare` op; transformers' cache objects keep the conv, value and KV states, and its
     attention interface (eager / sdpa / flash, with the causal or sliding-window mask) does the attention.
 
-    hidden_states [B, S, H] (RMSNorm1 output); position_ids [1 or B, S]; returns (attn_out [B, S, H], None).
+    hidden_states [B, S, H] (RMSNorm1 output); position_ids [1 or B, S]; batch_layout: (cu_seqlens int32 [B+1] of
+    B rows of S tokens, ones int32 [B]), made once per forward and shared by every layer; returns
+    (attn_out [B, S, H], None).
     """
     mz = _zaya_classes()
     proj = attn.qkv_proj
@@ -98,16 +100,16 @@ def attention_forward(attn, hidden_states, position_ids, attention_mask, cache, 
     value_state = cache.get_recurrent_state(attn.layer_idx, state_idx=0) if cache is not None else None
     rope = config.rope_parameters[attn.layer_type]
     rotary_dim = int(attn.head_dim * rope.get("partial_rotary_factor", 1.0))
+    cu_seqlens, every_row = batch_layout
     has_state = None
     if conv_state is not None:
-        has_state = torch.ones(batch, dtype=torch.int32, device=qk.device)
+        has_state = every_row
         if value_state is None:
             value_state = torch.zeros(batch, v_delayed.shape[-1], dtype=qk.dtype, device=qk.device)
     q, k, v, final_conv, final_value = zaya_ops.cca_prepare(
         qk.contiguous(), v_current.contiguous(), v_delayed.contiguous(), proj.conv_qk_depthwise.weight.squeeze(1),
         proj.conv_qk_depthwise.bias, proj.conv_qk_grouped.weight, proj.conv_qk_grouped.bias, attn.qk_norm.temp,
-        position_ids.expand(batch, seq).reshape(-1).contiguous(),
-        torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=qk.device),
+        position_ids.expand(batch, seq).reshape(-1).contiguous(), cu_seqlens,
         config.num_attention_heads, config.num_key_value_heads, rotary_dim, float(rope["rope_theta"]),
         None if conv_state is None else conv_state.contiguous(),
         None if value_state is None else value_state.contiguous(), has_state)
@@ -163,12 +165,14 @@ def model_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
             _norm_eps(first_norm))
         residual, normed = residual.view(batch, seq, hidden), normed.view(batch, seq, hidden)
         router_state = None
+        batch_layout = (torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=inputs_embeds.device),
+                        torch.ones(batch, dtype=torch.int32, device=inputs_embeds.device))
         for idx, layer in enumerate(layers):
             kind = self.config.layer_types[idx]
             layer_masks = {"causal": mask_mapping[kind], "conv": mask_mapping.get("conv")}
             if self._zaya_cca:
                 attn_out, _ = attention_forward(layer.self_attn, normed, position_ids, layer_masks, cache,
-                                                self.config, **kwargs)
+                                                self.config, batch_layout, **kwargs)
             else:
                 attn_out, _ = layer.self_attn(hidden_states=normed, attention_mask=layer_masks, cache=cache,
                                               position_embeddings=position_embeddings[kind], **kwargs)
