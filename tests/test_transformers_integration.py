@@ -19,13 +19,13 @@ CONFIGS = {
 }
 
 
-def tiny_model(name, seed=0, layers=3):
+def tiny_model(name, seed=0, layers=3, **overrides):
     """A random tiny ZAYA model with every ZAYA-specific parameter away from its init value and the skip class
-    reachable (its balancing bias raised for half of the layers)."""
+    reachable (its balancing bias raised for half of the layers); overrides: more ZayaConfig arguments."""
     torch.manual_seed(seed)
     cfg = ZayaConfig(vocab_size=97, hidden_size=48, num_hidden_layers=layers, moe_intermediate_size=40,
                      max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2,
-                     initializer_range=0.2, **CONFIGS[name])
+                     initializer_range=0.2, **{**CONFIGS[name], **overrides})
     model = ZayaForCausalLM(cfg).eval()
     with torch.no_grad():
         for pname, p in model.named_parameters():

@@ -209,6 +209,8 @@ def kernelize(model, backend: str = "auto", cca: bool = True):
 def update_balancing_biases(model, *, mode: str = "adamw", include_skip: bool = True, group=None, **controller):
     """One balancing step per layer from the expert choices of the training forwards since the last call.
 
+    model: a kernelize'd transformers ZAYA model, or a zaya_kernels.modules ZayaForCausalLM / ZayaModel.
+
     mode, include_skip, group and the controller settings (lr, betas, eps for "adamw"; kp, ki, kd for "pid") are
     those of `zaya_kernels.ops.router_balance_update`; each router keeps its controller state between calls.
     Returns the per-layer loads fp32 [layers, E+1] (fraction of tokens per class), or None if no training forward
@@ -216,8 +218,7 @@ def update_balancing_biases(model, *, mode: str = "adamw", include_skip: bool = 
     """
     from zaya_kernels.ops import new_balance_state, router_balance_update
 
-    mz = _zaya_classes()
-    base = model.model if isinstance(model, mz.ZayaForCausalLM) else model
+    base = model.model if hasattr(model, "lm_head") else model  # a causal LM (transformers' or zaya_kernels.modules')
     loads = []
     for layer in base.layers:
         chosen = getattr(layer.mlp, "_zaya_expert_index", None)

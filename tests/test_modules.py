@@ -1,0 +1,127 @@
+"""zaya_kernels.modules: a ZAYA model built from the zaya ops loads transformers' state dict unchanged and gives the
+transformers model's logits, greedy tokens and gradients; its cache paths (decode, chunked prefill, packed varlen)
+equal a plain prefill."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import assert_close
+from zaya_kernels.backend import use_backend
+from zaya_kernels.integrations.transformers import update_balancing_biases
+from zaya_kernels.modules import ZayaCache, ZayaForCausalLM
+
+pytest.importorskip("transformers", reason="the module parity tests need transformers >= 5.8")
+from test_transformers_integration import CONFIGS, relative_error, tiny_model  # noqa: E402
+
+SLIDING = dict(layer_types=["hybrid", "hybrid_sliding", "hybrid"], sliding_window=4)
+
+
+def pair(name, seed=0):
+    """(transformers model, zaya_kernels.modules model with the same state dict), fp32, eval mode. "sliding" is the
+    gqa2 configuration with a sliding-window middle layer."""
+    hf = tiny_model("gqa2", seed, **SLIDING) if name == "sliding" else tiny_model(name, seed)
+    hf.config._attn_implementation = "eager"
+    ours = ZayaForCausalLM(hf.config).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    return hf, ours
+
+
+def random_ids(batch, seq, seed=3):
+    return torch.randint(3, 97, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def test_state_dict_names_equal_transformers():
+    hf, ours = pair("gqa2")
+    assert sorted(ours.state_dict()) == sorted(hf.state_dict())
+    for key, value in hf.state_dict().items():
+        assert ours.state_dict()[key].shape == value.shape, key
+
+
+@pytest.mark.parametrize("backend,name", [("reference", "gqa2"), ("reference", "mha"), ("reference", "gqa4-odd"),
+                                          ("reference", "sliding"), ("triton", "gqa2"), ("triton", "sliding")])
+def test_logits_and_greedy_tokens_match_transformers(backend, name):
+    hf, ours = pair(name)
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        expected = hf(ids).logits
+        expected_tokens = hf.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
+        with use_backend(backend):
+            logits = ours(ids)
+            tokens = ours.generate(ids, 5)
+    assert relative_error(logits, expected) < 5e-5
+    assert torch.equal(tokens, expected_tokens)
+
+
+@pytest.mark.parametrize("backend,name", [("reference", "gqa4-odd"), ("reference", "sliding"), ("triton", "mha")])
+def test_decode_token_by_token_equals_prefill(backend, name):
+    _, ours = pair(name)
+    ids = random_ids(3, 7)
+    with torch.no_grad(), use_backend(backend):
+        full = ours(ids)
+        cache = ours.new_cache(3, 8)
+        steps = [ours(ids[:, t:t + 1], cache=cache) for t in range(ids.shape[1])]
+    assert cache.lengths == [7, 7, 7]
+    assert_close(torch.cat(steps, dim=1), full, scale=4.0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_packed_varlen_and_chunked_prefill_equal_whole_sequences(backend):
+    _, ours = pair("gqa2")
+    lens = [5, 1, 8]
+    seqs = [random_ids(1, n, seed=10 + i)[0] for i, n in enumerate(lens)]
+    with torch.no_grad(), use_backend(backend):
+        whole = [ours(s[None])[0] for s in seqs]
+        packed = ours(torch.cat(seqs), seq_lens=lens)
+        # uneven chunks (one attention launch per sequence), then equal chunks (one launch), then decode
+        cache = ours.new_cache(3, 8)
+        first = [2, 1, 3]
+        chunk1 = ours(torch.cat([s[:n] for s, n in zip(seqs, first)]), seq_lens=first, cache=cache)
+        chunk2 = ours(torch.cat([seqs[0][2:4], seqs[2][3:5]]), seq_lens=[2, 0, 2], cache=cache)
+        assert cache.lengths == [4, 1, 5]
+        rest = ours(torch.cat([seqs[0][4:5], seqs[2][5:6]]), seq_lens=[1, 0, 1], cache=cache)
+    assert_close(packed, torch.cat(whole), scale=4.0)
+    assert_close(chunk1, torch.cat([w[:n] for w, n in zip(whole, first)]), scale=4.0)
+    assert_close(chunk2, torch.cat([whole[0][2:4], whole[2][3:5]]), scale=4.0)
+    assert_close(rest, torch.cat([whole[0][4:5], whole[2][5:6]]), scale=4.0)
+
+
+def test_training_loss_gradients_and_balancing_match_transformers():
+    hf, ours = pair("gqa2")
+    hf.train()
+    ours.train()
+    ids = random_ids(2, 8)
+    labels = ids.roll(-1, dims=1)
+    expected_loss = torch.nn.functional.cross_entropy(hf(ids).logits.flatten(0, 1), labels.flatten())
+    expected_loss.backward()
+    with use_backend("reference"):
+        loss = torch.nn.functional.cross_entropy(ours(ids).flatten(0, 1), labels.flatten())
+        loss.backward()
+    assert abs(loss.item() - expected_loss.item()) < 5e-5 * abs(expected_loss.item())
+    hf_params = dict(hf.named_parameters())
+    for name, param in ours.named_parameters():
+        expected = hf_params[name].grad
+        assert param.grad is not None, name
+        # fp32 sums over every token and feature that reach the parameter, in a different order than transformers
+        assert_close(param.grad, expected, reduction=4096, what=name)
+    before = ours.model.layers[0].mlp.gate.balancing_biases.clone()
+    loads = update_balancing_biases(ours, mode="adamw", lr=0.1)
+    assert loads.shape == (3, hf.config.num_experts + 1)
+    assert_close(loads.sum(-1), torch.ones(3))
+    assert not torch.equal(ours.model.layers[0].mlp.gate.balancing_biases, before)
+
+
+def test_cache_and_input_errors():
+    _, ours = pair("gqa2")
+    ids = random_ids(2, 6)
+    with pytest.raises(ValueError, match="exceed the cache capacity"):
+        ours(ids, cache=ours.new_cache(2, 5))
+    with pytest.raises(ValueError, match="holds 3 sequences"):
+        ours(ids, cache=ours.new_cache(3, 8))
+    with pytest.raises(ValueError, match="seq_lens summing to T"):
+        ours(ids.flatten(), seq_lens=[5, 5])
+    with pytest.raises(ValueError, match="positive"):
+        ZayaCache(ours.config, 0, 4)
+    config = ours.config.__class__(**{**ours.config.to_dict(), "hidden_act": "gelu"})
+    with pytest.raises(ValueError, match="SiLU"):
+        ZayaForCausalLM(config)

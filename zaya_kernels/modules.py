@@ -1,0 +1,492 @@
+"""ZAYA1 building blocks on torch.ops.zaya: a decoder layer and a causal LM that load transformers' state dicts.
+
+Every module here keeps transformers' parameter names and shapes (`transformers.models.zaya.modeling_zaya`), so
+`module.load_state_dict(hf_model.state_dict())` (or `zaya_kernels.checkpoint.load_checkpoint`) works unchanged, and
+takes a transformers `ZayaConfig` (or any object with the same attributes). Tokens are packed: activations are
+[T, H] for the T tokens of B sequences laid out one after the other (`cu_seqlens` [B+1] marks the boundaries).
+
+    embeddings -> (x + b_in) * s_in = R_0 ---------------------------------------------------- residual stream (fp32)
+    per layer:  RMSNorm1 -> CCAAttention -> ResidualScaleNorm (+ RMSNorm2) -> ZayaMoE (router + experts)
+                -> ResidualScaleNorm (+ the next layer's RMSNorm1, or the final norm)
+    final norm -> lm_head
+
+The ops that run (backend chosen by `zaya_kernels.backend`: auto, triton, hip or reference):
+- `CCAAttention`: q/k/v linear layers (torch), `zaya::cca_prepare` (prefill, a chunk of a chunked prefill) or
+  `zaya::cca_prepare_decode` (one token per sequence), then `zaya::cca_attention` (fresh sequences) or
+  `zaya::cca_attention_decode` over the KV cache (decode, chunks), then o_proj (torch);
+- `ZayaMoE`: `zaya::zaya_router` then `zaya::moe_dispatch` + `zaya::moe_experts` (skip class: zero output);
+- `ResidualScaleNorm`: `zaya::residual_scale_rmsnorm`, every residual update fused with the norm after it;
+  `RMSNorm`: `zaya::rmsnorm`.
+
+Inference state lives in a `ZayaCache` (per layer: the conv state [B, C, k0+k1-2] and value state [B, n_kv D / 2]
+in fp32, and a contiguous KV cache [B, S_max, n_kv, D]; slot b belongs to sequence b). Sequence lengths are
+tracked on the host from the input shapes, so a forward never reads device values.
+
+Training: the modules are differentiable through the ops' autograd (no cache); the expert choices of training
+forwards feed `zaya_kernels.integrations.transformers.update_balancing_biases(model)`, which works on these
+modules too (same attribute names).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from zaya_kernels import ops as zaya_ops
+
+
+# ---------------------------------------------------------------- norms and residual scaling
+class RMSNorm(nn.Module):
+    """transformers' ZayaRMSNorm: weight * RMSNorm(x.to(weight.dtype)). Parameter: weight [H]."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] any float dtype -> [T, H] weight's dtype."""
+        return zaya_ops.rmsnorm(x.contiguous(), self.weight, self.variance_epsilon, out_dtype=self.weight.dtype)
+
+
+class ResidualScaleNorm(nn.Module):
+    """ZAYA's learned residual scaling (transformers' ZayaResidualScaling parameters), fused with the next norm.
+
+        R'     = (branch + hidden_states_bias) * hidden_states_scale + (R + residual_bias) * residual_scale
+        normed = norm(R')            (norm: the RMSNorm that follows this update in the model)
+
+    Parameters: hidden_states_scale, hidden_states_bias, residual_scale, residual_bias, each [H].
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.hidden_states_scale = nn.Parameter(torch.ones(hidden_size))
+        self.hidden_states_bias = nn.Parameter(torch.zeros(hidden_size))
+        self.residual_scale = nn.Parameter(torch.ones(hidden_size))
+        self.residual_bias = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, branch: torch.Tensor, residual: torch.Tensor, norm: RMSNorm):
+        """branch [T, H] (attention or MoE output), residual [T, H] fp32 -> (R' [T, H] fp32, normed [T, H] in the
+        norm weight's dtype)."""
+        return zaya_ops.residual_scale_rmsnorm(
+            branch.to(norm.weight.dtype).contiguous(), residual.contiguous(), self.hidden_states_scale,
+            self.hidden_states_bias, self.residual_scale, self.residual_bias, norm.weight, norm.variance_epsilon)
+
+
+# ---------------------------------------------------------------- batch layout and cache
+@dataclass
+class ForwardBatch:
+    """Where the T tokens of one forward sit: built once per forward (host lists in, device tensors out) and
+    shared by every layer.
+
+    new_lens / start_lens : per sequence, tokens in this forward / tokens already in the cache before it (host ints)
+    cu_seqlens : [B+1] int32, boundaries of the packed new tokens
+    positions : [T] int32, position of every token in its sequence (start_lens[b] + i)
+    seq_lens_after : [B] int32, cached tokens per sequence after this forward (None without a cache)
+    cache_rows : [T] int64, row of each token in a [B * S_max] view of the KV cache (None without a cache)
+    """
+
+    new_lens: list
+    start_lens: list
+    cu_seqlens: torch.Tensor
+    positions: torch.Tensor
+    seq_lens_after: torch.Tensor | None
+    cache_rows: torch.Tensor | None
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.new_lens)
+
+    @property
+    def max_new(self) -> int:
+        return max(self.new_lens, default=0)
+
+    @property
+    def max_total(self) -> int:
+        return max((s + n for s, n in zip(self.start_lens, self.new_lens)), default=0)
+
+    @property
+    def fresh(self) -> bool:
+        """No sequence has cached tokens: plain varlen prefill."""
+        return not any(self.start_lens)
+
+    @property
+    def decode(self) -> bool:
+        """Exactly one new token per sequence."""
+        return all(n == 1 for n in self.new_lens)
+
+    @staticmethod
+    def build(new_lens, device, cache: "ZayaCache | None" = None) -> "ForwardBatch":
+        new_lens = [int(n) for n in new_lens]
+        if any(n < 0 for n in new_lens):
+            raise ValueError(f"zaya modules: sequence lengths must be >= 0, got {new_lens}")
+        start_lens = list(cache.lengths) if cache is not None else [0] * len(new_lens)
+        if cache is not None:
+            if len(new_lens) != cache.batch_size:
+                raise ValueError(f"zaya modules: the cache holds {cache.batch_size} sequences, the input has "
+                                 f"{len(new_lens)}")
+            too_long = [b for b, (s, n) in enumerate(zip(start_lens, new_lens)) if s + n > cache.max_seq_len]
+            if too_long:
+                raise ValueError(f"zaya modules: sequences {too_long} would exceed the cache capacity "
+                                 f"{cache.max_seq_len}")
+        bounds = [0]
+        positions, rows = [], []
+        for b, (start, n) in enumerate(zip(start_lens, new_lens)):
+            bounds.append(bounds[-1] + n)
+            positions.extend(range(start, start + n))
+            if cache is not None:
+                rows.extend(range(b * cache.max_seq_len + start, b * cache.max_seq_len + start + n))
+
+        def tensor(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+        return ForwardBatch(
+            new_lens=new_lens, start_lens=start_lens, cu_seqlens=tensor(bounds, torch.int32),
+            positions=tensor(positions, torch.int32),
+            seq_lens_after=None if cache is None else tensor([s + n for s, n in zip(start_lens, new_lens)],
+                                                             torch.int32),
+            cache_rows=None if cache is None else tensor(rows, torch.int64))
+
+
+class ZayaCache:
+    """Inference state of a batch of B sequences for `ZayaForCausalLM` / `ZayaModel` of these modules.
+
+    Per layer: conv_state [B, C, k0+k1-2] and value_state [B, n_kv * D / 2] (state_dtype, default fp32),
+    k_cache / v_cache [B, max_seq_len, n_kv, D] (the activation dtype). `lengths` holds the cached tokens of every
+    sequence on the host. Slot b is sequence b of every forward.
+    """
+
+    def __init__(self, config, batch_size: int, max_seq_len: int, device=None, dtype=torch.float32,
+                 state_dtype=torch.float32):
+        if batch_size < 1 or max_seq_len < 1:
+            raise ValueError(f"ZayaCache: batch_size and max_seq_len must be positive, got {batch_size}, "
+                             f"{max_seq_len}")
+        heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        channels = (heads + kv_heads) * head_dim
+        state_len = config.cca_time0 + config.cca_time1 - 2
+        self.batch_size, self.max_seq_len = batch_size, max_seq_len
+        self.lengths = [0] * batch_size
+        layers = config.num_hidden_layers
+        self.conv_state = [torch.zeros(batch_size, channels, state_len, dtype=state_dtype, device=device)
+                           for _ in range(layers)]
+        self.value_state = [torch.zeros(batch_size, kv_heads * head_dim // 2, dtype=state_dtype, device=device)
+                            for _ in range(layers)]
+        self.k_cache = [torch.zeros(batch_size, max_seq_len, kv_heads, head_dim, dtype=dtype, device=device)
+                        for _ in range(layers)]
+        self.v_cache = [torch.zeros_like(k) for k in self.k_cache]
+
+    def advance(self, batch: ForwardBatch) -> None:
+        """Record the tokens of a finished forward."""
+        self.lengths = [s + n for s, n in zip(batch.start_lens, batch.new_lens)]
+
+
+# ---------------------------------------------------------------- attention
+class CCAProjection(nn.Module):
+    """transformers' ZayaCCAProjection parameters: q_proj [n_q D, H], k_proj [n_kv D, H], v_proj_current and
+    v_proj_delayed [n_kv D / 2, H] (biases with config.attention_bias), conv_qk_depthwise (Conv1d weight [C, 1, k0],
+    bias [C]) and conv_qk_grouped (weight [C, D, k1], bias [C]), C = (n_q + n_kv) D. The computation is in
+    `CCAAttention` (one zaya op for the convolutions, coupling, value shift, norm and RoPE)."""
+
+    def __init__(self, config):
+        super().__init__()
+        hidden, head_dim = config.hidden_size, config.head_dim
+        q_size, kv_size = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(hidden, q_size, bias=bias)
+        self.k_proj = nn.Linear(hidden, kv_size, bias=bias)
+        self.v_proj_current = nn.Linear(hidden, kv_size // 2, bias=bias)
+        self.v_proj_delayed = nn.Linear(hidden, kv_size // 2, bias=bias)
+        channels = q_size + kv_size
+        self.conv_qk_depthwise = nn.Conv1d(channels, channels, config.cca_time0, groups=channels)
+        self.conv_qk_grouped = nn.Conv1d(channels, channels, config.cca_time1,
+                                         groups=config.num_attention_heads + config.num_key_value_heads)
+
+
+class QKNorm(nn.Module):
+    """transformers' ZayaQKNorm parameter: temp [n_kv], the linear key temperature."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.temp = nn.Parameter(torch.zeros(config.num_key_value_heads))
+
+
+class CCAAttention(nn.Module):
+    """Compressed Convolutional Attention of one layer (DESIGN.md 1.1), transformers' ZayaAttention parameters
+    (qkv_proj.*, qk_norm.temp, o_proj).
+
+    forward(x [T, H], batch, cache) -> [T, H]:
+        Q0 = x Wq^T, K0 = x Wk^T, Vc = x Wvc^T, Vd = x Wvd^T                                (torch linear layers)
+        q [T, n_q, D], k, v [T, n_kv, D] = CCA preparation (convolutions with the conv state, coupling, value
+            shift with the value state, QK norm with temperature, partial NeoX RoPE at batch.positions)
+        o = causal GQA softmax attention (scale 1/sqrt(D), sliding window on "hybrid_sliding" layers) over the
+            sequence's cached and new keys;   out = o Wo^T
+    """
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        layer_type = config.layer_types[layer_idx]
+        rope = config.rope_parameters[layer_type]
+        self.rotary_dim = int(self.head_dim * rope.get("partial_rotary_factor", 1.0))
+        self.rope_theta = float(rope["rope_theta"])
+        sliding = layer_type == "hybrid_sliding" and config.sliding_window
+        self.window = int(config.sliding_window) if sliding else -1
+        self.qkv_proj = CCAProjection(config)
+        self.qk_norm = QKNorm(config)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+
+    def _conv_args(self):
+        proj = self.qkv_proj
+        return (proj.conv_qk_depthwise.weight.squeeze(1), proj.conv_qk_depthwise.bias, proj.conv_qk_grouped.weight,
+                proj.conv_qk_grouped.bias, self.qk_norm.temp)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: ZayaCache | None = None) -> torch.Tensor:
+        proj = self.qkv_proj
+        qk = torch.cat([proj.q_proj(x), proj.k_proj(x)], dim=-1).contiguous()
+        v_current, v_delayed = proj.v_proj_current(x).contiguous(), proj.v_proj_delayed(x).contiguous()
+        heads = (self.num_heads, self.num_kv_heads, self.rotary_dim, self.rope_theta)
+        layer = self.layer_idx
+        if cache is not None and batch.decode:
+            # one token per sequence: states read and updated in place, slot b = sequence b
+            slots = torch.arange(batch.num_seqs, dtype=torch.int32, device=x.device)
+            q, k, v = zaya_ops.cca_prepare_decode(qk, v_current, v_delayed, *self._conv_args(), batch.positions,
+                                                  cache.conv_state[layer], cache.value_state[layer], slots, *heads)
+        else:
+            states = ()
+            if cache is not None:
+                has_state = torch.tensor([s > 0 for s in batch.start_lens], dtype=torch.int32).to(x.device)
+                states = (cache.conv_state[layer], cache.value_state[layer], has_state)
+            q, k, v, final_conv, final_value = zaya_ops.cca_prepare(
+                qk, v_current, v_delayed, *self._conv_args(), batch.positions, batch.cu_seqlens, *heads, *states)
+            if cache is not None:
+                cache.conv_state[layer].copy_(final_conv)
+                cache.value_state[layer].copy_(final_value)
+        if cache is None or batch.fresh:
+            out = zaya_ops.cca_attention(q, k, v, batch.cu_seqlens, batch.max_new, window=self.window)
+        if cache is not None:
+            k_cache, v_cache = cache.k_cache[layer], cache.v_cache[layer]
+            k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, batch.cache_rows, k.to(k_cache.dtype))
+            v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, batch.cache_rows, v.to(v_cache.dtype))
+            if not batch.fresh:
+                out = self._attend_cache(q, k_cache, v_cache, batch)
+        return self.o_proj(out.reshape(x.shape[0], -1).to(x.dtype))
+
+    def _attend_cache(self, q, k_cache, v_cache, batch: ForwardBatch) -> torch.Tensor:
+        """Attention of new tokens over their cached sequences (their own K/V already written)."""
+        lens = batch.new_lens
+        if batch.decode or len(set(lens)) == 1:  # Q tokens per sequence: one launch (speculative-decoding form)
+            queries = q if batch.decode else q.view(batch.num_seqs, lens[0], *q.shape[1:])
+            out = zaya_ops.cca_attention_decode(queries, k_cache, v_cache, batch.seq_lens_after, window=self.window,
+                                                max_seqlen=batch.max_total)
+            return out.reshape(q.shape)
+        # chunks of different lengths: one launch per sequence that has new tokens
+        outs = []
+        for b, (start, n) in enumerate(zip(batch.start_lens, lens)):
+            if n == 0:
+                continue
+            first = sum(lens[:b])
+            outs.append(zaya_ops.cca_attention_decode(
+                q[None, first:first + n], k_cache[b:b + 1], v_cache[b:b + 1], batch.seq_lens_after[b:b + 1],
+                window=self.window, max_seqlen=start + n)[0])
+        return torch.cat(outs) if outs else q.new_zeros(q.shape)
+
+
+# ---------------------------------------------------------------- router and experts
+class RouterMLP(nn.Module):
+    """transformers' ZayaRouterMLP parameters: norm.weight [R], fc1 / fc2 [R, R] (+ bias), out_proj [E+1, R]."""
+
+    def __init__(self, router_hidden: int, num_classes: int, eps: float):
+        super().__init__()
+        self.norm = RMSNorm(router_hidden, eps)
+        self.fc1 = nn.Linear(router_hidden, router_hidden)
+        self.fc2 = nn.Linear(router_hidden, router_hidden)
+        self.out_proj = nn.Linear(router_hidden, num_classes, bias=False)
+
+
+class ZayaRouter(nn.Module):
+    """The ZAYA router of one layer (DESIGN.md 1.3), transformers' ZayaRouter parameters: down_proj [R, H] (+ bias),
+    router_states_scale [R] (layers > 0: EDA), router_mlp.*, and the buffer balancing_biases fp32 [E+1].
+
+    forward(x [T, H], r_prev [T, R] or None) -> (expert_index int32 [T] (E = skip), routing_weight fp32 [T],
+    r [T, R] for the next layer): one `zaya::zaya_router` op.
+    """
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.num_experts = config.num_experts
+        router_hidden = config.router_hidden_size
+        self.down_proj = nn.Linear(config.hidden_size, router_hidden)
+        self.use_eda = layer_idx != 0
+        if self.use_eda:
+            self.router_states_scale = nn.Parameter(torch.ones(router_hidden))
+        self.router_mlp = RouterMLP(router_hidden, config.num_experts + 1, config.rms_norm_eps)
+        self.register_buffer("balancing_biases", torch.zeros(config.num_experts + 1, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, r_prev: torch.Tensor | None = None):
+        mlp = self.router_mlp
+        eda = self.use_eda and r_prev is not None
+        index, weight, r, _ = zaya_ops.zaya_router(
+            x.contiguous(), r_prev.contiguous() if eda else None, self.router_states_scale if eda else None,
+            self.down_proj.weight, self.down_proj.bias, mlp.norm.weight, mlp.fc1.weight, mlp.fc1.bias,
+            mlp.fc2.weight, mlp.fc2.bias, mlp.out_proj.weight, self.balancing_biases, mlp.norm.variance_epsilon)
+        return index, weight, r
+
+
+class Experts(nn.Module):
+    """transformers' ZayaExperts parameters: gate_up_proj [E, 2I, H] (gate rows then up rows), down_proj [E, H, I]."""
+
+    def __init__(self, config):
+        super().__init__()
+        if config.hidden_act != "silu":
+            raise ValueError(f"zaya modules: the expert kernels implement SiLU (SwiGLU) experts, the config asks for "
+                             f"hidden_act={config.hidden_act!r}")
+        experts, hidden, inter = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(experts, hidden, inter))
+        nn.init.normal_(self.gate_up_proj, std=config.initializer_range)
+        nn.init.normal_(self.down_proj, std=config.initializer_range)
+
+
+class ZayaMoE(nn.Module):
+    """Router + top-1 SwiGLU experts of one layer (transformers' ZayaSparseMoeBlock parameters: gate.*, experts.*).
+
+    forward(x [T, H], r_prev [T, R] or None) -> (y [T, H] x.dtype, r [T, R]):
+        e*, w, r = router(x, r_prev);  y_t = w_t down[e*] (SiLU(gate[e*] x_t) * up[e*] x_t), 0 for skipped tokens.
+    In training mode the expert choices are kept for `update_balancing_biases`.
+    """
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.gate = ZayaRouter(config, layer_idx)
+        self.experts = Experts(config)
+
+    def forward(self, x: torch.Tensor, r_prev: torch.Tensor | None = None):
+        index, weight, r = self.gate(x, r_prev)
+        y = zaya_ops.moe(x.contiguous(), self.experts.gate_up_proj, self.experts.down_proj, index, weight,
+                         skip_mode=0)
+        if self.training:  # micro-batches accumulate until the next balancing step
+            self._zaya_expert_index = getattr(self, "_zaya_expert_index", []) + [index.detach()]
+        return y, r
+
+
+# ---------------------------------------------------------------- decoder layer and model
+class ZayaDecoderLayer(nn.Module):
+    """One ZAYA decoder layer with transformers' ZayaDecoderLayer parameters (self_attn, mlp, input_layernorm,
+    post_attention_layernorm, post_attention_residual_scale, post_mlp_residual_scale).
+
+    forward(residual [T, H] fp32, normed [T, H] (= input_layernorm(residual)), router_state [T, R] or None, batch,
+    cache, next_norm) -> (residual', next_normed, router_state'):
+        a = attention(normed);  R1, n1 = post_attention_residual_scale(a, R, post_attention_layernorm)
+        m, r = mlp(n1, router_state);  R2, n2 = post_mlp_residual_scale(m, R1, next_norm)
+    next_norm is the next layer's input_layernorm (the model's final norm after the last layer): each residual
+    update runs fused with the norm that follows it.
+    """
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = CCAAttention(config, layer_idx)
+        self.mlp = ZayaMoE(config, layer_idx)
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        self.post_attention_residual_scale = ResidualScaleNorm(hidden)
+        self.post_mlp_residual_scale = ResidualScaleNorm(hidden)
+
+    def forward(self, residual, normed, router_state, batch: ForwardBatch, cache: ZayaCache | None,
+                next_norm: RMSNorm):
+        attn_out = self.self_attn(normed, batch, cache)
+        residual, normed = self.post_attention_residual_scale(attn_out, residual, self.post_attention_layernorm)
+        moe_out, router_state = self.mlp(normed, router_state)
+        residual, normed = self.post_mlp_residual_scale(moe_out, residual, next_norm)
+        return residual, normed, router_state
+
+
+class ZayaModel(nn.Module):
+    """The ZAYA decoder stack with transformers' ZayaModel parameters (embed_tokens, layers.*, norm,
+    input_hidden_states_scale, input_hidden_states_bias).
+
+    forward(input_ids, seq_lens=None, cache=None) -> final-normed hidden states [T, H] (packed) or [B, S, H]:
+        input_ids [B, S] (B sequences of S tokens each) or packed [T] with seq_lens (host ints, sum T);
+        cache: a ZayaCache to read and extend (prefill, chunked prefill, decode), or None (training, scoring).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(ZayaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_hidden_states_scale = nn.Parameter(torch.ones(config.hidden_size))
+        self.input_hidden_states_bias = nn.Parameter(torch.zeros(config.hidden_size))
+
+    def forward(self, input_ids: torch.Tensor, seq_lens=None, cache: ZayaCache | None = None) -> torch.Tensor:
+        batched = input_ids.dim() == 2
+        if batched:
+            if seq_lens is not None:
+                raise ValueError("zaya modules: seq_lens goes with packed input_ids [T], not [B, S]")
+            seq_lens = [input_ids.shape[1]] * input_ids.shape[0]
+        elif input_ids.dim() != 1 or seq_lens is None or sum(int(n) for n in seq_lens) != input_ids.shape[0]:
+            raise ValueError(f"zaya modules: input_ids must be [B, S], or packed [T] with seq_lens summing to T; got "
+                             f"shape {tuple(input_ids.shape)} and seq_lens {seq_lens}")
+        batch = ForwardBatch.build(seq_lens, input_ids.device, cache)
+        embeds = self.embed_tokens(input_ids.reshape(-1))
+        first_norm = self.layers[0].input_layernorm if len(self.layers) else self.norm
+        residual, normed = zaya_ops.residual_scale_rmsnorm(
+            embeds.to(first_norm.weight.dtype).contiguous(), None, self.input_hidden_states_scale,
+            self.input_hidden_states_bias, None, None, first_norm.weight, first_norm.variance_epsilon)
+        router_state = None
+        for idx, layer in enumerate(self.layers):
+            next_norm = self.layers[idx + 1].input_layernorm if idx + 1 < len(self.layers) else self.norm
+            residual, normed, router_state = layer(residual, normed, router_state, batch, cache, next_norm)
+        if cache is not None:
+            cache.advance(batch)
+        return normed.view(*input_ids.shape, -1)
+
+
+class ZayaForCausalLM(nn.Module):
+    """ZayaModel + lm_head with transformers' ZayaForCausalLM parameter names (model.*, lm_head.weight; tied to the
+    embeddings when config.tie_word_embeddings).
+
+    forward(input_ids, seq_lens=None, cache=None) -> logits [..., vocab] (shaped like input_ids + vocab).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = ZayaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=getattr(config, "lm_head_bias", False))
+        if getattr(config, "tie_word_embeddings", False):
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, seq_lens=None, cache: ZayaCache | None = None) -> torch.Tensor:
+        return self.lm_head(self.model(input_ids, seq_lens, cache))
+
+    def new_cache(self, batch_size: int, max_seq_len: int, state_dtype=torch.float32) -> ZayaCache:
+        """An empty ZayaCache for batch_size sequences of up to max_seq_len tokens, on the model's device/dtype."""
+        weight = self.lm_head.weight
+        return ZayaCache(self.config, batch_size, max_seq_len, device=weight.device,
+                         dtype=self.model.norm.weight.dtype, state_dtype=state_dtype)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, cache: ZayaCache | None = None,
+                 on_token=None) -> torch.Tensor:
+        """Greedy decoding. input_ids [B, S] (equal-length prompts) -> [B, S + max_new_tokens].
+
+        One prefill forward, then one decode forward per new token over a ZayaCache (created when not given);
+        on_token(step) is called after every new token (progress bars, timing)."""
+        batch_size, prompt_len = input_ids.shape
+        if cache is None:
+            cache = self.new_cache(batch_size, prompt_len + max_new_tokens)
+        tokens = [input_ids]
+        logits = self(input_ids, cache=cache)[:, -1]
+        for step in range(max_new_tokens):
+            next_token = logits.argmax(-1, keepdim=True)
+            tokens.append(next_token)
+            if on_token is not None:
+                on_token(step)
+            if step + 1 < max_new_tokens:
+                logits = self(next_token, cache=cache)[:, -1]
+        return torch.cat(tokens, dim=1)
