@@ -12,7 +12,7 @@ from zaya_kernels.integrations.transformers import update_balancing_biases
 from zaya_kernels.modules import ZayaCache, ZayaForCausalLM
 
 pytest.importorskip("transformers", reason="the module parity tests need transformers >= 5.8")
-from test_transformers_integration import CONFIGS, relative_error, tiny_model  # noqa: E402
+from test_transformers_integration import relative_error, tiny_model  # noqa: E402
 
 SLIDING = dict(layer_types=["hybrid", "hybrid_sliding", "hybrid"], sliding_window=4)
 
