@@ -125,3 +125,25 @@ def test_cache_and_input_errors():
     config = ours.config.__class__(**{**ours.config.to_dict(), "hidden_act": "gelu"})
     with pytest.raises(ValueError, match="SiLU"):
         ZayaForCausalLM(config)
+
+
+def test_skip_mode_one_passes_skipped_tokens_through_scaled():
+    """skip_mode 1 (Zyphra's legacy semantics): a skipped token's MoE output is w x; routed tokens are unchanged."""
+    hf, _ = pair("gqa2")
+    ours = ZayaForCausalLM(hf.config, skip_mode=1).eval()
+    ours.load_state_dict(hf.state_dict())
+    moe = ours.model.layers[1].mlp  # layer 1 has its skip class favoured (tiny_model)
+    x = torch.randn(16, hf.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    r_prev = torch.randn(16, hf.config.router_hidden_size, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad(), use_backend("reference"):
+        index, weight, _ = moe.gate(x, r_prev)
+        y, _ = moe(x, r_prev)
+        moe.skip_mode = 0
+        y0, _ = moe(x, r_prev)
+    skipped = index == hf.config.num_experts
+    assert skipped.any() and (~skipped).any()
+    assert_close(y[skipped], weight[skipped, None] * x[skipped])
+    assert torch.equal(y[~skipped], y0[~skipped])
+    assert (y0[skipped] == 0).all()
+    with pytest.raises(ValueError, match="skip_mode"):
+        ZayaForCausalLM(hf.config, skip_mode=2)

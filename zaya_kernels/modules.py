@@ -354,19 +354,24 @@ class ZayaMoE(nn.Module):
     """Router + top-1 SwiGLU experts of one layer (transformers' ZayaSparseMoeBlock parameters: gate.*, experts.*).
 
     forward(x [T, H], r_prev [T, R] or None) -> (y [T, H] x.dtype, r [T, R]):
-        e*, w, r = router(x, r_prev);  y_t = w_t down[e*] (SiLU(gate[e*] x_t) * up[e*] x_t), 0 for skipped tokens.
+        e*, w, r = router(x, r_prev);  y_t = w_t down[e*] (SiLU(gate[e*] x_t) * up[e*] x_t);
+        a skipped token (e* = E) gives 0 (skip_mode 0: transformers) or w_t x_t (skip_mode 1: Zyphra's original
+        code, the semantics of legacy checkpoints).
     In training mode the expert choices are kept for `update_balancing_biases`.
     """
 
-    def __init__(self, config, layer_idx: int):
+    def __init__(self, config, layer_idx: int, skip_mode: int = 0):
         super().__init__()
+        if skip_mode not in (0, 1):
+            raise ValueError(f"zaya modules: skip_mode must be 0 or 1, got {skip_mode!r}")
+        self.skip_mode = skip_mode
         self.gate = ZayaRouter(config, layer_idx)
         self.experts = Experts(config)
 
     def forward(self, x: torch.Tensor, r_prev: torch.Tensor | None = None):
         index, weight, r = self.gate(x, r_prev)
         y = zaya_ops.moe(x.contiguous(), self.experts.gate_up_proj, self.experts.down_proj, index, weight,
-                         skip_mode=0)
+                         skip_mode=self.skip_mode)
         if self.training:  # micro-batches accumulate until the next balancing step
             self._zaya_expert_index = getattr(self, "_zaya_expert_index", []) + [index.detach()]
         return y, r
@@ -385,11 +390,11 @@ class ZayaDecoderLayer(nn.Module):
     update runs fused with the norm that follows it.
     """
 
-    def __init__(self, config, layer_idx: int):
+    def __init__(self, config, layer_idx: int, skip_mode: int = 0):
         super().__init__()
         hidden, eps = config.hidden_size, config.rms_norm_eps
         self.self_attn = CCAAttention(config, layer_idx)
-        self.mlp = ZayaMoE(config, layer_idx)
+        self.mlp = ZayaMoE(config, layer_idx, skip_mode)
         self.input_layernorm = RMSNorm(hidden, eps)
         self.post_attention_layernorm = RMSNorm(hidden, eps)
         self.post_attention_residual_scale = ResidualScaleNorm(hidden)
@@ -411,13 +416,14 @@ class ZayaModel(nn.Module):
     forward(input_ids, seq_lens=None, cache=None) -> final-normed hidden states [T, H] (packed) or [B, S, H]:
         input_ids [B, S] (B sequences of S tokens each) or packed [T] with seq_lens (host ints, sum T);
         cache: a ZayaCache to read and extend (prefill, chunked prefill, decode), or None (training, scoring).
+    skip_mode: what the skip class outputs (see ZayaMoE): 0 as transformers, 1 for Zyphra's legacy checkpoints.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, skip_mode: int = 0):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList(ZayaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(ZayaDecoderLayer(config, i, skip_mode) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.input_hidden_states_scale = nn.Parameter(torch.ones(config.hidden_size))
         self.input_hidden_states_bias = nn.Parameter(torch.zeros(config.hidden_size))
@@ -451,12 +457,13 @@ class ZayaForCausalLM(nn.Module):
     embeddings when config.tie_word_embeddings).
 
     forward(input_ids, seq_lens=None, cache=None) -> logits [..., vocab] (shaped like input_ids + vocab).
+    skip_mode: 0 (transformers' semantics, default) or 1 (Zyphra's legacy checkpoints), see ZayaMoE.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, skip_mode: int = 0):
         super().__init__()
         self.config = config
-        self.model = ZayaModel(config)
+        self.model = ZayaModel(config, skip_mode)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=getattr(config, "lm_head_bias", False))
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
