@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import zaya_kernels
-from zaya_kernels.integrations.transformers import kernelize
+from zaya_kernels.integrations.transformers import attention_paths, kernelize
 
 transformers = pytest.importorskip("transformers", reason="the integration tests need transformers >= 5.8")
 from transformers import ZayaConfig, ZayaForCausalLM, ZayaModel  # noqa: E402
@@ -67,6 +67,30 @@ def test_logits_and_greedy_tokens_match(name, backend):
     assert zaya_kernels.last_backend("residual_scale_rmsnorm") == backend
     assert zaya_kernels.last_backend("cca_prepare") == backend
     assert zaya_kernels.last_backend("moe_experts") == backend
+    assert relative_error(logits, expected_logits) < 5e-5
+    assert torch.equal(tokens, expected_tokens)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_unpadded_batch_runs_the_zaya_attention_ops(backend):
+    """Without padding the kernelized model attends with zaya::cca_attention (prefill) and
+    zaya::cca_attention_decode (over transformers' dynamic cache, sliding-window layer included); a padded batch
+    takes transformers' attention and says so."""
+    sliding = dict(layer_types=["hybrid", "hybrid_sliding", "hybrid"], sliding_window=4)
+    model = tiny_model("gqa2", **sliding)
+    ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected_logits = model(input_ids=ids).logits
+        expected_tokens = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, eos_token_id=None)
+        kernelize(model, backend=backend)
+        logits = model(input_ids=ids).logits
+        assert attention_paths(model) == ["zaya::cca_attention"] * 3
+        tokens = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, eos_token_id=None)
+        assert attention_paths(model) == ["zaya::cca_attention_decode"] * 3
+        padded_ids, mask = left_padded_batch()
+        model(input_ids=padded_ids, attention_mask=mask)
+        assert all(path.startswith("transformers (padded") for path in attention_paths(model))
+    assert zaya_kernels.last_backend("cca_attention_decode") == backend
     assert relative_error(logits, expected_logits) < 5e-5
     assert torch.equal(tokens, expected_tokens)
 

@@ -7,9 +7,14 @@ What is swapped (with transformers' own cache objects, masks and rotary embeddin
 - the router: `zaya::zaya_router` (down projection, EDA, MLP, fp32 softmax, biased top-1 with the skip class);
 - the experts: `zaya::moe_dispatch` + `zaya::moe_experts` (top-1 grouped GEMMs, skip_mode 0), for SiLU experts.
 - the CCA projection: `zaya::cca_prepare` (both convolutions, mean coupling, value shift, QK norm, partial RoPE),
-  reading and writing the conv and value states of transformers' cache.
-What still runs as transformers' code: the q/k/v/o linear layers and the attention itself (its attention interface,
-eager / sdpa / flash, with transformers' causal and sliding-window masks and KV cache).
+  reading and writing the conv and value states of transformers' cache;
+- the attention: `zaya::cca_attention` for a prefill from an empty cache (or no cache) and
+  `zaya::cca_attention_decode` for one new token per sequence, reading the keys and values straight from
+  transformers' dynamic cache (full and sliding-window layers), when the batch has no padding.
+transformers' own attention interface (eager / sdpa / flash, with its masks) still runs where the zaya attention
+ops do not apply: a padded batch (a 2D attention mask with zeros), a chunk of several tokens after a cached prefix,
+a static cache, attention dropout in training. `attention_paths(model)` tells which path each layer took last.
+What always runs as transformers' code: the q/k/v/o linear layers, the embeddings, the LM head, the cache objects.
 
 Training: after each optimizer step, `update_balancing_biases(model)` moves every layer's balancing biases toward
 equal load with `zaya::router_balance_update` (DESIGN.md 1.5), from the choices the training forwards made.
@@ -80,12 +85,13 @@ def moe_block_forward(block, hidden_states, prev_router_hidden_states=None):
 
 def attention_forward(attn, hidden_states, position_ids, attention_mask, cache, config, batch_layout, **kwargs):
     """ZayaAttention.forward with the CCA projection (convolutions, mean coupling, value shift, QK norm, partial
-    RoPE) as one `zaya::cca_prepare` op; transformers' cache objects keep the conv, value and KV states, and its
-    attention interface (eager / sdpa / flash, with the causal or sliding-window mask) does the attention.
+    RoPE) as one `zaya::cca_prepare` op and the attention as `zaya::cca_attention` / `zaya::cca_attention_decode`
+    where they apply (see the module docstring; transformers' attention interface otherwise); transformers' cache
+    objects keep the conv, value and KV states.
 
     hidden_states [B, S, H] (RMSNorm1 output); position_ids [1 or B, S]; batch_layout: (cu_seqlens int32 [B+1] of
-    B rows of S tokens, ones int32 [B]), made once per forward and shared by every layer; returns
-    (attn_out [B, S, H], None).
+    B rows of S tokens, ones int32 [B], whether the batch is unpadded), made once per forward and shared by every
+    layer; returns (attn_out [B, S, H], None).
     """
     mz = _zaya_classes()
     proj = attn.qkv_proj
@@ -100,7 +106,7 @@ def attention_forward(attn, hidden_states, position_ids, attention_mask, cache, 
     value_state = cache.get_recurrent_state(attn.layer_idx, state_idx=0) if cache is not None else None
     rope = config.rope_parameters[attn.layer_type]
     rotary_dim = int(attn.head_dim * rope.get("partial_rotary_factor", 1.0))
-    cu_seqlens, every_row = batch_layout
+    cu_seqlens, every_row, _ = batch_layout
     has_state = None
     if conv_state is not None:
         has_state = every_row
@@ -116,16 +122,55 @@ def attention_forward(attn, hidden_states, position_ids, attention_mask, cache, 
     if cache is not None:
         cache.update_conv_state(final_conv.to(qk.dtype), attn.layer_idx)
         cache.update_recurrent_state(final_value.to(qk.dtype), attn.layer_idx)
+    path = _zaya_attention_path(attn, cache, seq, batch_layout[2])
+    attn._zaya_attention_path = path
+    window = attn.sliding_window or -1
     query = q.view(batch, seq, -1, attn.head_dim).transpose(1, 2)
     key = k.view(batch, seq, -1, attn.head_dim).transpose(1, 2)
     value = v.view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+    if path == "zaya::cca_attention":  # fresh sequences of equal length: packed varlen attention
+        if cache is not None:
+            cache.update(key, value, attn.layer_idx, kwargs=kwargs)
+        out = zaya_ops.cca_attention(q, k, v, cu_seqlens, seq, softmax_scale=attn.scaling, window=window)
+        return attn.o_proj(out.reshape(batch, seq, -1)), None
     if cache is not None:
         key, value = cache.update(key, value, attn.layer_idx, kwargs=kwargs)
+    if path == "zaya::cca_attention_decode":  # one token per sequence over the cache's [B, Hkv, L, D] storage
+        length = key.shape[2]  # a sliding-window layer returns at most `window` positions: all visible
+        seq_lens = torch.full((batch,), length, dtype=torch.int32, device=q.device)
+        out = zaya_ops.cca_attention_decode(q.view(batch, -1, attn.head_dim), key.transpose(1, 2),
+                                            value.transpose(1, 2), seq_lens, softmax_scale=attn.scaling,
+                                            window=window, max_seqlen=length)
+        return attn.o_proj(out.reshape(batch, seq, -1)), None
     interface = mz.ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, mz.eager_attention_forward)
     out, _ = interface(attn, query, key, value, attention_mask.get("causal"),
                        dropout=0.0 if not attn.training else attn.attention_dropout, scaling=attn.scaling,
                        sliding_window=attn.sliding_window, **kwargs)
     return attn.o_proj(out.reshape(batch, seq, -1)), None
+
+
+def _zaya_attention_path(attn, cache, seq, unpadded) -> str:
+    """Which attention runs for this layer: a zaya op, or transformers' interface with the reason."""
+    from transformers.cache_utils import DynamicLayer
+
+    if not unpadded:
+        return "transformers (padded batch or a prepared mask mapping)"
+    if attn.training and attn.attention_dropout > 0.0:
+        return "transformers (attention dropout)"
+    if cache is None:
+        return "zaya::cca_attention"
+    if not isinstance(cache.layers[attn.layer_idx], DynamicLayer):
+        return f"transformers ({type(cache.layers[attn.layer_idx]).__name__})"
+    if cache.get_seq_length(attn.layer_idx) == 0:
+        return "zaya::cca_attention"
+    return "zaya::cca_attention_decode" if seq == 1 else "transformers (a chunk after a cached prefix)"
+
+
+def attention_paths(model) -> list:
+    """Per layer of a kernelize'd model: the attention that ran last ("zaya::cca_attention",
+    "zaya::cca_attention_decode", or "transformers (<why>)"), None for a layer that has not run."""
+    base = model.model if hasattr(model, "lm_head") else model
+    return [getattr(layer.self_attn, "_zaya_attention_path", None) for layer in base.layers]
 
 
 def model_forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
@@ -165,8 +210,10 @@ def model_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
             _norm_eps(first_norm))
         residual, normed = residual.view(batch, seq, hidden), normed.view(batch, seq, hidden)
         router_state = None
+        # the zaya attention ops need an unpadded batch; a prepared mask mapping cannot be checked
+        unpadded = attention_mask is None or (isinstance(attention_mask, torch.Tensor) and bool(attention_mask.all()))
         batch_layout = (torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=inputs_embeds.device),
-                        torch.ones(batch, dtype=torch.int32, device=inputs_embeds.device))
+                        torch.ones(batch, dtype=torch.int32, device=inputs_embeds.device), unpadded)
         for idx, layer in enumerate(layers):
             kind = self.config.layer_types[idx]
             layer_masks = {"causal": mask_mapping[kind], "conv": mask_mapping.get("conv")}
