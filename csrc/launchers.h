@@ -11,7 +11,8 @@ void bind_gpu_launchers(pybind11::module_& m);
 void bind_residual_rmsnorm(pybind11::module_& m);
 // csrc/router.cu: zaya_router_decode (one block per token, the whole router in one launch).
 void bind_router(pybind11::module_& m);
-// csrc/moe.cu: moe_dispatch (top-1 MoE dispatch in one block).
+// csrc/moe.cu: moe_dispatch (top-1 MoE dispatch in one block), moe_permute_rows / moe_unpermute_rows(_bwd) (the
+// row gather and scatter-back around expert parallelism's all-to-all).
 void bind_moe(pybind11::module_& m);
 #endif
 }  // namespace zaya

@@ -58,6 +58,17 @@ TORCH_LIBRARY(zaya, m) {
       "moe_experts_backward(Tensor grad_y, Tensor x, Tensor gate_up, Tensor down, Tensor routing_weight, "
       "Tensor sorted_token_ids, Tensor offsets, Tensor tile_expert, Tensor tile_start, int block_m, int skip_mode) "
       "-> (Tensor grad_x, Tensor grad_gate_up, Tensor grad_down, Tensor grad_routing_weight)");
+  // Expert parallelism's row gather and scatter-back around the all-to-all; sorted_token_ids int32 [T] is the
+  // dispatch's permutation (routed tokens first). rows [num_rows, H] = x[sorted_token_ids[:num_rows]] (x [T, H]).
+  m.def("moe_permute_rows(Tensor x, Tensor sorted_token_ids, int num_rows) -> Tensor");
+  // y [T, H]: y[sorted_token_ids[i]] = rows[i] (i < N, rows [N, H]); the other tokens: 0 (skip_mode 0) or
+  // w x (skip_mode 1: x [T, H], routing_weight [T]).
+  m.def(
+      "moe_unpermute_rows(Tensor rows, Tensor sorted_token_ids, Tensor? x, Tensor? routing_weight, int skip_mode) "
+      "-> Tensor");
+  m.def(
+      "moe_unpermute_rows_backward(Tensor grad_y, Tensor sorted_token_ids, Tensor? x, Tensor? routing_weight, "
+      "int num_rows, int skip_mode) -> (Tensor grad_rows, Tensor? grad_x, Tensor? grad_routing_weight)");
 
   // ---- CCA projection family (zaya_kernels/ops/cca.py; DESIGN.md 1.1 steps 3-8) ----
   // From X = qk = [Q0 | K0] [T, C], C = (n_q + n_kv) D: depthwise causal conv (conv0 [C, k0]) then grouped conv

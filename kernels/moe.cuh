@@ -108,6 +108,128 @@ __global__ __launch_bounds__(kThreads) void moe_dispatch_kernel(const int32_t* _
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Expert parallelism: the row gather before the all-to-all and the scatter-back after it
+// (zaya::moe_permute_rows / moe_unpermute_rows / moe_unpermute_rows_backward; reference in
+// zaya_kernels/reference/moe.py). sorted_token_ids [T] is the dispatch's permutation of 0..T-1 (routed tokens first,
+// skipped last); the first N sorted positions travel. Top-1: every token sits at one sorted position, so each output
+// row has exactly one writer (no atomics, deterministic).
+//
+// Row copies move kVec elements per access (MoeRowPack, 16 bytes when kVec = 16 / sizeof(T); the launcher picks it
+// when H % kVec == 0 and every base pointer is 16-byte aligned, else kVec = 1). The two copy kernels put
+// kMoeRowThreads / 2^lanes_log2 rows in a block, 2^lanes_log2 threads per row (the launcher sizes it to the row's
+// packs, so narrow rows such as the routing weight [T, 1] still fill the block); the backward runs one block per sorted
+// position because its skipped rows need a block reduction. Row offsets (token * H) are 64-bit; H < 2^31.
+// ---------------------------------------------------------------------------------------------------------------
+constexpr int kMoeRowThreads = 256;
+
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) MoeRowPack {
+  T v[kVec];
+};
+
+// out[i, :] = x[sorted[i], :] for i < num_rows. Grid: cdiv(num_rows, kMoeRowThreads >> lanes_log2) blocks.
+template <typename T, int kVec>
+__global__ __launch_bounds__(kMoeRowThreads) void moe_permute_rows_kernel(const T* __restrict__ x,
+                                                                         const int32_t* __restrict__ sorted,
+                                                                         int64_t num_rows, int64_t H, int lanes_log2,
+                                                                         T* __restrict__ out) {
+  using Pack = MoeRowPack<T, kVec>;
+  const int lane = threadIdx.x & ((1 << lanes_log2) - 1);
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kMoeRowThreads >> lanes_log2) + (threadIdx.x >> lanes_log2);
+  if (row >= num_rows) return;
+  const int64_t token = sorted[row];
+  const int packs = static_cast<int>(H / kVec);  // H < 2^31 (checked by the launcher)
+  const Pack* src = reinterpret_cast<const Pack*>(x + token * H);
+  Pack* dst = reinterpret_cast<Pack*>(out + row * H);
+  for (int j = lane; j < packs; j += (1 << lanes_log2)) dst[j] = src[j];
+}
+
+// y[sorted[i], :] = rows[i, :] for i < num_rows; for num_rows <= i < T, token t = sorted[i]: y[t, :] = 0
+// (skip_mode 0) or from_float<T>(w[t] * float(x[t, :])) (skip_mode 1; w fp32). Every row of y is written.
+// Grid: cdiv(T, kMoeRowThreads >> lanes_log2) blocks.
+template <typename T, int kVec>
+__global__ __launch_bounds__(kMoeRowThreads) void moe_unpermute_rows_kernel(
+    const T* __restrict__ rows, const int32_t* __restrict__ sorted, const T* __restrict__ x,
+    const float* __restrict__ weight, int64_t T_tokens, int64_t num_rows, int64_t H, int skip_mode, int lanes_log2,
+    T* __restrict__ y) {
+  using Pack = MoeRowPack<T, kVec>;
+  const int lane = threadIdx.x & ((1 << lanes_log2) - 1);
+  const int64_t pos = static_cast<int64_t>(blockIdx.x) * (kMoeRowThreads >> lanes_log2) + (threadIdx.x >> lanes_log2);
+  if (pos >= T_tokens) return;
+  const int64_t token = sorted[pos];
+  const int packs = static_cast<int>(H / kVec);  // H < 2^31 (checked by the launcher)
+  const int stride = 1 << lanes_log2;
+  Pack* dst = reinterpret_cast<Pack*>(y + token * H);
+  if (pos < num_rows) {
+    const Pack* src = reinterpret_cast<const Pack*>(rows + pos * H);
+    for (int j = lane; j < packs; j += stride) dst[j] = src[j];
+  } else if (skip_mode == 1) {
+    const float w = weight[token];
+    const Pack* src = reinterpret_cast<const Pack*>(x + token * H);
+    for (int j = lane; j < packs; j += stride) {
+      const Pack in = src[j];
+      Pack o;
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) o.v[k] = dev::from_float<T>(dev::fmul_rn(w, dev::to_float(in.v[k])));
+      dst[j] = o;
+    }
+  } else {
+    Pack zero;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) zero.v[k] = dev::from_float<T>(0.0f);
+    for (int j = lane; j < packs; j += stride) dst[j] = zero;
+  }
+}
+
+// Backward of moe_unpermute_rows, one block (kMoeRowThreads threads) per sorted position i:
+//   i < num_rows: grad_rows[i, :] = dy[t, :] (t = sorted[i]); with skip_mode 1 also grad_x[t, :] = 0, grad_w[t] = 0;
+//   i >= num_rows (skip_mode 1 only): grad_x[t, :] = from_float<T>(w[t] * float(dy[t, :])),
+//                                      grad_w[t] = sum_h float(dy[t, h]) * float(x[t, h]) (fixed-order block sum).
+// Grid: num_rows blocks (skip_mode 0) or T blocks (skip_mode 1; grad_x and grad_w are then fully written).
+// The branch on i is block-uniform, as block_reduce_sum (and the host emulation) requires.
+template <typename T, int kVec>
+__global__ __launch_bounds__(kMoeRowThreads) void moe_unpermute_rows_bwd_kernel(
+    const T* __restrict__ dy, const int32_t* __restrict__ sorted, const T* __restrict__ x,
+    const float* __restrict__ weight, int64_t num_rows, int64_t H, int skip_mode, T* __restrict__ grad_rows,
+    T* __restrict__ grad_x, float* __restrict__ grad_w) {
+  using Pack = MoeRowPack<T, kVec>;
+  __shared__ float scratch[dev::kMaxWarps];
+  const int64_t pos = blockIdx.x;
+  const int64_t token = sorted[pos];
+  const int packs = static_cast<int>(H / kVec);  // H < 2^31 (checked by the launcher)
+  const Pack* dy_row = reinterpret_cast<const Pack*>(dy + token * H);
+  Pack* gx_row = skip_mode == 1 ? reinterpret_cast<Pack*>(grad_x + token * H) : nullptr;
+  if (pos < num_rows) {
+    Pack* dst = reinterpret_cast<Pack*>(grad_rows + pos * H);
+    for (int j = threadIdx.x; j < packs; j += kMoeRowThreads) dst[j] = dy_row[j];
+    if (skip_mode == 1) {
+      Pack zero;
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) zero.v[k] = dev::from_float<T>(0.0f);
+      for (int j = threadIdx.x; j < packs; j += kMoeRowThreads) gx_row[j] = zero;
+      if (threadIdx.x == 0) grad_w[token] = 0.0f;
+    }
+    return;
+  }
+  if (skip_mode != 1) return;  // not launched for these rows with skip_mode 0
+  const float w = weight[token];
+  const Pack* x_row = reinterpret_cast<const Pack*>(x + token * H);
+  float dot = 0.0f;
+  for (int j = threadIdx.x; j < packs; j += kMoeRowThreads) {
+    const Pack d = dy_row[j];
+    const Pack xv = x_row[j];
+    Pack g;  // two loops and a 32-bit j: a fused loop or a 64-bit j made nvcc spill for 16-bit types x 8
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) g.v[k] = dev::from_float<T>(dev::fmul_rn(w, dev::to_float(d.v[k])));
+    gx_row[j] = g;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) dot += dev::to_float(d.v[k]) * dev::to_float(xv.v[k]);
+  }
+  dot = dev::block_reduce_sum(dot, scratch);
+  if (threadIdx.x == 0) grad_w[token] = dot;
+}
+
 }  // namespace kernels
 }  // namespace zaya
 
@@ -116,6 +238,30 @@ namespace zaya {
 namespace kernels {
 template __global__ void moe_dispatch_kernel<kMoeDispatchThreads>(const int32_t*, int, int, int, int, int32_t*,
                                                                   int32_t*, int32_t*, int32_t*, int32_t*, int32_t*);
+// Row gather / scatter-back: float, half, bf16 (and int32 for the gather: expert ids), scalar and 16-byte rows.
+#define ZAYA_MOE_PERMUTE(T, V) \
+  template __global__ void moe_permute_rows_kernel<T, V>(const T*, const int32_t*, int64_t, int64_t, int, T*);
+#define ZAYA_MOE_UNPERMUTE(T, V)                                                                                   \
+  template __global__ void moe_unpermute_rows_kernel<T, V>(const T*, const int32_t*, const T*, const float*,       \
+                                                           int64_t, int64_t, int64_t, int, int, T*);               \
+  template __global__ void moe_unpermute_rows_bwd_kernel<T, V>(const T*, const int32_t*, const T*, const float*,   \
+                                                               int64_t, int64_t, int, T*, T*, float*);
+ZAYA_MOE_PERMUTE(float, 1)
+ZAYA_MOE_PERMUTE(float, 4)
+ZAYA_MOE_PERMUTE(dev::half_t, 1)
+ZAYA_MOE_PERMUTE(dev::half_t, 8)
+ZAYA_MOE_PERMUTE(dev::bf16_t, 1)
+ZAYA_MOE_PERMUTE(dev::bf16_t, 8)
+ZAYA_MOE_PERMUTE(int32_t, 1)
+ZAYA_MOE_PERMUTE(int32_t, 4)
+ZAYA_MOE_UNPERMUTE(float, 1)
+ZAYA_MOE_UNPERMUTE(float, 4)
+ZAYA_MOE_UNPERMUTE(dev::half_t, 1)
+ZAYA_MOE_UNPERMUTE(dev::half_t, 8)
+ZAYA_MOE_UNPERMUTE(dev::bf16_t, 1)
+ZAYA_MOE_UNPERMUTE(dev::bf16_t, 8)
+#undef ZAYA_MOE_PERMUTE
+#undef ZAYA_MOE_UNPERMUTE
 }  // namespace kernels
 }  // namespace zaya
 #endif

@@ -365,46 +365,57 @@ def test_triton_rejects_sizes_past_32_bit_offsets():
 
 
 # ---------------------------------------------------------------- expert parallelism (gloo, CPU processes)
-def _expert_parallel_worker(rank, world_size, port, token_splits):
+def _expert_parallel_worker(rank, world_size, port, token_splits, backend="auto"):
     import torch.distributed as dist
-
-    from zaya_kernels import distributed as ep
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
-        E, H, I = 4, 24, 16
-        T = sum(token_splits)
-        start = sum(token_splits[:rank])
-        rows = slice(start, start + token_splits[rank])
-        for skip_mode in (0, 1):
-            inputs = make_inputs(T, E, H, I, torch.float32, "random", 11, requires_grad=True)
-            x, gate_up, down, index, weight = inputs
-            gen = torch.Generator().manual_seed(12)
-            grad_y = torch.randn(T, H, generator=gen)
-            # one process with every token and every expert
-            y_full = moe(x, gate_up, down, index, weight, skip_mode)
-            expected = torch.autograd.grad((y_full * grad_y).sum(), (x, gate_up, down, weight))
-            # this rank: its tokens, its experts
-            local_x = x.detach()[rows].clone().requires_grad_(True)
-            local_w = weight.detach()[rows].clone().requires_grad_(True)
-            local_gate_up, local_down = (t.detach().clone().requires_grad_(True)
-                                         for t in ep.shard_experts(gate_up, down, rank, world_size))
-            y = ep.moe_expert_parallel(local_x, local_gate_up, local_down, index[rows], local_w, E, skip_mode)
-            grads = torch.autograd.grad((y * grad_y[rows]).sum(), (local_x, local_gate_up, local_down, local_w),
-                                        allow_unused=True)
-            grads = [torch.zeros_like(t) if g is None else g
-                     for g, t in zip(grads, (local_x, local_gate_up, local_down, local_w))]
-            first, end = ep.expert_range(E, rank, world_size)
-            assert_close(y, y_full.detach()[rows], reduction=max(H, I), what=f"rank {rank} y skip_mode {skip_mode}")
-            mine = (expected[0][rows], expected[1][first:end], expected[2][first:end], expected[3][rows])
-            for name, a, e in zip(("x", "gate_up", "down", "weight"), grads, mine):
-                assert_close(a, e, reduction=max(H, I, T), what=f"rank {rank} grad {name} skip_mode {skip_mode}")
+        with zaya_kernels.use_backend(backend):
+            _expert_parallel_check(rank, world_size, token_splits)
+        # the gather and the scatter-back are the zaya row ops, on the backend the selector picked
+        expected_backend = "reference" if backend == "auto" else backend
+        for op in ("moe_permute_rows", "moe_unpermute_rows", "moe_unpermute_rows_backward"):
+            assert zaya_kernels.last_backend(op) == expected_backend, (op, zaya_kernels.last_backend(op))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world_size, token_splits", [(2, (13, 6)), (4, (5, 0, 9, 3))])
-def test_expert_parallel_gloo_equals_one_process(world_size, token_splits):
+def _expert_parallel_check(rank, world_size, token_splits):
+    """Each rank's y and gradients equal the single-process op's on its tokens and experts."""
+    from zaya_kernels import distributed as ep
+
+    E, H, I = 4, 24, 16
+    T = sum(token_splits)
+    start = sum(token_splits[:rank])
+    rows = slice(start, start + token_splits[rank])
+    for skip_mode in (0, 1):
+        inputs = make_inputs(T, E, H, I, torch.float32, "random", 11, requires_grad=True)
+        x, gate_up, down, index, weight = inputs
+        gen = torch.Generator().manual_seed(12)
+        grad_y = torch.randn(T, H, generator=gen)
+        # one process with every token and every expert
+        y_full = moe(x, gate_up, down, index, weight, skip_mode)
+        expected = torch.autograd.grad((y_full * grad_y).sum(), (x, gate_up, down, weight))
+        # this rank: its tokens, its experts
+        local_x = x.detach()[rows].clone().requires_grad_(True)
+        local_w = weight.detach()[rows].clone().requires_grad_(True)
+        local_gate_up, local_down = (t.detach().clone().requires_grad_(True)
+                                     for t in ep.shard_experts(gate_up, down, rank, world_size))
+        y = ep.moe_expert_parallel(local_x, local_gate_up, local_down, index[rows], local_w, E, skip_mode)
+        grads = torch.autograd.grad((y * grad_y[rows]).sum(), (local_x, local_gate_up, local_down, local_w),
+                                    allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g
+                 for g, t in zip(grads, (local_x, local_gate_up, local_down, local_w))]
+        first, end = ep.expert_range(E, rank, world_size)
+        assert_close(y, y_full.detach()[rows], reduction=max(H, I), what=f"rank {rank} y skip_mode {skip_mode}")
+        mine = (expected[0][rows], expected[1][first:end], expected[2][first:end], expected[3][rows])
+        for name, a, e in zip(("x", "gate_up", "down", "weight"), grads, mine):
+            assert_close(a, e, reduction=max(H, I, T), what=f"rank {rank} grad {name} skip_mode {skip_mode}")
+
+
+@pytest.mark.parametrize("world_size, token_splits, backend", [(2, (13, 6), "auto"), (4, (5, 0, 9, 3), "auto"),
+                                                               (2, (7, 12), "triton")])
+def test_expert_parallel_gloo_equals_one_process(world_size, token_splits, backend):
     import socket
 
     import torch.multiprocessing as mp
@@ -412,7 +423,7 @@ def test_expert_parallel_gloo_equals_one_process(world_size, token_splits):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_expert_parallel_worker, args=(world_size, port, token_splits), nprocs=world_size, join=True)
+    mp.spawn(_expert_parallel_worker, args=(world_size, port, token_splits, backend), nprocs=world_size, join=True)
 
 
 # ---------------------------------------------------------------- HIP dispatch kernel (kernels/moe.cuh), host emulation
@@ -457,3 +468,370 @@ def test_hip_dispatch_kernel_emulated_matches_reference(moe_emulation, T, E, blo
     names = ("counts", "offsets", "sorted_token_ids", "inverse", "tile_expert", "tile_start")
     for a, e, name in zip(actual, expected, names):
         assert torch.equal(a, e), name
+
+
+# ---------------------------------------------------------------- expert parallelism: row gather / scatter-back
+from zaya_kernels.ops.moe import moe_permute_rows, moe_unpermute_rows  # noqa: E402
+
+ROW_BACKENDS = ("reference", "triton")
+
+
+def _row_inputs(T, H, dtype, routing, seed, device="cpu", requires_grad=False, E=3):
+    """(x [T, H], routing_weight [T], sorted_token_ids int32 [T], N = routed tokens) from a dispatch of `routing`."""
+    gen = torch.Generator().manual_seed(seed)
+    index = draw_index(routing, T, E, gen)
+    _, offsets, sorted_ids, *_ = ref.moe_dispatch(index, E, 16)
+    x = torch.randn(T, H, generator=gen).to(dtype).to(device).requires_grad_(requires_grad)
+    weight = (torch.rand(T, generator=gen) * 0.9 + 0.1).to(device).requires_grad_(requires_grad)
+    return x, weight, sorted_ids.to(device), int(offsets[E])
+
+
+def _permute_loop(x, sorted_ids, num_rows):
+    """The definition, one row at a time (independent of the reference module; differentiable)."""
+    rows = [x[t] for t in sorted_ids[:num_rows].tolist()]
+    return torch.stack(rows) if rows else x.new_zeros(0, x.shape[1])
+
+
+def _unpermute_loop(rows, sorted_ids, x, weight, skip_mode):
+    position = {t: i for i, t in enumerate(sorted_ids.tolist())}
+    N, H = rows.shape
+    out = []
+    for t in range(sorted_ids.shape[0]):
+        i = position[t]
+        if i < N:
+            out.append(rows[i])
+        elif skip_mode == 1:
+            out.append((weight[t].float() * x[t].float()).to(rows.dtype))
+        else:
+            out.append(rows.new_zeros(H))
+    return torch.stack(out) if out else rows.new_zeros(0, H)
+
+
+@settings(max_examples=30)
+@given(T=st.sampled_from([0, 1, 2, 7, 13, 31]), H=st.integers(1, 40), dtype=st.sampled_from([torch.float32,
+                                                                                             torch.float16]),
+       routing=st.sampled_from(ROUTINGS), skip_mode=st.sampled_from([0, 1]), backend=st.sampled_from(ROW_BACKENDS),
+       any_n=st.booleans(), seed=st.integers(0, 2**16))
+def test_row_ops_match_definition(T, H, dtype, routing, skip_mode, backend, any_n, seed):
+    """Gather and scatter-back against the per-row definition: bit-exact (copies, one fp32 product rounded once)."""
+    x, weight, sorted_ids, N = _row_inputs(T, H, dtype, routing, seed)
+    if any_n:  # the ops take any prefix of the sorted order, not only the routed tokens
+        N = int(torch.randint(0, T + 1, (1,), generator=torch.Generator().manual_seed(seed)))
+    rows_in = torch.randn(N, H, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    with zaya_kernels.use_backend(backend):
+        rows = moe_permute_rows(x, sorted_ids, N)
+        y = moe_unpermute_rows(rows_in, sorted_ids, x, weight, skip_mode)
+        ids = moe_permute_rows(torch.arange(T, dtype=torch.int32).view(T, 1), sorted_ids, N)
+    assert zaya_kernels.last_backend("moe_permute_rows") == backend
+    assert zaya_kernels.last_backend("moe_unpermute_rows") == backend
+    assert rows.dtype == dtype and rows.shape == (N, H) and y.dtype == dtype and y.shape == (T, H)
+    assert torch.equal(rows, _permute_loop(x, sorted_ids, N))
+    assert torch.equal(y, _unpermute_loop(rows_in, sorted_ids, x, weight, skip_mode))
+    assert torch.equal(ids.view(N), sorted_ids[:N])
+    if routing == "all_skipped":
+        assert N == 0 or any_n
+    # gather then scatter-back of every row is the identity
+    with zaya_kernels.use_backend(backend):
+        assert torch.equal(moe_unpermute_rows(moe_permute_rows(x, sorted_ids, T), sorted_ids), x)
+
+
+@settings(max_examples=25)
+@given(T=st.sampled_from([0, 1, 5, 12, 23]), H=st.integers(1, 33), dtype=st.sampled_from([torch.float32,
+                                                                                          torch.float16]),
+       routing=st.sampled_from(ROUTINGS), skip_mode=st.sampled_from([0, 1]), backend=st.sampled_from(ROW_BACKENDS),
+       seed=st.integers(0, 2**16))
+def test_row_ops_gradients_match_autograd_through_definition(T, H, dtype, routing, skip_mode, backend, seed):
+    """Gradients to x, routing_weight (skip_mode 1) and the scattered rows, against autograd through the loops."""
+    x, weight, sorted_ids, N = _row_inputs(T, H, dtype, routing, seed, requires_grad=True)
+    gen = torch.Generator().manual_seed(seed + 2)
+    rows_in = torch.randn(N, H, generator=gen).to(dtype).requires_grad_(True)
+    grad_rows, grad_y = torch.randn(N, H, generator=gen), torch.randn(T, H, generator=gen)
+
+    def grads(permute, unpermute):
+        rows = permute(x, sorted_ids, N)
+        y = unpermute(rows_in, sorted_ids, x, weight, skip_mode)
+        loss = (rows.float() * grad_rows).sum() + (y.float() * grad_y).sum()
+        loss = loss + 0 * (x.float().sum() + weight.sum() + rows_in.float().sum())  # a graph even when T = 0
+        out = torch.autograd.grad(loss, (x, weight, rows_in), allow_unused=True)
+        return [torch.zeros_like(t) if g is None else g for g, t in zip(out, (x, weight, rows_in))]
+
+    expected = grads(_permute_loop, _unpermute_loop)
+    with zaya_kernels.use_backend(backend):
+        actual = grads(moe_permute_rows, moe_unpermute_rows)
+    if T > 0:
+        assert zaya_kernels.last_backend("moe_unpermute_rows_backward") == backend
+    for name, a, e in zip(("x", "routing_weight", "rows"), actual, expected):
+        assert a.dtype == e.dtype, name
+        assert_close(a, e, dtype=a.dtype, reduction=H, what=f"{backend} grad {name} skip_mode {skip_mode}")
+    assert torch.equal(actual[0], expected[0]) and torch.equal(actual[2], expected[2])  # copies and one product
+
+
+@pytest.mark.parametrize("backend", ROW_BACKENDS)
+@pytest.mark.parametrize("skip_mode", [0, 1])
+@pytest.mark.parametrize("routing", ["random", "all_skipped"])
+def test_row_ops_opcheck(backend, skip_mode, routing):
+    x, weight, sorted_ids, N = _row_inputs(11, 6, torch.float32, routing, 3, requires_grad=True)
+    rows = torch.randn(N, 6, requires_grad=True)
+    with zaya_kernels.use_backend(backend):
+        torch.library.opcheck(torch.ops.zaya.moe_permute_rows.default, (x, sorted_ids, N))
+        torch.library.opcheck(torch.ops.zaya.moe_unpermute_rows.default, (rows, sorted_ids, x, weight, skip_mode))
+        torch.library.opcheck(torch.ops.zaya.moe_unpermute_rows_backward.default,
+                              (torch.randn(11, 6), sorted_ids, x.detach(), weight.detach(), N, skip_mode))
+    torch.library.opcheck(torch.ops.zaya.moe_unpermute_rows.default, (rows, sorted_ids, None, None, 0))
+
+
+def test_row_ops_torch_compile_fullgraph():
+    x, weight, sorted_ids, N = _row_inputs(9, 8, torch.float32, "random", 4)
+
+    def f(x, weight, sorted_ids):
+        return moe_unpermute_rows(moe_permute_rows(x, sorted_ids, N) * 2, sorted_ids, x, weight, 1)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x, weight, sorted_ids), f(x, weight, sorted_ids))
+
+
+def _bad_row_call(op, **changes):
+    """A call of `op` with valid T = 5, H = 3, N = 2 arguments, some replaced."""
+    x, weight, sorted_ids, _ = _row_inputs(5, 3, torch.float32, "random", 0)
+    args = {
+        "moe_permute_rows": dict(x=x, sorted_token_ids=sorted_ids, num_rows=2),
+        "moe_unpermute_rows": dict(rows=torch.zeros(2, 3), sorted_token_ids=sorted_ids, x=x, routing_weight=weight,
+                                   skip_mode=1),
+        "moe_unpermute_rows_backward": dict(grad_y=torch.zeros(5, 3), sorted_token_ids=sorted_ids, x=x,
+                                            routing_weight=weight, num_rows=2, skip_mode=1),
+    }[op]
+    args.update(changes)
+    return lambda: getattr(torch.ops.zaya, op)(*args.values())
+
+
+@pytest.mark.parametrize("op", ["moe_permute_rows", "moe_unpermute_rows", "moe_unpermute_rows_backward"])
+@pytest.mark.parametrize("ids, message", [([0, 1, 5, 2, 3], "value 5 >= T = 5: index out of range"),
+                                          ([0, 1, -2, 2, 3], "negative value \\(-2\\): index out of range"),
+                                          ([0, 1, 1, 2, 3], "holds token 1 more than once")])
+def test_row_ops_reject_bad_token_ids(op, ids, message):
+    call = _bad_row_call(op, sorted_token_ids=torch.tensor(ids, dtype=torch.int32))
+    for backend in ROW_BACKENDS:
+        with zaya_kernels.use_backend(backend), pytest.raises(ValueError, match=message):
+            call()
+
+
+@pytest.mark.parametrize(
+    "op, changes, exc, message",
+    [
+        ("moe_permute_rows", dict(x=torch.zeros(4, 3)), ValueError, "`sorted_token_ids` must have shape \\(4,\\)"),
+        ("moe_permute_rows", dict(num_rows=6), ValueError, "`num_rows` = 6 outside \\[0, T = 5\\]"),
+        ("moe_permute_rows", dict(num_rows=-1), ValueError, "`num_rows` = -1 outside"),
+        ("moe_permute_rows", dict(x=torch.zeros(5)), ValueError, "`x` must have 2 dimensions"),
+        ("moe_permute_rows", dict(x=torch.zeros(5, 3, dtype=torch.int64)), TypeError, "`x` must have dtype"),
+        ("moe_permute_rows", dict(x=torch.zeros(3, 5).t()), ValueError, "`x` must be contiguous"),
+        ("moe_permute_rows", dict(sorted_token_ids=torch.arange(5)), TypeError, "`sorted_token_ids` must have dtype"),
+        ("moe_unpermute_rows", dict(rows=torch.zeros(6, 3)), ValueError, "`rows` has 6 rows but `sorted_token_ids` "
+                                                                         "only 5"),
+        ("moe_unpermute_rows", dict(rows=torch.zeros(2, 3, dtype=torch.int32)), TypeError, "`rows` must have dtype"),
+        ("moe_unpermute_rows", dict(x=None), ValueError, "skip_mode 1 .* needs `x` and `routing_weight`"),
+        ("moe_unpermute_rows", dict(routing_weight=None), ValueError, "needs `x` and `routing_weight`"),
+        ("moe_unpermute_rows", dict(x=torch.zeros(5, 4)), ValueError, "`x` must have shape \\(5, 3\\)"),
+        ("moe_unpermute_rows", dict(x=torch.zeros(5, 3, dtype=torch.float16)), TypeError, "`x` must have dtype"),
+        ("moe_unpermute_rows", dict(routing_weight=torch.zeros(4)), ValueError,
+         "`routing_weight` must have shape \\(5,\\)"),
+        ("moe_unpermute_rows", dict(skip_mode=2), ValueError, "`skip_mode` must be 0"),
+        ("moe_unpermute_rows_backward", dict(grad_y=torch.zeros(4, 3)), ValueError,
+         "`sorted_token_ids` must have shape \\(4,\\)"),
+        ("moe_unpermute_rows_backward", dict(num_rows=9), ValueError, "`num_rows` = 9 outside"),
+        ("moe_unpermute_rows_backward", dict(x=torch.zeros(5, 2)), ValueError, "`x` must have shape \\(5, 3\\)"),
+    ],
+)
+def test_row_ops_reject_bad_arguments(op, changes, exc, message):
+    call = _bad_row_call(op, **changes)
+    for backend in ROW_BACKENDS:
+        with zaya_kernels.use_backend(backend), pytest.raises(exc, match=message):
+            call()
+
+
+def test_row_ops_hip_backend_needs_gpu_kernels():
+    """CPU tensors (and a CPU-only build, where the hip backend is not registered): asking for hip raises, naming the
+    op, instead of running something else."""
+    x, _, sorted_ids, N = _row_inputs(5, 3, torch.float32, "random", 0)
+    from zaya_kernels.backend import BackendUnavailableError
+
+    with zaya_kernels.use_backend("hip"), pytest.raises(BackendUnavailableError, match="moe_permute_rows"):
+        moe_permute_rows(x, sorted_ids, N)
+
+
+# ---------------------------------------------------------------- the row kernels of kernels/moe.cuh, host emulation
+_ROW_EMU_DRIVER = r"""
+#define ZAYA_HOST_EMULATION 1
+#include "moe.cuh"
+using namespace zaya::kernels;
+using zaya::dev::bf16_t;
+using zaya::dev::half_t;
+
+template <bool kAllowInt, typename F>
+static int row_by_dtype(int code, F&& f) {  // 0 float32, 1 float16, 2 bfloat16, 3 int32 (gather only)
+  switch (code) {
+    case 0: f(float{}); return 0;
+    case 1: f(half_t{}); return 0;
+    case 2: f(bf16_t{}); return 0;
+    case 3: if constexpr (kAllowInt) { f(int32_t{}); return 0; }
+  }
+  return 1;
+}
+
+static unsigned row_grid(int64_t rows, int lanes_log2) {
+  const int64_t per_block = kMoeRowThreads >> lanes_log2;
+  return static_cast<unsigned>((rows + per_block - 1) / per_block);
+}
+
+extern "C" int zaya_emu_moe_permute_rows(int dt, int vec, const void* x, const int32_t* sorted, int64_t num_rows,
+                                         int64_t H, int lanes_log2, void* out) {
+  return row_by_dtype<true>(dt, [&](auto tag) {
+    using A = decltype(tag);
+    constexpr int V = 16 / sizeof(A);
+    zaya_emu_launch(row_grid(num_rows, lanes_log2), kMoeRowThreads, [&] {
+      if (vec == 1) moe_permute_rows_kernel<A, 1>((const A*)x, sorted, num_rows, H, lanes_log2, (A*)out);
+      else moe_permute_rows_kernel<A, V>((const A*)x, sorted, num_rows, H, lanes_log2, (A*)out); });
+  });
+}
+
+extern "C" int zaya_emu_moe_unpermute_rows(int dt, int vec, const void* rows, const int32_t* sorted, const void* x,
+                                           const float* w, int64_t T, int64_t num_rows, int64_t H, int skip_mode,
+                                           int lanes_log2, void* y) {
+  return row_by_dtype<false>(dt, [&](auto tag) {
+    using A = decltype(tag);
+    constexpr int V = 16 / sizeof(A);
+    zaya_emu_launch(row_grid(T, lanes_log2), kMoeRowThreads, [&] {
+      if (vec == 1) moe_unpermute_rows_kernel<A, 1>((const A*)rows, sorted, (const A*)x, w, T, num_rows, H,
+                                                     skip_mode, lanes_log2, (A*)y);
+      else moe_unpermute_rows_kernel<A, V>((const A*)rows, sorted, (const A*)x, w, T, num_rows, H, skip_mode,
+                                           lanes_log2, (A*)y); });
+  });
+}
+
+extern "C" int zaya_emu_moe_unpermute_rows_bwd(int dt, int vec, const void* dy, const int32_t* sorted, const void* x,
+                                               const float* w, int64_t T, int64_t num_rows, int64_t H, int skip_mode,
+                                               void* grad_rows, void* grad_x, float* grad_w) {
+  return row_by_dtype<false>(dt, [&](auto tag) {
+    using A = decltype(tag);
+    constexpr int V = 16 / sizeof(A);
+    zaya_emu_launch(skip_mode == 1 ? T : num_rows, kMoeRowThreads, [&] {
+      if (vec == 1) moe_unpermute_rows_bwd_kernel<A, 1>((const A*)dy, sorted, (const A*)x, w, num_rows, H, skip_mode,
+                                                         (A*)grad_rows, (A*)grad_x, grad_w);
+      else moe_unpermute_rows_bwd_kernel<A, V>((const A*)dy, sorted, (const A*)x, w, num_rows, H, skip_mode,
+                                               (A*)grad_rows, (A*)grad_x, grad_w); });
+  });
+}
+"""
+
+_EMU_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int32: 3}
+
+
+@pytest.fixture(scope="module")
+def row_emulation(tmp_path_factory):
+    return compile_host_emulation(_ROW_EMU_DRIVER, tmp_path_factory.mktemp("moe_row_emu"))
+
+
+def _lanes_log2(packs):
+    """The launcher's choice (csrc/moe.cu row_lanes_log2): a power of two covering the row, at most the block."""
+    lg = 0
+    while (1 << lg) < packs and (1 << lg) < 256:
+        lg += 1
+    return lg
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "T, H, routing, skip_mode, vec, lanes",
+    [(0, 8, "random", 1, 1, None), (1, 3, "random", 1, 1, None), (13, 16, "random", 1, 16, None),
+     (13, 16, "random", 0, 16, 0), (21, 40, "all_skipped", 1, 1, 2), (9, 7, "none_skipped", 1, 1, None),
+     (17, 48, "some_experts_empty", 0, 16, None), (11, 600, "random", 1, 16, None)],
+)
+def test_hip_row_kernels_emulated_match_reference(row_emulation, dtype, T, H, routing, skip_mode, vec, lanes):
+    """kernels/moe.cuh row gather / scatter-back / backward on CPU threads vs the reference; vec 16 = 16-byte packs,
+    lanes = threads per row (log2; None: the launcher's choice; smaller values exercise the strided row loop)."""
+    import ctypes
+
+    vec = 1 if vec == 1 else 16 // dtype.itemsize
+    assert H % vec == 0
+    x, weight, sorted_ids, N = _row_inputs(T, H, dtype, routing, T * 100 + H)
+    gen = torch.Generator().manual_seed(H)
+    rows_in = torch.randn(N, H, generator=gen).to(dtype)
+    grad_y = torch.randn(T, H, generator=gen).to(dtype)
+    lg = _lanes_log2(H // vec) if lanes is None else lanes
+
+    def ptr(t):
+        return ctypes.c_void_p(t.data_ptr()) if t is not None else ctypes.c_void_p(0)
+
+    code = _EMU_CODES[dtype]
+    rows = torch.full((N, H), 7.0).to(dtype)
+    assert row_emulation.zaya_emu_moe_permute_rows(code, vec, ptr(x), ptr(sorted_ids), ctypes.c_int64(N),
+                                                   ctypes.c_int64(H), lg, ptr(rows)) == 0
+    assert torch.equal(rows, ref.moe_permute_rows(x, sorted_ids, N))
+    if H % 4 == 0:  # int32 rows (expert ids, vectorised like float)
+        xi = torch.randint(-9, 9, (T, H), dtype=torch.int32, generator=gen)
+        ri = torch.full((N, H), 77, dtype=torch.int32)
+        assert row_emulation.zaya_emu_moe_permute_rows(3, 1 if vec == 1 else 4, ptr(xi), ptr(sorted_ids),
+                                                       ctypes.c_int64(N), ctypes.c_int64(H), lg, ptr(ri)) == 0
+        assert torch.equal(ri, ref.moe_permute_rows(xi, sorted_ids, N))
+
+    y = torch.full((T, H), 7.0).to(dtype)
+    assert row_emulation.zaya_emu_moe_unpermute_rows(
+        code, vec, ptr(rows_in), ptr(sorted_ids), ptr(x if skip_mode else None), ptr(weight if skip_mode else None),
+        ctypes.c_int64(T), ctypes.c_int64(N), ctypes.c_int64(H), skip_mode, lg, ptr(y)) == 0
+    assert torch.equal(y, ref.moe_unpermute_rows(rows_in, sorted_ids, x, weight, skip_mode))
+
+    grad_rows = torch.full((N, H), 7.0).to(dtype)
+    grad_x = torch.full((T, H), 7.0).to(dtype) if skip_mode else None
+    grad_w = torch.full((T,), 7.0) if skip_mode else None
+    assert row_emulation.zaya_emu_moe_unpermute_rows_bwd(
+        code, vec, ptr(grad_y), ptr(sorted_ids), ptr(x if skip_mode else None), ptr(weight if skip_mode else None),
+        ctypes.c_int64(T), ctypes.c_int64(N), ctypes.c_int64(H), skip_mode, ptr(grad_rows), ptr(grad_x),
+        ptr(grad_w)) == 0
+    expected = ref.moe_unpermute_rows_backward(grad_y, sorted_ids, x, weight, N, skip_mode)
+    assert torch.equal(grad_rows, expected[0])
+    if skip_mode:
+        assert torch.equal(grad_x, expected[1])
+        assert_close(grad_w, expected[2], reduction=H, what="emulated grad_w")
+
+
+# ---------------------------------------------------------------- GPU: the HIP/CUDA row kernels vs the reference
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("T, H", [(0, 2048), (1, 2048), (37, 2048), (5000, 2048), (301, 77), (64, 1)])
+@pytest.mark.parametrize("skip_mode", [0, 1])
+def test_gpu_hip_row_ops_match_reference(dtype, T, H, skip_mode):
+    x, weight, sorted_ids, N = _row_inputs(T, H, dtype, "random", T + H, device="cuda", requires_grad=True, E=16)
+    gen = torch.Generator().manual_seed(T)
+    rows_in = torch.randn(N, H, generator=gen).to(dtype).cuda().requires_grad_(True)
+    grad_rows, grad_y = torch.randn(N, H, generator=gen).cuda(), torch.randn(T, H, generator=gen).cuda()
+
+    def run():
+        rows = moe_permute_rows(x, sorted_ids, N)
+        y = moe_unpermute_rows(rows_in, sorted_ids, x, weight, skip_mode)
+        loss = (rows.float() * grad_rows).sum() + (y.float() * grad_y).sum()
+        grads = torch.autograd.grad(loss, (x, weight, rows_in), allow_unused=True)
+        return [rows, y] + [torch.zeros_like(t) if g is None else g for g, t in zip(grads, (x, weight, rows_in))]
+
+    with zaya_kernels.use_backend("hip"):
+        actual = run()
+        ids = moe_permute_rows(sorted_ids.view(T, 1), sorted_ids, N)  # int32 rows
+    assert zaya_kernels.last_backend("moe_permute_rows") == "hip"
+    if T > 0:
+        assert zaya_kernels.last_backend("moe_unpermute_rows_backward") == "hip"
+    with zaya_kernels.use_backend("reference"):
+        expected = run()
+    assert torch.equal(ids.view(N), sorted_ids[sorted_ids[:N].long()])
+    for name, a, e in zip(("rows", "y", "grad x", "grad routing_weight", "grad rows"), actual, expected):
+        if name == "grad routing_weight":
+            assert_close(a, e, reduction=H, what=f"hip {name}")
+        else:
+            assert torch.equal(a, e), name
+
+
+def test_row_ops_check_a_dispatch_permutation_again_once_it_is_modified():
+    """The permutation moe_dispatch returned is trusted (no value check) only while unmodified."""
+    _, _, sorted_ids, _, _, _ = moe_dispatch(torch.tensor([1, 0, 1, 2], dtype=torch.int32), 2)
+    x = torch.randn(4, 3)
+    assert torch.equal(moe_permute_rows(x, sorted_ids, 4), x[sorted_ids.long()])
+    sorted_ids[0] = sorted_ids[1]
+    with pytest.raises(ValueError, match="more than once"):
+        moe_permute_rows(x, sorted_ids, 4)

@@ -7,14 +7,17 @@ The E experts are sharded in contiguous blocks: rank r of a group of size R hold
    are one contiguous block of the sorted order;
 2. exchange the per-rank row counts (all_to_all_single on R integers; the only host synchronisation, needed because
    the collective takes its split sizes on the host);
-3. send the token rows, their expert ids and routing weights with all_to_all_single;
+3. gather the routed rows in sorted order (torch.ops.zaya.moe_permute_rows: token rows, their expert ids and
+   routing weights) and send them with all_to_all_single;
 4. run the local experts on the received rows with the same kernels (torch.ops.zaya.moe_experts);
-5. send the results back (all_to_all_single with the reverse split) and put each row at its token's place;
-   skipped tokens never leave their rank (0 or w x, skip_mode).
+5. send the results back (all_to_all_single with the reverse split) and scatter each row to its token's place
+   (torch.ops.zaya.moe_unpermute_rows); skipped tokens never leave their rank (0 or w x, skip_mode).
+The gather and the scatter-back run on the backend the selector picks (HIP, Triton or the reference).
 
-Autograd: the exchanges are torch.distributed.nn.functional.all_to_all_single (differentiable), the local experts
-use the op's autograd, so x, the routing weight and the local expert weights get the gradients one process would
-give them (each rank's weight gradient is the full gradient of its own experts). No home-made transport.
+Autograd: the exchanges are torch.distributed.nn.functional.all_to_all_single (differentiable), the local experts,
+the gather and the scatter-back use their ops' autograd (the gather's backward is the scatter and vice versa), so
+x, the routing weight and the local expert weights get the gradients one process would give them (each rank's weight
+gradient is the full gradient of its own experts). No home-made transport.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
-from zaya_kernels.ops.moe import moe, moe_dispatch
+from zaya_kernels.ops.moe import moe, moe_dispatch, moe_permute_rows, moe_unpermute_rows
 
 
 def expert_range(num_experts: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -73,23 +76,22 @@ def moe_expert_parallel(x: torch.Tensor, local_gate_up: torch.Tensor, local_down
     recv_counts = torch.empty_like(send_counts)
     dist.all_to_all_single(recv_counts, send_counts, group=group)
     send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
-    routed = sum(send_splits)
-    send_rows = sorted_ids[:routed].long()
+    routed = sum(send_splits)  # = offsets[E]: the routed tokens are the first `routed` sorted positions
 
     def exchange(t, splits_out, splits_in):
         out = t.new_empty((sum(splits_out),) + tuple(t.shape[1:]))
         return dist_fn.all_to_all_single(out, t.contiguous(), splits_out, splits_in, group=group)
 
-    recv_x = exchange(x[send_rows], recv_splits, send_splits)
-    recv_w = exchange(routing_weight[send_rows], recv_splits, send_splits)
+    routing_weight = routing_weight.contiguous()
+    recv_x = exchange(moe_permute_rows(x, sorted_ids, routed), recv_splits, send_splits)
+    send_w = moe_permute_rows(routing_weight.view(T, 1), sorted_ids, routed).view(routed)
+    recv_w = exchange(send_w, recv_splits, send_splits)
     # expert ids carry no gradient: the plain collective is enough
+    send_index = moe_permute_rows(expert_index.contiguous().view(T, 1), sorted_ids, routed).view(routed)
     recv_index = expert_index.new_empty(sum(recv_splits))
-    dist.all_to_all_single(recv_index, expert_index[send_rows].contiguous(), recv_splits, send_splits, group=group)
+    dist.all_to_all_single(recv_index, send_index, recv_splits, send_splits, group=group)
     local_y = moe(recv_x, local_gate_up, local_down, recv_index - first, recv_w, skip_mode)
     back = exchange(local_y, send_splits, recv_splits)
-    y = torch.zeros_like(x)
-    if skip_mode == 1:
-        skipped = sorted_ids[routed:].long()
-        y = y.index_put((skipped,), (routing_weight[skipped, None].float() * x[skipped].float()).to(x.dtype))
-    # even with no routed token here, y stays connected to the exchanges: every rank must join their backward
-    return y.index_put((send_rows,), back)
+    # even with no routed token here, y stays connected to the exchanges (back has 0 rows): every rank must join
+    # their backward
+    return moe_unpermute_rows(back, sorted_ids, x, routing_weight, skip_mode)

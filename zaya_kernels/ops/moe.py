@@ -6,10 +6,17 @@ Ops (schemas in csrc/zaya_ops.cpp):
   zaya::moe_experts(x, gate_up, down, routing_weight, sorted_token_ids, offsets, tile_expert, tile_start, block_m,
                     skip_mode) -> y
   zaya::moe_experts_backward(grad_y, <the moe_experts arguments>) -> (grad_x, grad_gate_up, grad_down, grad_weight)
+  zaya::moe_permute_rows(x, sorted_token_ids, num_rows) -> rows
+  zaya::moe_unpermute_rows(rows, sorted_token_ids, x, routing_weight, skip_mode) -> y
+  zaya::moe_unpermute_rows_backward(grad_y, sorted_token_ids, x, routing_weight, num_rows, skip_mode)
+      -> (grad_rows, grad_x, grad_routing_weight)
 Backends: reference (zaya_kernels.reference.moe: vectorised dispatch, per-expert loops of torch matmuls that read
 the offsets on the host) and triton (zaya_kernels.triton.moe: dispatch kernels, grouped GEMMs forward and backward,
 no host synchronisation); moe_dispatch also has hip (kernels/moe.cuh via csrc/moe.cu: one block, for small T; runs
 when asked for, `auto` picks triton). Autograd calls moe_experts_backward with the backend that ran the forward.
+The row gather / scatter-back of expert parallelism (moe_permute_rows, moe_unpermute_rows; zaya_kernels.distributed)
+have reference, triton and hip (kernels/moe.cuh via csrc/moe.cu, registered when zaya_kernels._C has the launchers;
+`auto` prefers it) backends; each one's backward is the other (plus the skip_mode 1 terms of the scatter's backward).
 
 `zaya_kernels.ops.moe(x, gate_up, down, expert_index, routing_weight, skip_mode)` is the whole MoE expert part:
 dispatch with the BLOCK_M of the tuned table for this T and device, then the experts.
@@ -17,6 +24,7 @@ dispatch with the BLOCK_M of the tuned table for this T and device, then the exp
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 
@@ -191,6 +199,243 @@ register_op("moe_experts_backward", impls={"reference": ref.moe_experts_backward
             fake=_fake_experts_bwd, validate=_validate_experts_bwd, auto_order=("triton",))
 
 
+# ---------------------------------------------------------------- row gather / scatter-back (expert parallelism)
+_ROW_DTYPES = check.FLOAT_DTYPES + (torch.int32,)
+
+
+# sorted_token_ids tensors that moe_dispatch produced (permutations by construction) and that were not modified
+# since: id -> (weak reference, version counter). Their checks are free, so the expert-parallel path, which feeds
+# moe_dispatch's permutation to the row ops several times per step, adds no device->host copy.
+_KNOWN_PERMUTATIONS: dict = {}
+
+
+def _remember_permutation(sorted_token_ids):
+    key = id(sorted_token_ids)
+    _KNOWN_PERMUTATIONS[key] = (weakref.ref(sorted_token_ids, lambda _: _KNOWN_PERMUTATIONS.pop(key, None)),
+                                sorted_token_ids._version)
+
+
+def _known_permutation(sorted_token_ids) -> bool:
+    entry = _KNOWN_PERMUTATIONS.get(id(sorted_token_ids))
+    return entry is not None and entry[0]() is sorted_token_ids and entry[1] == sorted_token_ids._version
+
+
+def _check_permutation(op, sorted_token_ids):
+    """sorted_token_ids must be a permutation of 0..T-1 (every token once: the scatter writes each row of y exactly
+    once). Reads the values (one device->host copy on a GPU); skipped like the expert-index check (CUDA graph capture,
+    fake tensors, ZAYA_KERNELS_MOE_TRUST_INDEX=1) and for an unmodified permutation the `moe_dispatch` wrapper
+    returned."""
+    T = sorted_token_ids.shape[0]
+    if T == 0 or sorted_token_ids.device.type == "meta" or _known_permutation(sorted_token_ids):
+        return
+    if os.environ.get("ZAYA_KERNELS_MOE_TRUST_INDEX", "0") == "1":
+        return
+    if sorted_token_ids.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return
+    if isinstance(sorted_token_ids, torch._subclasses.FakeTensor):
+        return
+    ids = sorted_token_ids.long()
+    seen = torch.bincount(ids.clamp(0, T - 1), minlength=T)  # clamped: out-of-range values are reported below
+    low, high, most = torch.stack([ids.min(), ids.max(), seen.max()]).tolist()  # one device->host copy
+    if low < 0:
+        raise ValueError(f"zaya::{op}: `sorted_token_ids` has a negative value ({low}): index out of range, expected a "
+                         f"permutation of 0..{T - 1}")
+    if high >= T:
+        raise ValueError(f"zaya::{op}: `sorted_token_ids` has value {high} >= T = {T}: index out of range, expected a "
+                         f"permutation of 0..{T - 1}")
+    if most > 1:
+        repeated = int((seen > 1).nonzero()[0, 0])
+        raise ValueError(f"zaya::{op}: `sorted_token_ids` holds token {repeated} more than once; expected a "
+                         f"permutation of 0..{T - 1} (the sorted_token_ids of moe_dispatch)")
+
+
+def _check_num_rows(op, num_rows, T):
+    if not isinstance(num_rows, (int, torch.SymInt)) or isinstance(num_rows, bool):
+        raise TypeError(f"zaya::{op}: `num_rows` must be an int, got {type(num_rows).__name__}")
+    if num_rows < 0 or num_rows > T:
+        raise ValueError(f"zaya::{op}: `num_rows` = {num_rows} outside [0, T = {T}]")
+
+
+def _check_skip_args(op, x, routing_weight, skip_mode, T, H, dtype, device):
+    if skip_mode not in (ref.SKIP_ZERO, ref.SKIP_SCALED_IDENTITY):
+        raise ValueError(f"zaya::{op}: `skip_mode` must be 0 (skipped tokens give 0) or 1 (they give w * x), "
+                         f"got {skip_mode!r}")
+    if skip_mode == ref.SKIP_SCALED_IDENTITY and (x is None or routing_weight is None):
+        raise ValueError(f"zaya::{op}: skip_mode 1 (skipped tokens give w * x) needs `x` and `routing_weight`")
+    if x is not None:
+        check.tensor(op, "x", x, dtypes=(dtype,), shape=(T, H), device=device, contiguous=True)
+    if routing_weight is not None:
+        check.tensor(op, "routing_weight", routing_weight, dtypes=check.FLOAT_DTYPES, shape=(T,), device=device,
+                     contiguous=True)
+
+
+def _validate_permute(x, sorted_token_ids, num_rows):
+    op = "moe_permute_rows"
+    check.tensor(op, "x", x, ndim=2, dtypes=_ROW_DTYPES, contiguous=True)
+    T = x.shape[0]
+    check.tensor(op, "sorted_token_ids", sorted_token_ids, dtypes=_INDEX_DTYPES, shape=(T,), device=x.device,
+                 contiguous=True)
+    _check_num_rows(op, num_rows, T)
+    _check_permutation(op, sorted_token_ids)
+
+
+def _validate_unpermute(rows, sorted_token_ids, x, routing_weight, skip_mode):
+    op = "moe_unpermute_rows"
+    check.tensor(op, "rows", rows, ndim=2, dtypes=check.FLOAT_DTYPES, contiguous=True)
+    check.tensor(op, "sorted_token_ids", sorted_token_ids, ndim=1, dtypes=_INDEX_DTYPES, device=rows.device,
+                 contiguous=True)
+    N, H = rows.shape
+    T = sorted_token_ids.shape[0]
+    if N > T:
+        raise ValueError(f"zaya::{op}: `rows` has {N} rows but `sorted_token_ids` only {T} tokens (rows must be "
+                         f"[N, H] with N <= T)")
+    _check_skip_args(op, x, routing_weight, skip_mode, T, H, rows.dtype, rows.device)
+    _check_permutation(op, sorted_token_ids)
+
+
+def _validate_unpermute_bwd(grad_y, sorted_token_ids, x, routing_weight, num_rows, skip_mode):
+    op = "moe_unpermute_rows_backward"
+    check.tensor(op, "grad_y", grad_y, ndim=2, dtypes=check.FLOAT_DTYPES, contiguous=True)
+    T, H = grad_y.shape
+    check.tensor(op, "sorted_token_ids", sorted_token_ids, dtypes=_INDEX_DTYPES, shape=(T,), device=grad_y.device,
+                 contiguous=True)
+    _check_num_rows(op, num_rows, T)
+    _check_skip_args(op, x, routing_weight, skip_mode, T, H, grad_y.dtype, grad_y.device)
+    _check_permutation(op, sorted_token_ids)
+
+
+def _fake_permute(x, sorted_token_ids, num_rows):
+    return x.new_empty(num_rows, x.shape[1])
+
+
+def _fake_unpermute(rows, sorted_token_ids, x, routing_weight, skip_mode):
+    return rows.new_empty(sorted_token_ids.shape[0], rows.shape[1])
+
+
+def _fake_unpermute_bwd(grad_y, sorted_token_ids, x, routing_weight, num_rows, skip_mode):
+    grad_rows = grad_y.new_empty(num_rows, grad_y.shape[1])
+    if skip_mode != ref.SKIP_SCALED_IDENTITY:
+        return grad_rows, None, None
+    return grad_rows, torch.empty_like(x), torch.empty_like(routing_weight)
+
+
+def _fp32(t):
+    return None if t is None else t.float().contiguous()
+
+
+def _triton_permute(x, sorted_token_ids, num_rows):
+    from zaya_kernels.triton import moe as tri
+
+    out = x.new_empty(num_rows, x.shape[1])
+    tri.moe_permute_rows(x, sorted_token_ids, num_rows, out)
+    return out
+
+
+def _triton_unpermute(rows, sorted_token_ids, x, routing_weight, skip_mode):
+    from zaya_kernels.triton import moe as tri
+
+    y = rows.new_empty(sorted_token_ids.shape[0], rows.shape[1])
+    tri.moe_unpermute_rows(rows, sorted_token_ids, x, routing_weight, skip_mode, y)
+    return y
+
+
+def _triton_unpermute_bwd(grad_y, sorted_token_ids, x, routing_weight, num_rows, skip_mode):
+    from zaya_kernels.triton import moe as tri
+
+    return tri.moe_unpermute_rows_backward(grad_y, sorted_token_ids, x, routing_weight, num_rows, skip_mode)
+
+
+def _hip_permute(x, sorted_token_ids, num_rows):
+    from zaya_kernels import _C
+
+    out = x.new_empty(num_rows, x.shape[1])
+    _C.moe_permute_rows(x, sorted_token_ids, num_rows, out)
+    return out
+
+
+def _hip_unpermute(rows, sorted_token_ids, x, routing_weight, skip_mode):
+    from zaya_kernels import _C
+
+    y = rows.new_empty(sorted_token_ids.shape[0], rows.shape[1])
+    scaled = skip_mode == ref.SKIP_SCALED_IDENTITY
+    _C.moe_unpermute_rows(rows, sorted_token_ids, x if scaled else None, _fp32(routing_weight) if scaled else None,
+                          skip_mode, y)
+    return y
+
+
+def _hip_unpermute_bwd(grad_y, sorted_token_ids, x, routing_weight, num_rows, skip_mode):
+    from zaya_kernels import _C
+
+    grad_rows = grad_y.new_empty(num_rows, grad_y.shape[1])
+    if skip_mode != ref.SKIP_SCALED_IDENTITY:
+        _C.moe_unpermute_rows_backward(grad_y, sorted_token_ids, None, None, num_rows, skip_mode, grad_rows, None,
+                                       None)
+        return grad_rows, None, None
+    grad_x = torch.empty_like(x)
+    grad_w = torch.empty(grad_y.shape[0], dtype=torch.float32, device=grad_y.device)
+    _C.moe_unpermute_rows_backward(grad_y, sorted_token_ids, x, _fp32(routing_weight), num_rows, skip_mode,
+                                   grad_rows, grad_x, grad_w)
+    return grad_rows, grad_x, grad_w.to(routing_weight.dtype)
+
+
+def _setup_permute(ctx, inputs, output):
+    x, sorted_token_ids, num_rows = inputs
+    ctx.save_for_backward(sorted_token_ids)
+    ctx.backend = _backend.requested_backend()
+
+
+def _backward_permute(ctx, grad_rows):
+    (sorted_token_ids,) = ctx.saved_tensors
+    with _backend.use_backend(ctx.backend):  # the gather's adjoint: scatter into zeros
+        grad_x = torch.ops.zaya.moe_unpermute_rows(grad_rows.contiguous(), sorted_token_ids, None, None,
+                                                   ref.SKIP_ZERO)
+    return grad_x, None, None
+
+
+def _setup_unpermute(ctx, inputs, output):
+    rows, sorted_token_ids, x, routing_weight, skip_mode = inputs
+    ctx.save_for_backward(sorted_token_ids, x, routing_weight)
+    ctx.num_rows, ctx.skip_mode = rows.shape[0], skip_mode
+    ctx.backend = _backend.requested_backend()
+
+
+def _backward_unpermute(ctx, grad_y):
+    sorted_token_ids, x, routing_weight = ctx.saved_tensors
+    if ctx.skip_mode != ref.SKIP_SCALED_IDENTITY:
+        x = routing_weight = None  # they do not enter y
+    with _backend.use_backend(ctx.backend):
+        grad_rows, grad_x, grad_w = torch.ops.zaya.moe_unpermute_rows_backward(
+            grad_y.contiguous(), sorted_token_ids, x, routing_weight, ctx.num_rows, ctx.skip_mode)
+    return grad_rows, None, grad_x, grad_w, None
+
+
+def _hip_row_launchers() -> bool:
+    from zaya_kernels import _C
+
+    return all(hasattr(_C, n) for n in ("moe_permute_rows", "moe_unpermute_rows", "moe_unpermute_rows_backward"))
+
+
+_HIP_ROWS = _hip_row_launchers()
+
+
+def _row_impls(reference, triton_impl, hip_impl):
+    impls = {"reference": reference, "triton": triton_impl}
+    if _HIP_ROWS:
+        impls["hip"] = hip_impl
+    return impls
+
+
+register_op("moe_permute_rows", impls=_row_impls(ref.moe_permute_rows, _triton_permute, _hip_permute),
+            fake=_fake_permute, validate=_validate_permute, auto_order=("hip", "triton"),
+            backward=_backward_permute, setup_context=_setup_permute)
+register_op("moe_unpermute_rows", impls=_row_impls(ref.moe_unpermute_rows, _triton_unpermute, _hip_unpermute),
+            fake=_fake_unpermute, validate=_validate_unpermute, auto_order=("hip", "triton"),
+            backward=_backward_unpermute, setup_context=_setup_unpermute)
+register_op("moe_unpermute_rows_backward",
+            impls=_row_impls(ref.moe_unpermute_rows_backward, _triton_unpermute_bwd, _hip_unpermute_bwd),
+            fake=_fake_unpermute_bwd, validate=_validate_unpermute_bwd, auto_order=("hip", "triton"))
+
+
 # ---------------------------------------------------------------- typed wrappers
 def moe_block_m(num_tokens: int, device: torch.device | str = "cpu") -> int:
     """BLOCK_M (rows per tile of the dispatch map) the tuned table gives `num_tokens` tokens on `device`."""
@@ -225,7 +470,9 @@ def moe_dispatch(expert_index: torch.Tensor, num_experts: int, block_m: int | No
     """
     if block_m is None:
         block_m = moe_block_m(expert_index.shape[0], expert_index.device)
-    return torch.ops.zaya.moe_dispatch(expert_index, num_experts, block_m)
+    outputs = torch.ops.zaya.moe_dispatch(expert_index, num_experts, block_m)
+    _remember_permutation(outputs[2])
+    return outputs
 
 
 def moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, expert_index: torch.Tensor,
@@ -259,3 +506,59 @@ def moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, expert_index
     y = torch.ops.zaya.moe_experts(flat_x, gate_up, down, routing_weight.reshape(-1), sorted_token_ids, offsets,
                                    tile_expert, tile_start, block_m, skip_mode)
     return y.view(x.shape)
+
+
+def moe_permute_rows(x: torch.Tensor, sorted_token_ids: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Row gather before expert parallelism's all-to-all: rows[i] = x[sorted_token_ids[i]], i < num_rows.
+
+    Differentiable with respect to x (the backward is `moe_unpermute_rows` with skip_mode 0: a scatter into zeros).
+    Deterministic: a plain copy, one writer per output row.
+
+    Parameters
+    ----------
+    x : [T, H] float32 / float16 / bfloat16 / int32 (int32 for expert ids, no gradient), contiguous
+    sorted_token_ids : [T] int32, a permutation of 0..T-1 (`moe_dispatch`'s sorted_token_ids: tokens sorted by
+        expert, skipped tokens last), contiguous, on x's device
+    num_rows : int, 0 <= num_rows <= T, how many rows of the sorted order to gather (the routed tokens:
+        offsets[E], or the sum of the per-rank send counts)
+
+    Returns
+    -------
+    rows : [num_rows, H] x.dtype
+
+    Raises
+    ------
+    ValueError / TypeError for a wrong dtype, shape or device, num_rows outside [0, T], or sorted_token_ids that is
+    not a permutation of 0..T-1 (an index out of range or a repeated token; this check reads the values and is
+    skipped under CUDA graph capture and with ZAYA_KERNELS_MOE_TRUST_INDEX=1).
+    """
+    return torch.ops.zaya.moe_permute_rows(x, sorted_token_ids, num_rows)
+
+
+def moe_unpermute_rows(rows: torch.Tensor, sorted_token_ids: torch.Tensor, x: torch.Tensor | None = None,
+                       routing_weight: torch.Tensor | None = None, skip_mode: int = 0) -> torch.Tensor:
+    """Scatter-back after expert parallelism's all-to-all: y[sorted_token_ids[i]] = rows[i] for i < N, and the tokens
+    at sorted positions N..T-1 (the skipped ones) get 0 (skip_mode 0) or w_t * x_t (skip_mode 1, fp32 product
+    rounded once to rows.dtype). Every row of y is written once (top-1: no reduction, deterministic).
+
+    Differentiable with respect to rows (the backward is the gather `moe_permute_rows` of grad_y) and, with
+    skip_mode 1, x and routing_weight (grad_x = w grad_y and grad_w = <grad_y, x> on the skipped tokens, 0 elsewhere).
+
+    Parameters
+    ----------
+    rows : [N, H] float32 / float16 / bfloat16 (dtype A), contiguous; N <= T
+    sorted_token_ids : [T] int32, a permutation of 0..T-1 (`moe_dispatch`'s sorted_token_ids), contiguous
+    x : [T, H] dtype A, contiguous; needed with skip_mode 1 (ignored, may be None, with skip_mode 0)
+    routing_weight : [T] float32 / float16 / bfloat16, contiguous; needed with skip_mode 1 (ignored with 0)
+    skip_mode : 0 or 1
+
+    Returns
+    -------
+    y : [T, H] dtype A
+
+    Raises
+    ------
+    ValueError / TypeError for wrong dtypes, shapes or devices, N > T, skip_mode 1 without x / routing_weight, or
+    sorted_token_ids that is not a permutation of 0..T-1 (checked as in `moe_permute_rows`).
+    """
+    return torch.ops.zaya.moe_unpermute_rows(rows, sorted_token_ids, x, routing_weight, skip_mode)

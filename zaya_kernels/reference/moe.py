@@ -167,3 +167,58 @@ def moe_experts_backward(grad_y, x, gate_up, down, routing_weight, sorted_token_
         grad_w[skipped] = (dy_all[skipped] * x[skipped].float()).sum(1)
     return (grad_x.to(x.dtype), grad_gate_up.to(gate_up.dtype), grad_down.to(down.dtype),
             grad_w.to(routing_weight.dtype))
+
+
+# ---------------------------------------------------------------- expert parallelism: row gather and scatter-back
+# The rows a rank sends to the expert ranks are a prefix of the dispatch's sorted order (sorted_token_ids, every
+# routed token before the skipped ones), so the gather before the all-to-all and the scatter-back after it only need
+# sorted_token_ids and the number of rows N that travel (N = offsets[E], the routed tokens). Top-1: every token is at
+# one sorted position, so the scatter has one writer per output row.
+def moe_permute_rows(x, sorted_token_ids, num_rows: int):
+    """rows [num_rows, H] with rows[i] = x[sorted_token_ids[i]] (the first num_rows tokens of the sorted order).
+
+    x [T, H] (any dtype); sorted_token_ids int32 [T], a permutation of 0..T-1; 0 <= num_rows <= T.
+    """
+    return x[sorted_token_ids[:num_rows].long()]
+
+
+def moe_unpermute_rows(rows, sorted_token_ids, x, routing_weight, skip_mode: int):
+    """y [T, H] in rows.dtype: y[sorted_token_ids[i]] = rows[i] for i < N = rows.shape[0]; every other token t (the
+    skipped ones, sorted positions N..T-1) gets 0 (skip_mode 0) or w_t * x_t computed in fp32 and rounded once
+    (skip_mode 1).
+
+    rows [N, H]; sorted_token_ids int32 [T], a permutation of 0..T-1, N <= T; x [T, H] rows.dtype and routing_weight
+    [T] float (read with skip_mode 1 only; may be None with skip_mode 0). Differentiable with autograd.
+    """
+    T = sorted_token_ids.shape[0]
+    N, H = rows.shape
+    ids = sorted_token_ids.long()
+    y = rows.new_zeros(T, H)
+    y[ids[:N]] = rows
+    if skip_mode == SKIP_SCALED_IDENTITY:
+        skipped = ids[N:]
+        y[skipped] = (routing_weight[skipped, None].float() * x[skipped].float()).to(rows.dtype)
+    return y
+
+
+def moe_unpermute_rows_backward(grad_y, sorted_token_ids, x, routing_weight, num_rows: int, skip_mode: int):
+    """Gradients of `moe_unpermute_rows`: (grad_rows [N, H], grad_x [T, H] or None, grad_routing_weight [T] or None).
+
+        grad_rows[i] = grad_y[sorted_token_ids[i]]                 i < N  (the gather: the scatter's adjoint)
+    skip_mode 1, for a skipped token t (sorted position >= N); routed tokens get 0:
+        grad_x[t] = w_t grad_y[t]   (fp32 product rounded to x.dtype)
+        grad_w[t] = <grad_y[t], x_t>   (fp32 sum, rounded to routing_weight.dtype)
+    skip_mode 0: x and routing_weight do not enter y, their gradients are None.
+    """
+    ids = sorted_token_ids.long()
+    grad_rows = grad_y[ids[:num_rows]]
+    if skip_mode != SKIP_SCALED_IDENTITY:
+        return grad_rows, None, None
+    T = ids.shape[0]
+    skipped = ids[num_rows:]
+    dy = grad_y[skipped].float()
+    grad_x = torch.zeros_like(x)
+    grad_x[skipped] = (routing_weight[skipped, None].float() * dy).to(x.dtype)
+    grad_w = torch.zeros(T, dtype=torch.float32, device=x.device)
+    grad_w[skipped] = (dy * x[skipped].float()).sum(1)
+    return grad_rows, grad_x, grad_w.to(routing_weight.dtype)

@@ -59,6 +59,9 @@ EXPECTED_LAUNCHERS = [
     "residual_rmsnorm_bwd_num_partials",
     "zaya_router_decode",
     "moe_dispatch",
+    "moe_permute_rows",
+    "moe_unpermute_rows",
+    "moe_unpermute_rows_backward",
 ]
 EXPECTED_OPS = ["residual_scale_rmsnorm", "residual_scale_rmsnorm_backward", "rmsnorm", "rmsnorm_backward"]
 

@@ -411,6 +411,122 @@ def _launch_skip(src, x, routing_weight, out, wpart, sorted_token_ids, offsets, 
     )
 
 
+# ---------------------------------------------------------------- expert parallelism: row gather / scatter-back
+# Grid (row blocks, column blocks) of BLOCK_R rows x BLOCK_H columns; the backward loops over the columns inside one
+# program so each skipped row's <dy, x> is summed in one fixed order. sorted_token_ids is a permutation of 0..T-1
+# (checked by zaya_kernels/ops/moe.py), so every output row has one writer.
+@triton.jit
+def moe_permute_rows_kernel(x_ptr, sorted_ptr, out_ptr, num_rows, H, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[i, :] = x[sorted[i], :] for i < num_rows."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < num_rows
+    tokens = tl.load(sorted_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = row_mask[:, None] & (cols < H)[None, :]
+    values = tl.load(x_ptr + tokens[:, None] * H + cols[None, :], mask=mask)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * H + cols[None, :], values, mask=mask)
+
+
+@triton.jit
+def moe_unpermute_rows_kernel(rows_ptr, sorted_ptr, x_ptr, weight_ptr, y_ptr, T, num_rows, H,
+                              SKIP_MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """y[sorted[i], :] = rows[i, :] (i < num_rows); the other sorted positions: 0 or w x (SKIP_MODE 1)."""
+    pos = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    pos_mask = pos < T
+    routed = pos < num_rows
+    tokens = tl.load(sorted_ptr + pos, mask=pos_mask, other=0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = pos_mask[:, None] & (cols < H)[None, :]
+    out = tl.load(rows_ptr + pos.to(tl.int64)[:, None] * H + cols[None, :], mask=mask & routed[:, None], other=0.0)
+    if SKIP_MODE == 1:
+        skipped = pos_mask & (pos >= num_rows)
+        w = tl.load(weight_ptr + tokens, mask=skipped, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + tokens[:, None] * H + cols[None, :], mask=mask & skipped[:, None], other=0.0)
+        scaled = (w[:, None] * x.to(tl.float32)).to(y_ptr.dtype.element_ty)
+        out = tl.where(routed[:, None], out, scaled)
+    tl.store(y_ptr + tokens[:, None] * H + cols[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def moe_unpermute_rows_bwd_kernel(dy_ptr, sorted_ptr, x_ptr, weight_ptr, grad_rows_ptr, grad_x_ptr, grad_w_ptr,
+                                  T, num_rows, H, SKIP_MODE: tl.constexpr, BLOCK_R: tl.constexpr,
+                                  BLOCK_H: tl.constexpr):
+    """grad_rows[i, :] = dy[sorted[i], :] (i < num_rows); SKIP_MODE 1, over all T sorted positions: grad_x[t] = w dy
+    and grad_w[t] = <dy, x> (fp32) for the skipped tokens, 0 for the routed ones. T = num_rows with SKIP_MODE 0."""
+    pos = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    pos_mask = pos < T
+    routed = pos < num_rows
+    skipped = pos_mask & (pos >= num_rows)
+    tokens = tl.load(sorted_ptr + pos, mask=pos_mask, other=0).to(tl.int64)
+    if SKIP_MODE == 1:
+        w = tl.load(weight_ptr + tokens, mask=skipped, other=0.0).to(tl.float32)
+    dot = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        cols = h0 + tl.arange(0, BLOCK_H)
+        mask = pos_mask[:, None] & (cols < H)[None, :]
+        token_offs = tokens[:, None] * H + cols[None, :]
+        dy = tl.load(dy_ptr + token_offs, mask=mask, other=0.0)
+        tl.store(grad_rows_ptr + pos.to(tl.int64)[:, None] * H + cols[None, :], dy, mask=mask & routed[:, None])
+        if SKIP_MODE == 1:
+            dyf = dy.to(tl.float32)
+            grad_x = tl.where(skipped[:, None], w[:, None] * dyf, 0.0)
+            tl.store(grad_x_ptr + token_offs, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+            x = tl.load(x_ptr + token_offs, mask=mask & skipped[:, None], other=0.0).to(tl.float32)
+            dot += tl.sum(tl.where(skipped[:, None], dyf * x, 0.0), axis=1)
+    if SKIP_MODE == 1:
+        tl.store(grad_w_ptr + tokens, dot, mask=pos_mask)
+
+
+ROW_BLOCK_H, ROW_BLOCK_ELEMS = 256, 2048
+
+
+def row_blocks(H: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_H) of the row kernels: BLOCK_H columns up to 256, rows filling 2048 elements a program (so the
+    routing-weight rows [T, 1] move 2048 tokens a program; 16 x 256 bf16 tiles spilled on sm_90)."""
+    block_h = min(ROW_BLOCK_H, triton.next_power_of_2(max(H, 1)))
+    return ROW_BLOCK_ELEMS // block_h, block_h
+
+
+def moe_permute_rows(x, sorted_token_ids, num_rows, out):
+    """Launch the gather into out [num_rows, H] (x [T, H], sorted_token_ids int32 [T]); no host synchronisation."""
+    H = x.shape[1]
+    if num_rows == 0 or H == 0:
+        return
+    block_r, block_h = row_blocks(H)
+    moe_permute_rows_kernel[(triton.cdiv(num_rows, block_r), triton.cdiv(H, block_h))](
+        x, sorted_token_ids, out, num_rows, H, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=4)
+
+
+def moe_unpermute_rows(rows, sorted_token_ids, x, routing_weight, skip_mode, y):
+    """Launch the scatter-back into y [T, H] (rows [N, H]; x [T, H] and routing_weight [T] read with skip_mode 1)."""
+    T, H = y.shape
+    if T == 0 or H == 0:
+        return
+    block_r, block_h = row_blocks(H)
+    scaled = skip_mode == 1
+    moe_unpermute_rows_kernel[(triton.cdiv(T, block_r), triton.cdiv(H, block_h))](
+        rows, sorted_token_ids, x if scaled else rows, routing_weight if scaled else sorted_token_ids, y,
+        T, rows.shape[0], H, SKIP_MODE=1 if scaled else 0, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=4)
+
+
+def moe_unpermute_rows_backward(grad_y, sorted_token_ids, x, routing_weight, num_rows, skip_mode):
+    """(grad_rows [N, H], grad_x [T, H] or None, grad_routing_weight [T] or None) of moe_unpermute_rows, one launch."""
+    T, H = grad_y.shape
+    grad_rows = grad_y.new_empty(num_rows, H)
+    scaled = skip_mode == 1
+    grad_x = torch.empty_like(x) if scaled else None
+    grad_w = torch.empty(T, dtype=torch.float32, device=grad_y.device) if scaled else None
+    positions = T if scaled else num_rows
+    if positions > 0:
+        block_r, block_h = row_blocks(H)
+        block_r = min(block_r, 64)  # the column loop keeps BLOCK_R x BLOCK_H tiles of dy, x and grad_x live
+        moe_unpermute_rows_bwd_kernel[(triton.cdiv(positions, block_r),)](
+            grad_y, sorted_token_ids, x if scaled else grad_y, routing_weight if scaled else sorted_token_ids,
+            grad_rows, grad_x if scaled else grad_rows, grad_w if scaled else sorted_token_ids,
+            positions, num_rows, H, SKIP_MODE=1 if scaled else 0, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=4)
+    return grad_rows, grad_x, None if grad_w is None else grad_w.to(routing_weight.dtype)
+
+
 # ---------------------------------------------------------------- configurations
 @functools.lru_cache(maxsize=None)
 def load_config_table() -> dict:
@@ -631,6 +747,31 @@ def _aot_configs() -> dict:
                 constexprs={"SKIP_MODE": skip_mode, "BACKWARD": backward, "BLOCK_T": SKIP_BLOCK_T,
                             "BLOCK_H": SKIP_BLOCK_H},
                 num_warps=4))
+    out.update({name: [] for name in ("moe_permute_rows", "moe_unpermute_rows", "moe_unpermute_rows_bwd")})
+    # Row gather / scatter-back: ZAYA's bf16 hidden rows (H >= 256) and the narrow rows the gather also moves (fp32
+    # routing weights and int32 expert ids, H = 1).
+    for dtype, H in (("bf16", 2048), ("fp32", 1), ("i32", 1)):
+        block_r, block_h = row_blocks(H)
+        out["moe_permute_rows"].append(AotConfig(
+            label=f"{dtype},BLOCK_R={block_r},BLOCK_H={block_h}",
+            signature={"x_ptr": f"*{dtype}", "sorted_ptr": "*i32", "out_ptr": f"*{dtype}", "num_rows": "i32",
+                       "H": "i32", "BLOCK_R": "constexpr", "BLOCK_H": "constexpr"},
+            constexprs={"BLOCK_R": block_r, "BLOCK_H": block_h}, num_warps=4))
+    block_r, block_h = row_blocks(2048)
+    for skip_mode in (0, 1):
+        out["moe_unpermute_rows"].append(AotConfig(
+            label=f"SKIP_MODE={skip_mode},BLOCK_R={block_r},BLOCK_H={block_h}",
+            signature={"rows_ptr": "*bf16", "sorted_ptr": "*i32", "x_ptr": "*bf16", "weight_ptr": "*fp32",
+                       "y_ptr": "*bf16", "T": "i32", "num_rows": "i32", "H": "i32", "SKIP_MODE": "constexpr",
+                       "BLOCK_R": "constexpr", "BLOCK_H": "constexpr"},
+            constexprs={"SKIP_MODE": skip_mode, "BLOCK_R": block_r, "BLOCK_H": block_h}, num_warps=4))
+        out["moe_unpermute_rows_bwd"].append(AotConfig(
+            label=f"SKIP_MODE={skip_mode},BLOCK_R={min(block_r, 64)},BLOCK_H={block_h}",
+            signature={"dy_ptr": "*bf16", "sorted_ptr": "*i32", "x_ptr": "*bf16", "weight_ptr": "*fp32",
+                       "grad_rows_ptr": "*bf16", "grad_x_ptr": "*bf16", "grad_w_ptr": "*fp32", "T": "i32",
+                       "num_rows": "i32", "H": "i32", "SKIP_MODE": "constexpr", "BLOCK_R": "constexpr",
+                       "BLOCK_H": "constexpr"},
+            constexprs={"SKIP_MODE": skip_mode, "BLOCK_R": min(block_r, 64), "BLOCK_H": block_h}, num_warps=4))
     seen = set()
     for target in ("gfx942", "gfx950", "sm_90"):
         for block_m_str, gemms in table[target]["gemm"].items():
@@ -697,6 +838,7 @@ _KERNELS = {"moe_dispatch": moe_dispatch_kernel, "moe_dispatch_count": moe_dispa
             "moe_dispatch_scan": moe_dispatch_scan_kernel, "moe_dispatch_place": moe_dispatch_place_kernel,
             "moe_gate_up": moe_gate_up_kernel, "moe_down": moe_down_kernel,
             "moe_bwd_act": moe_bwd_act_kernel, "moe_bwd_dx": moe_bwd_dx_kernel, "moe_wgrad": moe_wgrad_kernel,
-            "moe_skip": moe_skip_kernel}
+            "moe_skip": moe_skip_kernel, "moe_permute_rows": moe_permute_rows_kernel,
+            "moe_unpermute_rows": moe_unpermute_rows_kernel, "moe_unpermute_rows_bwd": moe_unpermute_rows_bwd_kernel}
 for _name, _configs in _aot_configs().items():
     register_aot(_name, _KERNELS[_name], _configs)
