@@ -8,7 +8,7 @@ import torch
 
 from helpers import assert_close
 from zaya_kernels.backend import use_backend
-from zaya_kernels.integrations.transformers import update_balancing_biases
+from zaya_kernels.integrations.transformers import kernelize, update_balancing_biases
 from zaya_kernels.modules import ZayaCache, ZayaForCausalLM
 
 pytest.importorskip("transformers", reason="the module parity tests need transformers >= 5.8")
@@ -165,3 +165,19 @@ def test_gpu_modules_match_transformers_and_decode_equals_prefill(dtype):
     limit = 5e-5 if dtype == torch.float32 else 5e-2  # bf16: transformers rounds some steps to bf16, we keep fp32
     assert relative_error(logits, expected) < limit
     assert relative_error(torch.cat([prefix] + steps, dim=1).float(), logits) < limit
+
+
+def test_casting_keeps_balancing_biases_fp32_and_kernelize_accepts_a_cast_model():
+    hf, ours = pair("gqa2")
+    ours = ours.to(torch.bfloat16)
+    assert ours.model.layers[0].mlp.gate.balancing_biases.dtype == torch.float32
+    assert ours.model.layers[0].mlp.gate.down_proj.weight.dtype == torch.bfloat16
+    hf = hf.to(torch.bfloat16)  # transformers casts the buffer with the model
+    ids = random_ids(1, 5)
+    with torch.no_grad(), use_backend("reference"):
+        expected = hf(ids).logits.float()
+        logits = kernelize(hf, backend="reference")(ids).logits.float()
+        ours_logits = ours(ids).float()
+    assert hf.model.layers[0].mlp.gate.balancing_biases.dtype == torch.float32
+    assert relative_error(logits, expected) < 5e-2
+    assert relative_error(ours_logits, expected) < 5e-2

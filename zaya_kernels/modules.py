@@ -325,13 +325,22 @@ class ZayaRouter(nn.Module):
         self.router_mlp = RouterMLP(router_hidden, config.num_experts + 1, config.rms_norm_eps)
         self.register_buffer("balancing_biases", torch.zeros(config.num_experts + 1, dtype=torch.float32))
 
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() / .bfloat16() move the balancing biases but keep them fp32: they are added to fp32
+        # probabilities and updated in place by router_balance_update in fp32 (DESIGN.md 1.3, 1.5)
+        biases = self.balancing_biases
+        super()._apply(fn, recurse)
+        self.balancing_biases = biases.to(self.balancing_biases.device)
+        return self
+
     def forward(self, x: torch.Tensor, r_prev: torch.Tensor | None = None):
         mlp = self.router_mlp
         eda = self.use_eda and r_prev is not None
         index, weight, r, _ = zaya_ops.zaya_router(
             x.contiguous(), r_prev.contiguous() if eda else None, self.router_states_scale if eda else None,
             self.down_proj.weight, self.down_proj.bias, mlp.norm.weight, mlp.fc1.weight, mlp.fc1.bias,
-            mlp.fc2.weight, mlp.fc2.bias, mlp.out_proj.weight, self.balancing_biases, mlp.norm.variance_epsilon)
+            mlp.fc2.weight, mlp.fc2.bias, mlp.out_proj.weight, self.balancing_biases.float(),
+            mlp.norm.variance_epsilon)
         return index, weight, r
 
 

@@ -69,7 +69,7 @@ def moe_block_forward(block, hidden_states, prev_router_hidden_states=None):
     index, weight, router_state, _ = torch.ops.zaya.zaya_router(
         x, r_prev, gate.router_states_scale if use_eda else None, gate.down_proj.weight, gate.down_proj.bias,
         mlp.norm.weight, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, mlp.out_proj.weight,
-        gate.balancing_biases, _norm_eps(mlp.norm))
+        gate.balancing_biases.float(), _norm_eps(mlp.norm))  # a model cast with .to(bf16) has bf16 biases
     experts = block.experts
     if block.zaya_silu_experts:
         # skip_mode 0: a skipped token's expert output is zero, as in transformers
@@ -248,6 +248,9 @@ def kernelize(model, backend: str = "auto", cca: bool = True):
     base._zaya_cca = cca
     base.forward = types.MethodType(model_forward, base)
     for layer in base.layers:
+        gate = layer.mlp.gate
+        if gate.balancing_biases.dtype != torch.float32:  # cast with the model: same values, fp32 as the ops need
+            gate.balancing_biases = gate.balancing_biases.float()
         layer.mlp.zaya_silu_experts = base.config.hidden_act == "silu"  # the activation the MoE kernels implement
         layer.mlp.forward = types.MethodType(moe_block_forward, layer.mlp)
     return model
