@@ -835,3 +835,30 @@ def test_row_ops_check_a_dispatch_permutation_again_once_it_is_modified():
     sorted_ids[0] = sorted_ids[1]
     with pytest.raises(ValueError, match="more than once"):
         moe_permute_rows(x, sorted_ids, 4)
+
+
+def test_moe_skips_the_value_check_only_for_an_unmodified_router_index():
+    """zaya_router's expert index is valid by construction (moe reads no values back for it); once modified it is
+    checked again."""
+    from zaya_kernels.ops import _validate as check
+    from zaya_kernels.ops import zaya_router
+
+    gen = torch.Generator().manual_seed(0)
+    hidden, router_hidden, experts, inter = 8, 4, 3, 6
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    index, weight, _, _ = zaya_router(rand(5, hidden), None, None, rand(router_hidden, hidden), rand(router_hidden),
+                                      rand(router_hidden), rand(router_hidden, router_hidden), rand(router_hidden),
+                                      rand(router_hidden, router_hidden), rand(router_hidden),
+                                      rand(experts + 1, router_hidden), torch.zeros(experts + 1))
+    assert check.known_valid(index, ("expert_index", experts)) and check.known_valid(index.view(-1),
+                                                                                      ("expert_index", experts))
+    assert not check.known_valid(index, ("expert_index", experts + 1))
+    x, gate_up, down = rand(5, hidden), rand(experts, 2 * inter, hidden), rand(experts, hidden, inter)
+    moe(x, gate_up, down, index, weight)
+    index[0] = experts + 4
+    assert not check.known_valid(index, ("expert_index", experts))
+    with pytest.raises(ValueError, match="num_experts"):
+        moe(x, gate_up, down, index, weight)

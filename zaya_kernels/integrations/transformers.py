@@ -66,7 +66,7 @@ def moe_block_forward(block, hidden_states, prev_router_hidden_states=None):
     x = hidden_states.reshape(-1, hidden).contiguous()
     use_eda = gate.use_eda and prev_router_hidden_states is not None
     r_prev = prev_router_hidden_states.reshape(x.shape[0], -1).contiguous() if use_eda else None
-    index, weight, router_state, _ = torch.ops.zaya.zaya_router(
+    index, weight, router_state, _ = zaya_ops.zaya_router(
         x, r_prev, gate.router_states_scale if use_eda else None, gate.down_proj.weight, gate.down_proj.bias,
         mlp.norm.weight, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, mlp.out_proj.weight,
         gate.balancing_biases.float(), _norm_eps(mlp.norm))  # a model cast with .to(bf16) has bf16 biases

@@ -1,6 +1,8 @@
 """Argument checks shared by every op: each raises ValueError/TypeError naming the argument and what was expected."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -34,3 +36,27 @@ def optional_together(op: str, present: str, names_and_values) -> None:
 def eps(op: str, value) -> None:
     if not (isinstance(value, float) and value >= 0.0):
         raise ValueError(f"zaya::{op}: `eps` must be a non-negative float, got {value!r}")
+
+
+# Index tensors our own ops produced (valid by construction: the router's expert index, the dispatch permutation),
+# keyed by their base tensor and remembered while unmodified: the value checks that would read them back (a
+# device->host copy per call on a GPU) are skipped for them.
+_KNOWN_VALID: dict = {}
+
+
+def _root(t: torch.Tensor) -> torch.Tensor:
+    return t if t._base is None else t._base
+
+
+def remember_valid(t: torch.Tensor, what) -> None:
+    """Record that t's values satisfy `what` (a hashable description) until t or its base is modified."""
+    root = _root(t)
+    key = (id(root), what)
+    _KNOWN_VALID[key] = (weakref.ref(root, lambda _: _KNOWN_VALID.pop(key, None)), root._version)
+
+
+def known_valid(t: torch.Tensor, what) -> bool:
+    """True if t (or a full-size view of it) was remembered for `what` and not modified since."""
+    root = _root(t)
+    entry = _KNOWN_VALID.get((id(root), what))
+    return (entry is not None and entry[0]() is root and entry[1] == root._version and t.numel() == root.numel())

@@ -24,7 +24,6 @@ dispatch with the BLOCK_M of the tuned table for this T and device, then the exp
 from __future__ import annotations
 
 import os
-import weakref
 
 import torch
 
@@ -40,8 +39,11 @@ BLOCK_M_CHOICES = (16, 32, 64, 128, 256)
 # ---------------------------------------------------------------- validation
 def _check_expert_values(expert_index, num_experts):
     """Every index in 0..num_experts. Reads the values (one device->host copy on a GPU): skipped while a CUDA graph is
-    captured (no synchronisation is allowed there) and when ZAYA_KERNELS_MOE_TRUST_INDEX=1."""
+    captured (no synchronisation is allowed there), when ZAYA_KERNELS_MOE_TRUST_INDEX=1, and for an unmodified
+    expert index the `zaya_router` wrapper returned for this many experts."""
     if expert_index.numel() == 0 or expert_index.device.type == "meta":
+        return
+    if check.known_valid(expert_index, ("expert_index", num_experts)):
         return
     if os.environ.get("ZAYA_KERNELS_MOE_TRUST_INDEX", "0") == "1":
         return
@@ -203,30 +205,13 @@ register_op("moe_experts_backward", impls={"reference": ref.moe_experts_backward
 _ROW_DTYPES = check.FLOAT_DTYPES + (torch.int32,)
 
 
-# sorted_token_ids tensors that moe_dispatch produced (permutations by construction) and that were not modified
-# since: id -> (weak reference, version counter). Their checks are free, so the expert-parallel path, which feeds
-# moe_dispatch's permutation to the row ops several times per step, adds no device->host copy.
-_KNOWN_PERMUTATIONS: dict = {}
-
-
-def _remember_permutation(sorted_token_ids):
-    key = id(sorted_token_ids)
-    _KNOWN_PERMUTATIONS[key] = (weakref.ref(sorted_token_ids, lambda _: _KNOWN_PERMUTATIONS.pop(key, None)),
-                                sorted_token_ids._version)
-
-
-def _known_permutation(sorted_token_ids) -> bool:
-    entry = _KNOWN_PERMUTATIONS.get(id(sorted_token_ids))
-    return entry is not None and entry[0]() is sorted_token_ids and entry[1] == sorted_token_ids._version
-
-
 def _check_permutation(op, sorted_token_ids):
     """sorted_token_ids must be a permutation of 0..T-1 (every token once: the scatter writes each row of y exactly
     once). Reads the values (one device->host copy on a GPU); skipped like the expert-index check (CUDA graph capture,
     fake tensors, ZAYA_KERNELS_MOE_TRUST_INDEX=1) and for an unmodified permutation the `moe_dispatch` wrapper
     returned."""
     T = sorted_token_ids.shape[0]
-    if T == 0 or sorted_token_ids.device.type == "meta" or _known_permutation(sorted_token_ids):
+    if T == 0 or sorted_token_ids.device.type == "meta" or check.known_valid(sorted_token_ids, "permutation"):
         return
     if os.environ.get("ZAYA_KERNELS_MOE_TRUST_INDEX", "0") == "1":
         return
@@ -471,7 +456,7 @@ def moe_dispatch(expert_index: torch.Tensor, num_experts: int, block_m: int | No
     if block_m is None:
         block_m = moe_block_m(expert_index.shape[0], expert_index.device)
     outputs = torch.ops.zaya.moe_dispatch(expert_index, num_experts, block_m)
-    _remember_permutation(outputs[2])
+    check.remember_valid(outputs[2], "permutation")
     return outputs
 
 

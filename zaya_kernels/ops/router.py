@@ -265,6 +265,7 @@ def zaya_router(
     index, weight, r, logits = torch.ops.zaya.zaya_router(
         x.reshape(-1, h), None if r_prev is None else r_prev.reshape(-1, r_prev.shape[-1]), gamma, down_w, down_b,
         norm_w, fc1_w, fc1_b, fc2_w, fc2_b, out_w, balance_bias, float(eps), bool(return_logits))
+    check.remember_valid(index, ("expert_index", out_w.shape[0] - 1))  # 0..E by construction: moe skips its check
     return (index.view(lead), weight.view(lead), r.view(*lead, r.shape[-1]),
             None if logits is None else logits.view(*lead, logits.shape[-1]))
 
