@@ -9,7 +9,7 @@ import torch
 from helpers import assert_close
 from zaya_kernels.backend import use_backend
 from zaya_kernels.integrations.transformers import kernelize, update_balancing_biases
-from zaya_kernels.modules import ZayaCache, ZayaForCausalLM
+from zaya_kernels.modules import DecodeGraph, ZayaCache, ZayaForCausalLM
 
 pytest.importorskip("transformers", reason="the module parity tests need transformers >= 5.8")
 from test_transformers_integration import relative_error, tiny_model  # noqa: E402
@@ -147,6 +147,53 @@ def test_skip_mode_one_passes_skipped_tokens_through_scaled():
     assert (y0[skipped] == 0).all()
     with pytest.raises(ValueError, match="skip_mode"):
         ZayaForCausalLM(hf.config, skip_mode=2)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_device_driven_decode_equals_host_driven_decode(backend):
+    """The decode step a DecodeGraph captures (positions from cache.device_lengths, no host data) gives the host
+    path's logits and leaves the cache in the same state; snapshot/restore undo a step."""
+    _, ours = pair("sliding")
+    ids = random_ids(2, 6)
+    with torch.no_grad(), use_backend(backend):
+        host_cache, device_cache = ours.new_cache(2, 9), ours.new_cache(2, 9)
+        ours(ids[:, :3], cache=host_cache)
+        ours(ids[:, :3], cache=device_cache)
+        saved = device_cache.snapshot()
+        ours(ids[:, 3:4], cache=device_cache, device_decode=True)
+        device_cache.restore(saved)
+        for t in range(3, 6):
+            expected = ours(ids[:, t:t + 1], cache=host_cache)
+            got = ours(ids[:, t:t + 1], cache=device_cache, device_decode=True)
+            assert torch.equal(got, expected)
+    assert device_cache.lengths == host_cache.lengths == [6, 6]
+    assert device_cache.device_lengths.tolist() == [6, 6]
+    for a, b in zip(device_cache.conv_state + device_cache.k_cache, host_cache.conv_state + host_cache.k_cache):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="device_decode takes"):
+        ours(ids[:, :2], cache=device_cache, device_decode=True)
+    with pytest.raises(RuntimeError, match="need the model and cache on a GPU"):
+        DecodeGraph(ours, device_cache)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_graph_replays_the_eager_decode():
+    _, ours = pair("gqa2")
+    ours = ours.cuda()
+    ids = random_ids(2, 12).cuda()
+    eager = ours.generate(ids, 8)
+    graphed = ours.generate(ids, 8, cuda_graph=True)
+    assert torch.equal(graphed, eager)
+    cache = ours.new_cache(2, 20)
+    with torch.no_grad():
+        ours(ids, cache=cache)
+    graph = DecodeGraph(ours, cache)
+    assert cache.lengths == [12, 12]
+    logits = graph.step(eager[:, 12:13]).clone()
+    with torch.no_grad():
+        expected = ours(eager[:, :13])[:, -1]
+    assert relative_error(logits, expected) < 1e-4
+    assert cache.lengths == [13, 13] and cache.device_lengths.tolist() == [13, 13]
 
 
 @pytest.mark.gpu

@@ -205,6 +205,11 @@ def run_model_demo(model_path=None, new_tokens=None, batch=1) -> int:
     m_logits, m_tokens, m_prefill, m_decode, shares = _generate_modules(model, ids, new_tokens, device)
     rows = [("transformers", base_prefill, base_decode), ("kernelized", k_prefill, k_decode),
             ("zaya modules", m_prefill, m_decode)]
+    outputs = [("kernelized", k_logits, k_tokens), ("zaya modules", m_logits, m_tokens)]
+    if on_gpu:  # the decode step replayed as one CUDA/HIP graph
+        g_logits, g_tokens, g_prefill, g_decode, _ = _generate_modules(model, ids, new_tokens, device, graph=True)
+        rows.append(("+ graph", g_prefill, g_decode))
+        outputs.append(("zaya modules + graph", g_logits, g_tokens))
     print(f"{'':<13} {'prefill tok/s':>14} {'decode tok/s':>13} {'prefill x':>10} {'decode x':>9}")
     for label, prefill, decode in rows:
         print(f"{label:<13} {batch * prompt_len / prefill:14.1f} {batch / decode:13.1f} "
@@ -215,7 +220,7 @@ def run_model_demo(model_path=None, new_tokens=None, batch=1) -> int:
           + ", ".join(f"{family} {share:.0%}" for family, share in shares))
     dtype_ok = 5e-5 if next(model.parameters()).dtype == torch.float32 else 5e-2
     failures = 0
-    for label, logits, tokens in (("kernelized", k_logits, k_tokens), ("zaya modules", m_logits, m_tokens)):
+    for label, logits, tokens in outputs:
         err = (logits - base_logits).abs().max().item()
         rel = err / base_logits.abs().max().item()
         same = torch.equal(tokens, base_tokens)
@@ -252,9 +257,10 @@ def _decode_shares(step, device):
     return sorted(((f, t / whole) for f, t in totals.items()), key=lambda item: -item[1])
 
 
-def _generate_modules(model, ids, new_tokens, device):
+def _generate_modules(model, ids, new_tokens, device, graph=False):
     """The transformers model's weights in zaya_kernels.modules (shared tensors, no copy): (last-position prefill
-    logits, generated tokens, prefill seconds, median seconds per decode step, decode time shares)."""
+    logits, generated tokens, prefill seconds, median seconds per decode step, decode time shares). graph: decode
+    steps replayed as a captured CUDA/HIP graph (its capture counts in the prefill time)."""
     from zaya_kernels.modules import ZayaForCausalLM
 
     with torch.device("meta"):
@@ -272,7 +278,7 @@ def _generate_modules(model, ids, new_tokens, device):
         ours(ids[:, :1], cache=ours.new_cache(batch, 2))  # warm-up of the decode kernels
         sync()
         cache = ours.new_cache(batch, prompt_len + new_tokens + 1)
-        progress = _Progress(new_tokens, "zaya modules")
+        progress = _Progress(new_tokens, "+ graph" if graph else "zaya modules")
         start = time.perf_counter()
         progress.put(None)
 
@@ -280,7 +286,7 @@ def _generate_modules(model, ids, new_tokens, device):
             sync()  # per-token timestamps, as transformers' generate() gives them
             progress.put(None)
 
-        out = ours.generate(ids, new_tokens, cache=cache, on_token=on_token)
+        out = ours.generate(ids, new_tokens, cache=cache, on_token=on_token, cuda_graph=graph)
         progress.end()
         shares = _decode_shares(lambda: ours(out[:, -1:], cache=cache), device)
     stamps = progress.stamps[1:]

@@ -77,14 +77,16 @@ class ResidualScaleNorm(nn.Module):
 # ---------------------------------------------------------------- batch layout and cache
 @dataclass
 class ForwardBatch:
-    """Where the T tokens of one forward sit: built once per forward (host lists in, device tensors out) and
-    shared by every layer.
+    """Where the T tokens of one forward sit: built once per forward and shared by every layer.
 
     new_lens / start_lens : per sequence, tokens in this forward / tokens already in the cache before it (host ints)
     cu_seqlens : [B+1] int32, boundaries of the packed new tokens
     positions : [T] int32, position of every token in its sequence (start_lens[b] + i)
     seq_lens_after : [B] int32, cached tokens per sequence after this forward (None without a cache)
     cache_rows : [T] int64, row of each token in a [B * S_max] view of the KV cache (None without a cache)
+    max_total : int, an upper bound of seq_lens_after (sizes the decode attention's splits)
+    on_device : positions come from the cache's device-side lengths (`decode_on_device`): no host data, so the
+        forward can be captured in a CUDA/HIP graph and replayed
     """
 
     new_lens: list
@@ -93,6 +95,8 @@ class ForwardBatch:
     positions: torch.Tensor
     seq_lens_after: torch.Tensor | None
     cache_rows: torch.Tensor | None
+    max_total: int
+    on_device: bool = False
 
     @property
     def num_seqs(self) -> int:
@@ -101,10 +105,6 @@ class ForwardBatch:
     @property
     def max_new(self) -> int:
         return max(self.new_lens, default=0)
-
-    @property
-    def max_total(self) -> int:
-        return max((s + n for s, n in zip(self.start_lens, self.new_lens)), default=0)
 
     @property
     def fresh(self) -> bool:
@@ -118,18 +118,13 @@ class ForwardBatch:
 
     @staticmethod
     def build(new_lens, device, cache: "ZayaCache | None" = None) -> "ForwardBatch":
+        """From host lengths: new_lens[b] tokens of sequence b (after cache.lengths[b] cached ones)."""
         new_lens = [int(n) for n in new_lens]
         if any(n < 0 for n in new_lens):
             raise ValueError(f"zaya modules: sequence lengths must be >= 0, got {new_lens}")
         start_lens = list(cache.lengths) if cache is not None else [0] * len(new_lens)
         if cache is not None:
-            if len(new_lens) != cache.batch_size:
-                raise ValueError(f"zaya modules: the cache holds {cache.batch_size} sequences, the input has "
-                                 f"{len(new_lens)}")
-            too_long = [b for b, (s, n) in enumerate(zip(start_lens, new_lens)) if s + n > cache.max_seq_len]
-            if too_long:
-                raise ValueError(f"zaya modules: sequences {too_long} would exceed the cache capacity "
-                                 f"{cache.max_seq_len}")
+            cache.check_room(new_lens)
         bounds = [0]
         positions, rows = [], []
         for b, (start, n) in enumerate(zip(start_lens, new_lens)):
@@ -146,15 +141,29 @@ class ForwardBatch:
             positions=tensor(positions, torch.int32),
             seq_lens_after=None if cache is None else tensor([s + n for s, n in zip(start_lens, new_lens)],
                                                              torch.int32),
-            cache_rows=None if cache is None else tensor(rows, torch.int64))
+            cache_rows=None if cache is None else tensor(rows, torch.int64),
+            max_total=max((s + n for s, n in zip(start_lens, new_lens)), default=0))
+
+    @staticmethod
+    def decode_on_device(cache: "ZayaCache") -> "ForwardBatch":
+        """One new token per sequence at the positions cache.device_lengths holds (device tensors only)."""
+        cache.check_room([1] * cache.batch_size)
+        positions = cache.device_lengths.clone()
+        slots = torch.arange(cache.batch_size, dtype=torch.int64, device=positions.device)
+        return ForwardBatch(
+            new_lens=[1] * cache.batch_size, start_lens=list(cache.lengths),
+            cu_seqlens=torch.arange(cache.batch_size + 1, dtype=torch.int32, device=positions.device),
+            positions=positions, seq_lens_after=positions + 1, cache_rows=slots * cache.max_seq_len + positions,
+            max_total=cache.max_seq_len, on_device=True)
 
 
 class ZayaCache:
     """Inference state of a batch of B sequences for `ZayaForCausalLM` / `ZayaModel` of these modules.
 
     Per layer: conv_state [B, C, k0+k1-2] and value_state [B, n_kv * D / 2] (state_dtype, default fp32),
-    k_cache / v_cache [B, max_seq_len, n_kv, D] (the activation dtype). `lengths` holds the cached tokens of every
-    sequence on the host. Slot b is sequence b of every forward.
+    k_cache / v_cache [B, max_seq_len, n_kv, D] (the activation dtype). The cached tokens of every sequence are
+    kept on the host (`lengths`) and on the device (`device_lengths` int32 [B], what a graph-captured decode step
+    reads and advances). Slot b is sequence b of every forward.
     """
 
     def __init__(self, config, batch_size: int, max_seq_len: int, device=None, dtype=torch.float32,
@@ -167,6 +176,7 @@ class ZayaCache:
         state_len = config.cca_time0 + config.cca_time1 - 2
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         self.lengths = [0] * batch_size
+        self.device_lengths = torch.zeros(batch_size, dtype=torch.int32, device=device)
         layers = config.num_hidden_layers
         self.conv_state = [torch.zeros(batch_size, channels, state_len, dtype=state_dtype, device=device)
                            for _ in range(layers)]
@@ -176,9 +186,33 @@ class ZayaCache:
                         for _ in range(layers)]
         self.v_cache = [torch.zeros_like(k) for k in self.k_cache]
 
+    def check_room(self, new_lens) -> None:
+        if len(new_lens) != self.batch_size:
+            raise ValueError(f"zaya modules: the cache holds {self.batch_size} sequences, the input has "
+                             f"{len(new_lens)}")
+        too_long = [b for b, (s, n) in enumerate(zip(self.lengths, new_lens)) if s + n > self.max_seq_len]
+        if too_long:
+            raise ValueError(f"zaya modules: sequences {too_long} would exceed the cache capacity {self.max_seq_len}")
+
     def advance(self, batch: ForwardBatch) -> None:
-        """Record the tokens of a finished forward."""
+        """Record the tokens of a finished forward (on the device too: in place, so a captured step replays it)."""
         self.lengths = [s + n for s, n in zip(batch.start_lens, batch.new_lens)]
+        if batch.on_device:
+            self.device_lengths.add_(1)
+        else:
+            self.device_lengths.copy_(batch.seq_lens_after)
+
+    def snapshot(self):
+        """Copies of the recurrent states and lengths (the KV rows past `lengths` need none: they are rewritten)."""
+        return ([t.clone() for t in self.conv_state], [t.clone() for t in self.value_state],
+                self.device_lengths.clone(), list(self.lengths))
+
+    def restore(self, snapshot) -> None:
+        conv, value, device_lengths, lengths = snapshot
+        for dst, src in zip(self.conv_state + self.value_state, conv + value):
+            dst.copy_(src)
+        self.device_lengths.copy_(device_lengths)
+        self.lengths = list(lengths)
 
 
 # ---------------------------------------------------------------- attention
@@ -264,13 +298,14 @@ class CCAAttention(nn.Module):
             if cache is not None:
                 cache.conv_state[layer].copy_(final_conv)
                 cache.value_state[layer].copy_(final_value)
-        if cache is None or batch.fresh:
+        attend_cache = cache is not None and (batch.decode or not batch.fresh)
+        if not attend_cache:  # no cache, or a prefill of fresh sequences: varlen attention over the new tokens
             out = zaya_ops.cca_attention(q, k, v, batch.cu_seqlens, batch.max_new, window=self.window)
         if cache is not None:
             k_cache, v_cache = cache.k_cache[layer], cache.v_cache[layer]
             k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, batch.cache_rows, k.to(k_cache.dtype))
             v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, batch.cache_rows, v.to(v_cache.dtype))
-            if not batch.fresh:
+            if attend_cache:
                 out = self._attend_cache(q, k_cache, v_cache, batch)
         return self.o_proj(out.reshape(x.shape[0], -1).to(x.dtype))
 
@@ -422,9 +457,12 @@ class ZayaModel(nn.Module):
     """The ZAYA decoder stack with transformers' ZayaModel parameters (embed_tokens, layers.*, norm,
     input_hidden_states_scale, input_hidden_states_bias).
 
-    forward(input_ids, seq_lens=None, cache=None) -> final-normed hidden states [T, H] (packed) or [B, S, H]:
+    forward(input_ids, seq_lens=None, cache=None, device_decode=False) -> final-normed hidden states [T, H]
+    (packed) or [B, S, H]:
         input_ids [B, S] (B sequences of S tokens each) or packed [T] with seq_lens (host ints, sum T);
-        cache: a ZayaCache to read and extend (prefill, chunked prefill, decode), or None (training, scoring).
+        cache: a ZayaCache to read and extend (prefill, chunked prefill, decode), or None (training, scoring);
+        device_decode: one token per sequence ([B, 1]) at the positions the cache holds on the device, with no
+            host-to-device data (what `DecodeGraph` captures).
     skip_mode: what the skip class outputs (see ZayaMoE): 0 as transformers, 1 for Zyphra's legacy checkpoints.
     """
 
@@ -437,7 +475,8 @@ class ZayaModel(nn.Module):
         self.input_hidden_states_scale = nn.Parameter(torch.ones(config.hidden_size))
         self.input_hidden_states_bias = nn.Parameter(torch.zeros(config.hidden_size))
 
-    def forward(self, input_ids: torch.Tensor, seq_lens=None, cache: ZayaCache | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, seq_lens=None, cache: ZayaCache | None = None,
+                device_decode: bool = False) -> torch.Tensor:
         batched = input_ids.dim() == 2
         if batched:
             if seq_lens is not None:
@@ -446,7 +485,13 @@ class ZayaModel(nn.Module):
         elif input_ids.dim() != 1 or seq_lens is None or sum(int(n) for n in seq_lens) != input_ids.shape[0]:
             raise ValueError(f"zaya modules: input_ids must be [B, S], or packed [T] with seq_lens summing to T; got "
                              f"shape {tuple(input_ids.shape)} and seq_lens {seq_lens}")
-        batch = ForwardBatch.build(seq_lens, input_ids.device, cache)
+        if device_decode:
+            if cache is None or tuple(input_ids.shape) != (cache.batch_size, 1):
+                raise ValueError(f"zaya modules: device_decode takes [B, 1] input_ids with a cache of B sequences, "
+                                 f"got shape {tuple(input_ids.shape)}")
+            batch = ForwardBatch.decode_on_device(cache)
+        else:
+            batch = ForwardBatch.build(seq_lens, input_ids.device, cache)
         embeds = self.embed_tokens(input_ids.reshape(-1))
         first_norm = self.layers[0].input_layernorm if len(self.layers) else self.norm
         residual, normed = zaya_ops.residual_scale_rmsnorm(
@@ -465,7 +510,8 @@ class ZayaForCausalLM(nn.Module):
     """ZayaModel + lm_head with transformers' ZayaForCausalLM parameter names (model.*, lm_head.weight; tied to the
     embeddings when config.tie_word_embeddings).
 
-    forward(input_ids, seq_lens=None, cache=None) -> logits [..., vocab] (shaped like input_ids + vocab).
+    forward(input_ids, seq_lens=None, cache=None, device_decode=False) -> logits [..., vocab] (shaped like
+    input_ids + vocab); see ZayaModel.
     skip_mode: 0 (transformers' semantics, default) or 1 (Zyphra's legacy checkpoints), see ZayaMoE.
     """
 
@@ -477,8 +523,9 @@ class ZayaForCausalLM(nn.Module):
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, seq_lens=None, cache: ZayaCache | None = None) -> torch.Tensor:
-        return self.lm_head(self.model(input_ids, seq_lens, cache))
+    def forward(self, input_ids: torch.Tensor, seq_lens=None, cache: ZayaCache | None = None,
+                device_decode: bool = False) -> torch.Tensor:
+        return self.lm_head(self.model(input_ids, seq_lens, cache, device_decode))
 
     def new_cache(self, batch_size: int, max_seq_len: int, state_dtype=torch.float32) -> ZayaCache:
         """An empty ZayaCache for batch_size sequences of up to max_seq_len tokens, on the model's device/dtype."""
@@ -488,21 +535,62 @@ class ZayaForCausalLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, cache: ZayaCache | None = None,
-                 on_token=None) -> torch.Tensor:
+                 on_token=None, cuda_graph: bool = False) -> torch.Tensor:
         """Greedy decoding. input_ids [B, S] (equal-length prompts) -> [B, S + max_new_tokens].
 
         One prefill forward, then one decode forward per new token over a ZayaCache (created when not given);
+        cuda_graph: replay the decode step as a captured CUDA/HIP graph (`DecodeGraph`; GPU only);
         on_token(step) is called after every new token (progress bars, timing)."""
         batch_size, prompt_len = input_ids.shape
         if cache is None:
             cache = self.new_cache(batch_size, prompt_len + max_new_tokens)
         tokens = [input_ids]
         logits = self(input_ids, cache=cache)[:, -1]
+        decode_step = DecodeGraph(self, cache).step if cuda_graph and max_new_tokens > 1 else (
+            lambda token: self(token, cache=cache)[:, -1])
         for step in range(max_new_tokens):
             next_token = logits.argmax(-1, keepdim=True)
             tokens.append(next_token)
             if on_token is not None:
                 on_token(step)
             if step + 1 < max_new_tokens:
-                logits = self(next_token, cache=cache)[:, -1]
+                logits = decode_step(next_token)
         return torch.cat(tokens, dim=1)
+
+
+class DecodeGraph:
+    """One decode step of a `ZayaForCausalLM` over a `ZayaCache`, captured once as a CUDA (or HIP) graph and replayed
+    per token: every layer's kernels go out in one graph launch, so small-batch decode is not bound by Python and
+    per-kernel launch latency.
+
+    step(tokens [B, 1] int64) -> logits [B, vocab] (a static buffer: the next step overwrites it); every sequence of
+    the cache gains one token per step, at the positions cache.device_lengths holds. GPU only (CUDA or ROCm torch).
+    Construction runs the step once on a side stream (kernel compilation, allocator warm-up) with the cache's states
+    saved and restored, then captures it; the cache is unchanged by construction.
+    """
+
+    def __init__(self, model: ZayaForCausalLM, cache: ZayaCache):
+        device = cache.device_lengths.device
+        if device.type != "cuda":
+            raise RuntimeError(f"DecodeGraph: CUDA/HIP graphs need the model and cache on a GPU, the cache is on "
+                               f"{device}")
+        self.model, self.cache = model, cache
+        self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
+        saved = cache.snapshot()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.no_grad(), torch.cuda.stream(side):
+            model(self.tokens, cache=cache, device_decode=True)
+        torch.cuda.current_stream(device).wait_stream(side)
+        cache.restore(saved)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.graph):
+            self.logits = model(self.tokens, cache=cache, device_decode=True)[:, -1]
+        cache.restore(saved)  # capturing ran nothing on the device; the host-side lengths moved: put them back
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.cache.check_room([1] * self.cache.batch_size)
+        self.tokens.copy_(tokens.view(self.tokens.shape))
+        self.graph.replay()
+        self.cache.lengths = [n + 1 for n in self.cache.lengths]
+        return self.logits
