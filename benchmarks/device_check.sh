@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# One GPU session's checks (under 8 minutes): build the extension for this GPU, run the GPU tests, the benchmarks and
-# the AOT report; everything lands under $OUT (default ./device_out).
+# One GPU session's checks (under 10 minutes, each step with its own time limit): build the extension for this GPU,
+# run the GPU tests, the demo (end-to-end prefill/decode of ZAYA1-8B shapes: transformers, kernelized, modules,
+# modules + CUDA graph) and the op benchmarks; everything lands under $OUT (default ./device_out). The AOT compile
+# report needs no GPU: CI runs it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device_out}
@@ -13,8 +15,7 @@ start=$(date +%s)
 python -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { echo "BUILD FAILED"; tail -n 40 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - start )) s"
 python -m zaya_kernels info | tee "$OUT/info.txt"
-timeout 300 python -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" 2>&1 | tail -n 30
+timeout 200 python -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" 2>&1 | tail -n 30
 timeout 120 python -m zaya_kernels demo | tee "$OUT/demo.txt"
-timeout 180 python benchmarks/run.py --out "$OUT/results" | tee "$OUT/bench.txt"
-timeout 120 python -m zaya_kernels aot-report --json > "$OUT/aot_report.json"; echo "aot-report exit $?"
+timeout 120 python benchmarks/run.py --out "$OUT/results" | tee "$OUT/bench.txt"
 echo "total: $(( $(date +%s) - start )) s"
