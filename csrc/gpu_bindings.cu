@@ -8,6 +8,7 @@ void bind_gpu_launchers(pybind11::module_& m) {
   bind_residual_rmsnorm(m);  // csrc/residual_rmsnorm.cu
   bind_router(m);            // csrc/router.cu
   bind_moe(m);               // csrc/moe.cu
+  bind_cca(m);               // csrc/cca.cu
 }
 
 }  // namespace zaya

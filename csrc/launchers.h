@@ -14,5 +14,7 @@ void bind_router(pybind11::module_& m);
 // csrc/moe.cu: moe_dispatch (top-1 MoE dispatch in one block), moe_permute_rows / moe_unpermute_rows(_bwd) (the
 // row gather and scatter-back around expert parallelism's all-to-all).
 void bind_moe(pybind11::module_& m);
+// csrc/cca.cu: cca_prepare_decode (the CCA decode step in one launch).
+void bind_cca(pybind11::module_& m);
 #endif
 }  // namespace zaya

@@ -10,8 +10,11 @@ Ops (schemas in csrc/zaya_ops.cpp):
   zaya::cca_prepare_decode(qk, v_current, v_delayed, conv weights/biases, temperature, positions, conv_state!,
                     value_state!, state_indices, num_q_heads, num_kv_heads, rotary_dim, rope_theta) -> (q, k, v)
 Backends: reference (zaya_kernels.reference.cca) for all three; triton (zaya_kernels.triton.cca) for the two
-forward ops. There is no Triton backward kernel yet: the backward is autograd through the reference forward (torch
-ops on the tensors' device) whichever backend ran the forward; its "triton" entry is that same reference code.
+forward ops; cca_prepare_decode also has hip (kernels/cca.cuh via csrc/cca.cu: the whole decode step in one launch,
+registered when the extension was built with GPU launchers; needs qk, v_current and v_delayed in one dtype, the
+states in fp32 or that dtype; it runs when asked for, `auto` picks triton until the two have been timed on a GPU).
+There is no Triton backward kernel yet: the backward is autograd through the reference forward (torch ops on the
+tensors' device) whichever backend ran the forward; its "triton" entry is that same reference code.
 """
 from __future__ import annotations
 
@@ -202,6 +205,51 @@ def _triton_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_wei
     return q, k, v
 
 
+# ---------------------------------------------------------------- HIP/CUDA implementation (csrc/cca.cu)
+_hip_inv_freq_cache: dict = {}
+
+
+def _hip_inv_freq(rotary_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """fp32 [max(1, rotary_dim / 2)] RoPE table, computed once per (rotary_dim, theta, device) exactly as the
+    reference does, so a decode step is one launch (and graph-capturable after the first call)."""
+    key = (rotary_dim, theta, str(device))
+    if key not in _hip_inv_freq_cache:
+        freq = ref.rope_inv_freq(rotary_dim, theta, device)
+        _hip_inv_freq_cache[key] = freq if freq.numel() else torch.zeros(1, device=device)
+    return _hip_inv_freq_cache[key]
+
+
+def _hip_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature,
+                positions, conv_state, value_state, state_indices, num_q_heads, num_kv_heads, rotary_dim,
+                rope_theta):
+    from zaya_kernels import _C
+
+    act = qk.dtype
+    for name, t in (("v_current", v_current), ("v_delayed", v_delayed)):
+        if t.dtype != act:
+            raise ValueError(f"zaya::{_DECODE_OP}: the HIP kernel needs `{name}` in qk's dtype {act}, got {t.dtype}; "
+                             "use the triton or reference backend")
+    if conv_state.dtype not in (torch.float32, act) or value_state.dtype != conv_state.dtype:
+        raise ValueError(f"zaya::{_DECODE_OP}: the HIP kernel needs `conv_state` and `value_state` in one dtype, "
+                         f"float32 or qk's dtype {act}; got {conv_state.dtype} and {value_state.dtype}; use the "
+                         "triton or reference backend")
+    weights = (conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature)
+    if conv1_weight.dtype not in (torch.float32, act) or any(w.dtype != conv1_weight.dtype for w in weights):
+        weights = tuple(w.float() for w in weights)  # lossless; the kernel rounds conv1_weight to A as the reference
+    q, k, v = _fake_outputs(qk, conv1_weight, num_q_heads, num_kv_heads)
+    _C.cca_prepare_decode(qk, v_current, v_delayed, *weights, positions,
+                          _hip_inv_freq(rotary_dim, rope_theta, qk.device), conv_state, value_state, state_indices,
+                          num_q_heads, num_kv_heads, rotary_dim, q, k, v)
+    return q, k, v
+
+
+def _has_hip_decode() -> bool:
+    """True when the compiled extension holds the CCA decode launcher (a GPU build with csrc/cca.cu bound)."""
+    from zaya_kernels import _C
+
+    return hasattr(_C, "cca_prepare_decode")
+
+
 # ---------------------------------------------------------------- autograd
 _NUM_DIFFERENTIABLE = 8  # qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature
 _NUM_FWD_INPUTS = 17
@@ -230,8 +278,11 @@ register_op(_OP, impls={"reference": ref.cca_prepare, "triton": _triton_fwd}, fa
 # device, whatever backend is requested (a compiled graph replays it outside any use_backend block).
 register_op(_OP + "_backward", impls={"reference": ref.cca_prepare_backward}, fake=_fake_bwd, validate=_validate_bwd,
             reference_only=True)
-register_op(_DECODE_OP, impls={"reference": ref.cca_prepare_decode, "triton": _triton_decode}, fake=_fake_decode,
-            validate=_validate_decode, auto_order=("triton",))
+_decode_impls = {"reference": ref.cca_prepare_decode, "triton": _triton_decode}
+if _has_hip_decode():
+    _decode_impls["hip"] = _hip_decode
+register_op(_DECODE_OP, impls=_decode_impls, fake=_fake_decode, validate=_validate_decode,
+            auto_order=("triton", "hip"))
 
 
 # ---------------------------------------------------------------- typed wrappers
@@ -317,8 +368,8 @@ def cca_prepare_decode(
 
     Same math as `cca_prepare` with the conv and value states of slot state_indices[b] as the history. A zeroed
     slot is a fresh sequence. No host synchronisation (CUDA/HIP-graph safe); out-of-range indices are rejected
-    on CPU tensors only (checking GPU values would synchronise): on GPU the Triton kernel treats an index >= slots
-    like a negative one.
+    on CPU tensors only (checking GPU values would synchronise): on GPU the Triton and HIP kernels treat an
+    index >= slots like a negative one.
 
     Parameters
     ----------

@@ -58,6 +58,7 @@ EXPECTED_LAUNCHERS = [
     "rmsnorm_bwd",
     "residual_rmsnorm_bwd_num_partials",
     "zaya_router_decode",
+    "cca_prepare_decode",
     "moe_dispatch",
     "moe_permute_rows",
     "moe_unpermute_rows",

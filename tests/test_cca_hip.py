@@ -1,0 +1,376 @@
+"""The HIP/CUDA CCA decode kernel (kernels/cca.cuh via csrc/cca.cu, backend "hip" of zaya::cca_prepare_decode).
+
+On CPU machines the kernel runs through compat.cuh's host emulation (one std::thread per GPU thread, warp size 32)
+against zaya_kernels.reference.cca: hypothesis-drawn shapes, several decode steps so the states carry, padded rows,
+then decode token by token against the reference prefill. On a GPU the op itself runs with backend "hip".
+"""
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import zaya_kernels
+from zaya_kernels.reference import cca as ref
+
+from helpers import assert_close, compile_host_emulation
+
+THETA = 10_000.0
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+_EMU_DRIVER = r"""
+#define ZAYA_HOST_EMULATION 1
+#include "cca.cuh"
+using namespace zaya::kernels;
+using zaya::dev::bf16_t;
+using zaya::dev::half_t;
+
+template <typename TA, typename TW, typename TS>
+static void run(const void* qk, const void* vc, const void* vd, const void* w0, const void* b0, const void* w1,
+                const void* b1, const void* temp, const void* pos, const float* inv_freq, void* conv_state,
+                void* value_state, const void* idx, void* q, void* k, void* v, int B, int slots, int nq, int nkv,
+                int D, int k0, int k1, int rot, int pos64, int idx64, int threads) {
+  const int tiles = (B + kCcaRows - 1) / kCcaRows;
+  zaya_emu_launch((nq + nkv) * tiles, threads, [&] {
+    cca_prepare_decode_kernel<TA, TW, TS>((const TA*)qk, (const TA*)vc, (const TA*)vd, (const TW*)w0,
+        (const TW*)b0, (const TW*)w1, (const TW*)b1, (const TW*)temp, pos, inv_freq, (TS*)conv_state,
+        (TS*)value_state, idx, (TA*)q, (TA*)k, (TA*)v, B, slots, nq, nkv, D, k0, k1, rot, pos64, idx64); });
+}
+
+// dt: activation dtype code (0 fp32, 1 fp16, 2 bf16); wf / sf: weights / states in fp32 (1) or in the activation
+// dtype (0).
+extern "C" int zaya_emu_cca_decode(int dt, int wf, int sf, const void* qk, const void* vc, const void* vd,
+    const void* w0, const void* b0, const void* w1, const void* b1, const void* temp, const void* pos,
+    const float* inv_freq, void* conv_state, void* value_state, const void* idx, void* q, void* k, void* v, int B,
+    int slots, int nq, int nkv, int D, int k0, int k1, int rot, int pos64, int idx64, int threads) {
+#define ZAYA_EMU_RUN(TA, TW, TS) run<TA, TW, TS>(qk, vc, vd, w0, b0, w1, b1, temp, pos, inv_freq, conv_state, \
+    value_state, idx, q, k, v, B, slots, nq, nkv, D, k0, k1, rot, pos64, idx64, threads)
+  if (dt == 0) { ZAYA_EMU_RUN(float, float, float); return 0; }
+  if (dt == 1) {
+    if (wf && sf) ZAYA_EMU_RUN(half_t, float, float);
+    else if (wf) ZAYA_EMU_RUN(half_t, float, half_t);
+    else if (sf) ZAYA_EMU_RUN(half_t, half_t, float);
+    else ZAYA_EMU_RUN(half_t, half_t, half_t);
+    return 0;
+  }
+  if (dt == 2) {
+    if (wf && sf) ZAYA_EMU_RUN(bf16_t, float, float);
+    else if (wf) ZAYA_EMU_RUN(bf16_t, float, bf16_t);
+    else if (sf) ZAYA_EMU_RUN(bf16_t, bf16_t, float);
+    else ZAYA_EMU_RUN(bf16_t, bf16_t, bf16_t);
+    return 0;
+  }
+  return 1;
+#undef ZAYA_EMU_RUN
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def cca_emulation(tmp_path_factory):
+    return compile_host_emulation(_EMU_DRIVER, tmp_path_factory.mktemp("cca_emu"))
+
+
+class Weights:
+    """Random CCA weights (non-zero biases and temperatures), in `dtype`."""
+
+    def __init__(self, num_q, num_kv, head_dim, k0, k1, rotary_dim, dtype=torch.float32, seed=0, device="cpu"):
+        gen = torch.Generator().manual_seed(seed)
+        self.num_q, self.num_kv, self.head_dim, self.k0, self.k1 = num_q, num_kv, head_dim, k0, k1
+        self.rotary_dim = rotary_dim
+        self.channels = (num_q + num_kv) * head_dim
+        self.state_len = k0 + k1 - 2
+        self.value_dim = num_kv * head_dim // 2
+        self.gen, self.device = gen, device
+
+        def rand(*shape, scale=1.0):
+            return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(device)
+
+        self.conv0_weight = rand(self.channels, k0, scale=0.5)
+        self.conv0_bias = rand(self.channels, scale=0.5)
+        self.conv1_weight = rand(self.channels, head_dim, k1, scale=head_dim**-0.5)
+        self.conv1_bias = rand(self.channels, scale=0.5)
+        self.temperature = (torch.randn(num_kv, generator=gen) + 1.0).to(dtype).to(device)
+
+    def tuple(self):
+        return (self.conv0_weight, self.conv0_bias, self.conv1_weight, self.conv1_bias, self.temperature)
+
+    def heads(self):
+        return (self.num_q, self.num_kv, self.rotary_dim, THETA)
+
+    def tokens(self, rows, dtype):
+        """qk [rows, C], v_current, v_delayed [rows, Vh] in the activation dtype."""
+        def rand(*shape):
+            return torch.randn(*shape, generator=self.gen).to(dtype).to(self.device)
+
+        return rand(rows, self.channels), rand(rows, self.value_dim), rand(rows, self.value_dim)
+
+    def reduction(self):
+        return self.k0 * self.k1 * self.head_dim
+
+
+def _ptr(t):
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def emulated_decode(lib, w, qk, v_current, v_delayed, positions, conv_state, value_state, state_indices,
+                    threads=256):
+    """One decode step through the emulated kernel; updates the states in place, returns (q, k, v)."""
+    rows = qk.shape[0]
+    act = qk.dtype
+    q = torch.full((rows, w.num_q, w.head_dim), 7.0, dtype=act)  # garbage: the kernel must write every element
+    k = torch.full((rows, w.num_kv, w.head_dim), 7.0, dtype=act)
+    v = torch.full((rows, w.num_kv, w.head_dim), 7.0, dtype=act)
+    inv_freq = ref.rope_inv_freq(w.rotary_dim, THETA) if w.rotary_dim else torch.zeros(1)
+    weights = w.tuple()
+    assert len({t.dtype for t in weights}) == 1 and weights[0].dtype in (torch.float32, act)
+    assert conv_state.dtype == value_state.dtype and conv_state.dtype in (torch.float32, act)
+    rc = lib.zaya_emu_cca_decode(
+        _DTYPE_CODES[act], int(weights[0].dtype == torch.float32), int(conv_state.dtype == torch.float32),
+        _ptr(qk), _ptr(v_current), _ptr(v_delayed), *[_ptr(t) for t in weights], _ptr(positions), _ptr(inv_freq),
+        _ptr(conv_state), _ptr(value_state), _ptr(state_indices), _ptr(q), _ptr(k), _ptr(v), rows,
+        conv_state.shape[0], w.num_q, w.num_kv, w.head_dim, w.k0, w.k1, w.rotary_dim,
+        int(positions.dtype == torch.int64), int(state_indices.dtype == torch.int64), threads)
+    assert rc == 0
+    return q, k, v
+
+
+# ---------------------------------------------------------------- host emulation against the reference
+@settings(max_examples=14)
+@given(heads=st.sampled_from([(2, 2), (4, 2), (4, 1), (2, 1), (8, 2)]), head_dim=st.sampled_from([16, 32]),
+       kernels=st.tuples(st.integers(1, 4), st.integers(1, 4)), rotary=st.sampled_from(["zero", "half", "full"]),
+       rows=st.integers(1, 10), act=st.sampled_from([torch.float32, torch.float16]),
+       weights_fp32=st.booleans(), index_int64=st.booleans(), seed=st.integers(0, 2**16))
+def test_emulated_decode_steps_match_reference(cca_emulation, heads, head_dim, kernels, rotary, rows, act,
+                                               weights_fp32, index_int64, seed):
+    """Three decode steps with random states, padded rows (negative and out-of-range indices) and rows in a
+    permuted slot order; outputs and the states after every step against the reference."""
+    rotary_dim = {"zero": 0, "half": head_dim // 2, "full": head_dim}[rotary]
+    wdt = torch.float32 if (weights_fp32 or act == torch.float32) else act
+    w = Weights(*heads, head_dim, *kernels, rotary_dim, dtype=wdt, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    slots = rows + 2
+    conv_state = torch.randn(slots, w.channels, w.state_len, generator=gen)
+    value_state = torch.randn(slots, w.value_dim, generator=gen)
+    expected_states = (conv_state.clone(), value_state.clone())
+    index_dtype = torch.int64 if index_int64 else torch.int32
+    for step in range(3):
+        indices = torch.randperm(slots, generator=gen)[:rows].to(index_dtype)
+        if rows > 1:
+            indices[step % rows] = -1 - step  # a padded row
+        if rows > 2 and step == 1:
+            indices[(step + 1) % rows] = slots + 3  # out of range: the GPU kernel treats it as padding
+        qk, v_current, v_delayed = w.tokens(rows, act)
+        positions = torch.randint(0, 5000, (rows,), generator=gen, dtype=torch.int64 if step % 2 else torch.int32)
+        actual = emulated_decode(cca_emulation, w, qk, v_current, v_delayed, positions, conv_state, value_state,
+                                 indices)
+        ref_indices = torch.where(indices >= slots, -1, indices)  # the reference rejects them; same meaning
+        expected = ref.cca_prepare_decode(qk, v_current, v_delayed, *w.tuple(), positions, *expected_states,
+                                          ref_indices, *w.heads())
+        for name, a, e in zip("qkv", actual, expected):
+            assert_close(a, e, dtype=act, reduction=w.reduction(), what=f"step {step} {name}")
+        padded = ref_indices < 0
+        for a in actual:
+            assert not a[padded].any(), "padded rows must have zero outputs"
+        assert torch.equal(conv_state, expected_states[0]), f"step {step}: conv state"
+        assert torch.equal(value_state, expected_states[1]), f"step {step}: value state"
+
+
+@pytest.mark.parametrize("act,wdt,sdt,threads", [(torch.float16, torch.float16, torch.float16, 256),
+                                                  (torch.bfloat16, torch.float32, torch.bfloat16, 64),
+                                                  (torch.bfloat16, torch.bfloat16, torch.float32, 128),
+                                                  (torch.float32, torch.float32, torch.float32, 64)])
+def test_emulated_decode_other_dtypes_and_block_sizes(cca_emulation, act, wdt, sdt, threads):
+    """16-bit weights and states, bf16 activations, and block sizes other than kCcaThreads (the kernel loops over
+    whatever blockDim it gets); more rows than one tile (kCcaRows = 8)."""
+    w = Weights(4, 2, 16, 2, 3, 8, dtype=wdt, seed=threads)
+    gen = torch.Generator().manual_seed(3)
+    rows, slots = 11, 14
+    conv_state = torch.randn(slots, w.channels, w.state_len, generator=gen).to(sdt)
+    value_state = torch.randn(slots, w.value_dim, generator=gen).to(sdt)
+    expected_states = (conv_state.clone(), value_state.clone())
+    indices = torch.randperm(slots, generator=gen)[:rows].to(torch.int32)
+    indices[4] = -1
+    qk, v_current, v_delayed = w.tokens(rows, act)
+    positions = torch.arange(rows) * 37
+    actual = emulated_decode(cca_emulation, w, qk, v_current, v_delayed, positions, conv_state, value_state, indices,
+                             threads=threads)
+    expected = ref.cca_prepare_decode(qk, v_current, v_delayed, *w.tuple(), positions, *expected_states, indices,
+                                      *w.heads())
+    for name, a, e in zip("qkv", actual, expected):
+        assert_close(a, e, dtype=act, reduction=w.reduction(), what=name)
+    assert torch.equal(conv_state, expected_states[0]) and torch.equal(value_state, expected_states[1])
+
+
+@pytest.mark.parametrize("act", [torch.float32, torch.float16])
+def test_emulated_decode_token_by_token_equals_reference_prefill(cca_emulation, act):
+    """Sequences of different lengths fed one token per step (finished ones padded with -1) from zeroed slots
+    through the emulated kernel equal the reference prefill of the whole sequences (the b0 subtlety included:
+    a fresh sequence's first Y inputs are b0, not 0), and the final states equal the prefill's."""
+    w = Weights(4, 2, 16, 2, 2, 8, dtype=torch.float32, seed=11)
+    lengths = [3, 1, 4]
+    tokens = sum(lengths)
+    qk, v_current, v_delayed = w.tokens(tokens, act)
+    positions = torch.cat([torch.arange(n) + 5 * i for i, n in enumerate(lengths)])
+    cu_seqlens = torch.tensor([0, 3, 4, 8], dtype=torch.int32)
+    expected = ref.cca_prepare(qk, v_current, v_delayed, *w.tuple(), positions, cu_seqlens, *w.heads())
+
+    slot_of = [2, 0, 3]
+    conv_state = torch.zeros(4, w.channels, w.state_len)
+    value_state = torch.zeros(4, w.value_dim)
+    q = torch.zeros(tokens, w.num_q, w.head_dim, dtype=act)
+    k = torch.zeros(tokens, w.num_kv, w.head_dim, dtype=act)
+    v = torch.zeros(tokens, w.num_kv, w.head_dim, dtype=act)
+    starts = cu_seqlens[:-1].tolist()
+    for step in range(max(lengths)):
+        active = [b for b in range(3) if step < lengths[b]]
+        rows = torch.tensor([starts[b] + step if b in active else 0 for b in range(3)])
+        indices = torch.tensor([slot_of[b] if b in active else -1 for b in range(3)], dtype=torch.int32)
+        outs = emulated_decode(cca_emulation, w, qk[rows].contiguous(), v_current[rows].contiguous(),
+                               v_delayed[rows].contiguous(), positions[rows].contiguous(), conv_state, value_state,
+                               indices)
+        for out, full in zip(outs, (q, k, v)):
+            for b in active:
+                full[starts[b] + step] = out[b]
+    actual = (q, k, v, conv_state[slot_of], value_state[slot_of])
+    for name, a, e in zip(("q", "k", "v", "conv state", "value state"), actual, expected):
+        assert_close(a, e, dtype=act, reduction=w.reduction(), what=f"decode vs prefill {name}")
+
+
+# ---------------------------------------------------------------- ops/cca.py's hip implementation, on the emulation
+class _EmulatedLauncher:
+    """Stands in for zaya_kernels._C: `cca_prepare_decode` with csrc/cca.cu's argument list (the pybind names, in
+    order), running the emulated kernel; the dtype rules the launcher enforces are asserted here."""
+
+    def __init__(self, lib):
+        self.lib = lib
+
+    def cca_prepare_decode(self, qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias,
+                           temperature, positions, inv_freq, conv_state, value_state, state_indices, num_q_heads,
+                           num_kv_heads, rotary_dim, q, k, v):
+        weights = (conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature)
+        act = qk.dtype
+        assert v_current.dtype == v_delayed.dtype == q.dtype == k.dtype == v.dtype == act
+        assert len({t.dtype for t in weights}) == 1 and conv1_weight.dtype in (torch.float32, act)
+        assert conv_state.dtype == value_state.dtype and conv_state.dtype in (torch.float32, act)
+        assert inv_freq.dtype == torch.float32 and inv_freq.numel() == max(1, rotary_dim // 2)
+        rows, head_dim = qk.shape[0], conv1_weight.shape[1]
+        assert q.shape == (rows, num_q_heads, head_dim) and k.shape == v.shape == (rows, num_kv_heads, head_dim)
+        rc = self.lib.zaya_emu_cca_decode(
+            _DTYPE_CODES[act], int(conv1_weight.dtype == torch.float32), int(conv_state.dtype == torch.float32),
+            _ptr(qk), _ptr(v_current), _ptr(v_delayed), *[_ptr(t) for t in weights], _ptr(positions), _ptr(inv_freq),
+            _ptr(conv_state), _ptr(value_state), _ptr(state_indices), _ptr(q), _ptr(k), _ptr(v), rows,
+            conv_state.shape[0], num_q_heads, num_kv_heads, head_dim, conv0_weight.shape[1], conv1_weight.shape[2],
+            rotary_dim, int(positions.dtype == torch.int64), int(state_indices.dtype == torch.int64), 256)
+        assert rc == 0
+
+
+@pytest.mark.parametrize("act,wdt,sdt", [(torch.float16, torch.float16, torch.float32),
+                                         (torch.float16, torch.bfloat16, torch.float16),
+                                         (torch.float32, torch.float32, torch.float32)])
+def test_hip_impl_through_emulated_launcher(cca_emulation, monkeypatch, act, wdt, sdt):
+    """zaya_kernels.ops.cca._hip_decode (output allocation, weight conversion, RoPE table, launcher argument order)
+    with the emulated kernel in place of the compiled launcher; weights in a third dtype are converted to fp32."""
+    from zaya_kernels.ops import cca as cca_ops
+
+    monkeypatch.setattr(zaya_kernels, "_C", _EmulatedLauncher(cca_emulation))
+    w = Weights(2, 1, 16, 3, 2, 6, dtype=wdt, seed=7)
+    gen = torch.Generator().manual_seed(8)
+    conv_state = torch.randn(5, w.channels, w.state_len, generator=gen).to(sdt)
+    value_state = torch.randn(5, w.value_dim, generator=gen).to(sdt)
+    expected_states = (conv_state.clone(), value_state.clone())
+    indices = torch.tensor([3, -1, 0], dtype=torch.int64)
+    qk, v_current, v_delayed = w.tokens(3, act)
+    positions = torch.tensor([4, 0, 17], dtype=torch.int32)
+    args = (qk, v_current, v_delayed, *w.tuple(), positions)
+    actual = cca_ops._hip_decode(*args, conv_state, value_state, indices, *w.heads())
+    expected = ref.cca_prepare_decode(*args, *expected_states, indices, *w.heads())
+    for name, a, e in zip("qkv", actual, expected):
+        assert a.dtype == act
+        assert_close(a, e, dtype=act, reduction=w.reduction(), what=name)
+    assert torch.equal(conv_state, expected_states[0]) and torch.equal(value_state, expected_states[1])
+
+
+def test_hip_impl_rejects_dtypes_the_kernel_lacks(monkeypatch):
+    from zaya_kernels.ops import cca as cca_ops
+
+    monkeypatch.setattr(zaya_kernels, "_C", None)  # never reached: the checks come first
+    w = Weights(2, 1, 16, 2, 2, 8, seed=1)
+    qk, v_current, v_delayed = w.tokens(2, torch.bfloat16)
+    state = (torch.zeros(2, w.channels, 2), torch.zeros(2, w.value_dim))
+    tail = (torch.arange(2), *state, torch.arange(2, dtype=torch.int32), *w.heads())
+    with pytest.raises(ValueError, match="v_delayed"):
+        cca_ops._hip_decode(qk, v_current, v_delayed.float(), *w.tuple(), *tail)
+    with pytest.raises(ValueError, match="conv_state"):
+        cca_ops._hip_decode(qk, v_current, v_delayed, *w.tuple(), torch.arange(2), state[0].half(), state[1].half(),
+                            *tail[3:])
+
+
+# ---------------------------------------------------------------- the op with backend "hip" (needs a GPU build)
+def _hip_registered():
+    from zaya_kernels.ops._registry import OPS
+
+    return "hip" in OPS["cca_prepare_decode"].impls
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act,wdt,sdt", [(torch.bfloat16, torch.bfloat16, torch.float32),
+                                         (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+                                         (torch.float32, torch.float32, torch.float32),
+                                         (torch.float16, torch.float32, torch.float16)])
+@pytest.mark.parametrize("rows", [1, 8, 61])
+def test_gpu_hip_decode_matches_reference(act, wdt, sdt, rows):
+    """ZAYA1-8B shapes (n_q 8, n_kv 2, D 128, k0 = k1 = 2, rotary 64) on the GPU, two steps so the states carry."""
+    if not _hip_registered():
+        pytest.skip("the extension was built without the CCA HIP/CUDA launcher (csrc/cca.cu not bound)")
+    w = Weights(8, 2, 128, 2, 2, 64, dtype=wdt, seed=rows, device="cuda")
+    gen = torch.Generator().manual_seed(rows)
+    slots = rows + 4
+    conv_state = torch.randn(slots, w.channels, 2, generator=gen).to(sdt).cuda()
+    value_state = torch.randn(slots, w.value_dim, generator=gen).to(sdt).cuda()
+    expected_states = (conv_state.clone(), value_state.clone())
+    for step in range(2):
+        indices = torch.randperm(slots, generator=gen)[:rows].to(torch.int32).cuda()
+        if rows > 1:
+            indices[rows // 2] = -1
+        qk, v_current, v_delayed = w.tokens(rows, act)
+        positions = torch.randint(0, 100_000, (rows,), generator=gen).cuda()
+        with zaya_kernels.use_backend("hip"):
+            actual = torch.ops.zaya.cca_prepare_decode(qk, v_current, v_delayed, *w.tuple(), positions, conv_state,
+                                                       value_state, indices, *w.heads())
+        assert zaya_kernels.last_backend("cca_prepare_decode") == "hip"
+        expected = ref.cca_prepare_decode(qk, v_current, v_delayed, *w.tuple(), positions, *expected_states,
+                                          indices, *w.heads())
+        for name, a, e in zip("qkv", actual, expected):
+            assert_close(a, e, dtype=act, reduction=w.reduction(), what=f"gpu hip decode step {step} {name}")
+        assert torch.equal(conv_state, expected_states[0]) and torch.equal(value_state, expected_states[1])
+
+
+@pytest.mark.gpu
+def test_gpu_hip_decode_is_graph_capturable():
+    if not _hip_registered():
+        pytest.skip("the extension was built without the CCA HIP/CUDA launcher (csrc/cca.cu not bound)")
+    w = Weights(8, 2, 128, 2, 2, 64, dtype=torch.bfloat16, seed=0, device="cuda")
+    qk, v_current, v_delayed = w.tokens(2, torch.bfloat16)
+    positions = torch.tensor([3, 9], device="cuda")
+    indices = torch.tensor([1, 2], dtype=torch.int32, device="cuda")
+    conv_state = torch.zeros(4, w.channels, 2, device="cuda")
+    value_state = torch.zeros(4, w.value_dim, device="cuda")
+    args = (qk, v_current, v_delayed, *w.tuple(), positions, conv_state, value_state, indices, *w.heads())
+    with zaya_kernels.use_backend("hip"):
+        torch.ops.zaya.cca_prepare_decode(*args)  # warm up (the inv_freq table) outside the capture
+        states = (conv_state.clone(), value_state.clone())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = torch.ops.zaya.cca_prepare_decode(*args)
+    conv_state.copy_(states[0])
+    value_state.copy_(states[1])
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = ref.cca_prepare_decode(qk, v_current, v_delayed, *w.tuple(), positions, *states, indices,
+                                      *w.heads())
+    for name, a, e in zip("qkv", outs, expected):
+        assert_close(a, e, dtype=torch.bfloat16, reduction=w.reduction(), what=f"graph replay {name}")
