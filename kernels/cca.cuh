@@ -94,21 +94,6 @@ struct ConvWeight<T, T> {
   static ZAYA_DEVICE float apply(float w) { return w; }
 };
 
-template <typename T>
-struct Vec16 {
-  static constexpr int kN = 16 / sizeof(T);
-};
-
-template <typename T>
-ZAYA_DEVICE void load16(const T* __restrict__ p, float* out) {
-  struct alignas(16) Chunk {
-    T v[Vec16<T>::kN];
-  };
-  const Chunk c = *reinterpret_cast<const Chunk*>(p);
-#pragma unroll
-  for (int i = 0; i < Vec16<T>::kN; ++i) out[i] = dev::to_float(c.v[i]);
-}
-
 ZAYA_DEVICE int64_t load_index(const void* p, bool is_int64, int64_t i) {
   return is_int64 ? static_cast<const int64_t*>(p)[i] : static_cast<int64_t>(static_cast<const int32_t*>(p)[i]);
 }
@@ -153,7 +138,7 @@ template <typename TA, typename TW>
 ZAYA_DEVICE void grouped_conv(const TW* __restrict__ w1_head, const float* ys, int D, int L, bool vec, float* zs) {
   constexpr int kU = kCcaOutUnroll;
   constexpr int kR = kCcaRows;
-  constexpr int kN = Vec16<TW>::kN;
+  constexpr int kN = dev::Vec16<TW>::kN;
   constexpr int kSums = kU * kR;
   const int lane = threadIdx.x % dev::kWarpSize;
   const int warp = threadIdx.x / dev::kWarpSize;
@@ -169,7 +154,7 @@ ZAYA_DEVICE void grouped_conv(const TW* __restrict__ w1_head, const float* ys, i
         for (int u = 0; u < kU; ++u) {
           const int o = o0 + u * num_warps + warp;
           if (o < D) {
-            load16<TW>(w1_head + o * L + l, w[u]);
+            dev::load16<TW>(w1_head + o * L + l, w[u]);
 #pragma unroll
             for (int i = 0; i < kN; ++i) w[u][i] = ConvWeight<TA, TW>::apply(w[u][i]);
           } else {
@@ -297,7 +282,7 @@ __global__ void ZAYA_CCA_LAUNCH_BOUNDS cca_prepare_decode_kernel(
 
   // Phase 2: the grouped conv, W1 read once for all rows of the tile.
   {
-    constexpr int kN = cca_detail::Vec16<TW>::kN;
+    constexpr int kN = dev::Vec16<TW>::kN;
     const bool vec = (L % kN == 0) && ((reinterpret_cast<uintptr_t>(conv1_w) & 15u) == 0);
     cca_detail::grouped_conv<TA, TW>(conv1_w + head * D * L, ys, D, L, vec, zs);
   }

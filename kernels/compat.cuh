@@ -180,6 +180,22 @@ ZAYA_DEVICE float to_float(float v) { return v; }
 ZAYA_DEVICE float to_float(half_t v) { return half_to_float(v); }
 ZAYA_DEVICE float to_float(bf16_t v) { return bf16_to_float(v); }
 
+// 16 bytes of T (kN = 16 / sizeof(T) elements, 16-byte aligned) loaded in one access, as floats.
+template <typename T>
+struct Vec16 {
+  static constexpr int kN = 16 / sizeof(T);
+};
+
+template <typename T>
+ZAYA_DEVICE void load16(const T* __restrict__ p, float* out) {
+  struct alignas(16) Chunk {
+    T v[Vec16<T>::kN];
+  };
+  const Chunk c = *reinterpret_cast<const Chunk*>(p);
+#pragma unroll
+  for (int i = 0; i < Vec16<T>::kN; ++i) out[i] = to_float(c.v[i]);
+}
+
 template <typename T>
 struct FromFloat;
 template <>

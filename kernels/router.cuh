@@ -35,27 +35,11 @@ namespace router_detail {
 
 ZAYA_DEVICE float gelu_erf(float z) { return 0.5f * z * (1.0f + erff(z * 0.70710678118654752f)); }
 
-// 16 bytes of T as floats: kVec<T> elements.
-template <typename T>
-struct Vec16 {
-  static constexpr int kN = 16 / sizeof(T);
-};
-
-template <typename T>
-ZAYA_DEVICE void load16(const T* __restrict__ p, float* out) {
-  struct alignas(16) Chunk {
-    T v[Vec16<T>::kN];
-  };
-  const Chunk c = *reinterpret_cast<const Chunk*>(p);
-#pragma unroll
-  for (int i = 0; i < Vec16<T>::kN; ++i) out[i] = dev::to_float(c.v[i]);
-}
-
 // out[j] = sum_k W[j, k] * v[k] for j < rows, W row-major [rows, K] in TW, v in shared memory (fp32).
 // One warp per row; the row loop has the same trip count in every warp (block-uniform).
 template <typename TW>
 ZAYA_DEVICE void matvec(const TW* __restrict__ W, const float* v, int rows, int K, float* out) {
-  constexpr int kN = Vec16<TW>::kN;
+  constexpr int kN = dev::Vec16<TW>::kN;
   const int lane = threadIdx.x % dev::kWarpSize;
   const int warp = threadIdx.x / dev::kWarpSize;
   const int num_warps = blockDim.x / dev::kWarpSize;
@@ -68,7 +52,7 @@ ZAYA_DEVICE void matvec(const TW* __restrict__ W, const float* v, int rows, int 
       if (vec) {
         for (int k = lane * kN; k < K; k += dev::kWarpSize * kN) {
           float w[kN];
-          load16<TW>(w_row + k, w);
+          dev::load16<TW>(w_row + k, w);
 #pragma unroll
           for (int i = 0; i < kN; ++i) acc += w[i] * v[k + i];
         }

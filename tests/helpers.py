@@ -72,3 +72,19 @@ def compile_host_emulation(driver_source: str, tmp_dir):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return ctypes.CDLL(str(library))
+
+
+def perturb_zaya_parameters(model):
+    """Move every ZAYA-specific parameter of a transformers-named ZAYA model away from its init value (biases,
+    scales, temperatures, norms, balancing biases) so that a wrong formula or a tensor on the wrong name changes the
+    output; raise the skip class's balancing bias on odd layers so that some tokens choose it. In place, no grad."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "bias" in name:
+                p.uniform_(-0.5, 0.5)
+            elif any(k in name for k in ("scale", "temp", "norm", "layernorm")):
+                p.uniform_(0.5, 1.5)
+        for i, layer in enumerate(model.model.layers):
+            layer.mlp.gate.balancing_biases.uniform_(-0.2, 0.2)
+            layer.mlp.gate.balancing_biases[-1] = 0.3 if i % 2 else -0.2
+    return model

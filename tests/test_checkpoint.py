@@ -9,6 +9,8 @@ import os
 import pytest
 import torch
 
+from helpers import perturb_zaya_parameters
+
 transformers = pytest.importorskip("transformers", reason="the checkpoint tests need transformers >= 5.8")
 from safetensors.torch import save_file  # noqa: E402
 from transformers import ZayaConfig, ZayaForCausalLM, ZayaModel  # noqa: E402
@@ -38,17 +40,7 @@ def tiny_model(seed=0, **config_kwargs):
     """A random tiny ZAYA model (the approach of test_transformers_integration.py): every ZAYA-specific parameter
     away from its init value, so a tensor landing on the wrong name changes the output."""
     torch.manual_seed(seed)
-    model = ZayaForCausalLM(tiny_config(**config_kwargs)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "bias" in name:
-                p.uniform_(-0.5, 0.5)
-            elif any(k in name for k in ("scale", "temp", "norm", "layernorm")):
-                p.uniform_(0.5, 1.5)
-        for i, layer in enumerate(model.model.layers):
-            layer.mlp.gate.balancing_biases.uniform_(-0.2, 0.2)
-            layer.mlp.gate.balancing_biases[-1] = 0.3 if i % 2 else -0.2
-    return model
+    return perturb_zaya_parameters(ZayaForCausalLM(tiny_config(**config_kwargs)).eval())
 
 
 def batch(seed=1):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import zaya_kernels
+from helpers import perturb_zaya_parameters
 from zaya_kernels.integrations.transformers import attention_paths, kernelize
 
 transformers = pytest.importorskip("transformers", reason="the integration tests need transformers >= 5.8")
@@ -26,17 +27,7 @@ def tiny_model(name, seed=0, layers=3, **overrides):
     cfg = ZayaConfig(vocab_size=97, hidden_size=48, num_hidden_layers=layers, moe_intermediate_size=40,
                      max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2,
                      initializer_range=0.2, **{**CONFIGS[name], **overrides})
-    model = ZayaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "bias" in pname:
-                p.uniform_(-0.5, 0.5)
-            elif any(k in pname for k in ("scale", "temp", "norm", "layernorm")):
-                p.uniform_(0.5, 1.5)
-        for i, layer in enumerate(model.model.layers):
-            layer.mlp.gate.balancing_biases.uniform_(-0.2, 0.2)
-            layer.mlp.gate.balancing_biases[-1] = 0.3 if i % 2 else -0.2
-    return model
+    return perturb_zaya_parameters(ZayaForCausalLM(cfg).eval())
 
 
 def left_padded_batch(seed=1):
