@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -30,6 +32,17 @@ def test_demo_runs_and_agrees():
     assert "agreement (kernelized): max logit error" in out and "agreement (zaya modules): max logit error" in out
     assert "DIFFER" not in out and out.count("generated tokens identical") == 2
     assert "decode time per op family" in out
+
+
+def test_demo_runs_a_saved_checkpoint(tmp_path):
+    """--model PATH: a transformers checkpoint directory (here a tiny random one) through zaya_kernels.checkpoint."""
+    pytest.importorskip("transformers", reason="the model demo needs transformers >= 5.8")
+    from test_transformers_integration import tiny_model
+
+    tiny_model("gqa2").save_pretrained(tmp_path)
+    out = _run("-m", "zaya_kernels", "demo", "--model", str(tmp_path), "--tokens", "3")
+    assert f"model: {tmp_path}" in out
+    assert "DIFFER" not in out and out.count("generated tokens identical") == 2
 
 
 def test_benchmark_runner_writes_json_and_png(tmp_path):
