@@ -1,5 +1,6 @@
 """Benchmark runner: times every op family's cases on the available device, prints a table (time, GB/s, fraction of
-peak HBM bandwidth, speedup against the reference) and writes JSON + a PNG plot to benchmarks/results/.
+peak HBM bandwidth, speedup against the reference: the provider named "reference", else a case's first provider,
+e.g. unmodified transformers in bench_model) and writes JSON + a PNG plot to benchmarks/results/.
 
     python benchmarks/run.py [--only residual_rmsnorm] [--out benchmarks/results] [--repeats N]
 
@@ -54,13 +55,15 @@ def run(families, out_dir, repeats):
     print("-" * len(header))
     for family in families:
         module = importlib.import_module(f"bench_{family}")
+        family_repeats = min(repeats, getattr(module, "REPEATS", repeats))  # whole-model cases time fewer calls
         for op, shape, bytes_moved, providers in module.cases(device):
             ref_seconds = None
+            baseline = "reference" if "reference" in providers else next(iter(providers))
             for provider, fn in providers.items():
                 if interpreter and provider == "zaya-triton" and device == "cpu":
                     continue  # interpreter timings say nothing about kernels
-                seconds = median_seconds(fn, device, repeats)
-                ref_seconds = seconds if provider == "reference" else ref_seconds
+                seconds = median_seconds(fn, device, family_repeats)
+                ref_seconds = seconds if provider == baseline else ref_seconds
                 gbps = bytes_moved / seconds / 1e9
                 rec = {"op": op, "shape": shape, "provider": provider, "seconds": seconds, "gb_per_s": gbps,
                        "fraction_of_peak_bandwidth": (bytes_moved / seconds / peak) if peak else None,
