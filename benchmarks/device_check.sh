@@ -15,7 +15,9 @@ start=$(date +%s)
 python -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { echo "BUILD FAILED"; tail -n 40 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - start )) s"
 python -m zaya_kernels info | tee "$OUT/info.txt"
-timeout 200 python -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" 2>&1 | tail -n 30
-timeout 120 python -m zaya_kernels demo | tee "$OUT/demo.txt"
-timeout 120 python benchmarks/run.py --out "$OUT/results" | tee "$OUT/bench.txt"
+timeout 150 python -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" 2>&1 | tail -n 30
+timeout 90 python -m zaya_kernels demo | tee "$OUT/demo.txt"
+ops=$(ls benchmarks/bench_*.py | sed 's|benchmarks/bench_||; s|\.py||' | grep -v '^model$' | sed 's/^/--only /' | tr '\n' ' ')
+timeout 90 python benchmarks/run.py $ops --out "$OUT/results/ops" | tee "$OUT/bench_ops.txt"
+timeout 120 python benchmarks/run.py --only model --out "$OUT/results/model" | tee "$OUT/bench_model.txt"
 echo "total: $(( $(date +%s) - start )) s"

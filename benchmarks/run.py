@@ -48,6 +48,16 @@ def run(families, out_dir, repeats):
         triton_version = None
     interpreter = os.environ.get("TRITON_INTERPRET", "0") == "1"
     records = []
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": device_name,
+            "torch": torch.__version__, "triton": triton_version, "peak_bandwidth_bytes_per_s": peak}
+    os.makedirs(out_dir, exist_ok=True)
+    stem = f"{meta['date'][:10]}-{device_name.replace(' ', '_').replace('/', '_')}"
+    json_path = os.path.join(out_dir, f"{stem}.json")
+
+    def write_json():
+        with open(json_path, "w") as f:
+            json.dump({"meta": meta, "records": records}, f, indent=1)
+
     print(f"device: {device_name}  torch {torch.__version__}  triton {triton_version}  peak HBM "
           f"{'%.1f TB/s' % (peak / 1e12) if peak else 'unknown'}")
     header = f"{'op':<32} {'shape':<40} {'provider':<14} {'us':>10} {'GB/s':>9} {'%peak':>6} {'vs ref':>7}"
@@ -73,13 +83,7 @@ def run(families, out_dir, repeats):
                 speed = f"{rec['speedup_vs_reference']:6.2f}x" if rec["speedup_vs_reference"] else "     - "
                 shape_text = ",".join(f"{k}={v}" for k, v in shape.items())
                 print(f"{op:<32} {shape_text:<40} {provider:<14} {seconds * 1e6:10.1f} {gbps:9.1f} {frac} {speed}")
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": device_name,
-            "torch": torch.__version__, "triton": triton_version, "peak_bandwidth_bytes_per_s": peak}
-    os.makedirs(out_dir, exist_ok=True)
-    stem = f"{meta['date'][:10]}-{device_name.replace(' ', '_').replace('/', '_')}"
-    json_path = os.path.join(out_dir, f"{stem}.json")
-    with open(json_path, "w") as f:
-        json.dump({"meta": meta, "records": records}, f, indent=1)
+        write_json()  # after every family: a run cut short by a time limit keeps what it measured
     png_path = _plot(records, meta, os.path.join(out_dir, f"{stem}.png"))
     print(f"\nwrote {json_path}" + (f" and {png_path}" if png_path else " (no matplotlib: no plot)"))
     return records
