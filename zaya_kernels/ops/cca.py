@@ -9,17 +9,21 @@ Ops (schemas in csrc/zaya_ops.cpp):
                     arguments>) -> gradients of the 8 differentiable forward inputs
   zaya::cca_prepare_decode(qk, v_current, v_delayed, conv weights/biases, temperature, positions, conv_state!,
                     value_state!, state_indices, num_q_heads, num_kv_heads, rotary_dim, rope_theta) -> (q, k, v)
-Backends: reference (zaya_kernels.reference.cca) for all three; triton (zaya_kernels.triton.cca) for the two
-forward ops; cca_prepare_decode also has hip (kernels/cca.cuh via csrc/cca.cu: the whole decode step in one launch,
-registered when the extension was built with GPU launchers; needs qk, v_current and v_delayed in one dtype, the
-states in fp32 or that dtype; it runs when asked for, `auto` picks triton until the two have been timed on a GPU).
-There is no Triton backward kernel yet: the backward is autograd through the reference forward (torch ops on the
-tensors' device) whichever backend ran the forward; its "triton" entry is that same reference code.
+Backends: reference (zaya_kernels.reference.cca) for all three; triton for all three (zaya_kernels.triton.cca for
+the two forward ops and the backward); cca_prepare_decode also has hip
+(kernels/cca.cuh via csrc/cca.cu: the whole decode step in one launch, registered when the extension was built with
+GPU launchers; needs qk, v_current and v_delayed in one dtype, the states in fp32 or that dtype; it runs when asked
+for, `auto` picks triton until the two have been timed on a GPU).
+The reference backward is autograd through the reference forward. The autograd of cca_prepare calls
+cca_prepare_backward under the backend that was requested when the forward ran (kept on the autograd context, as
+the backward runs outside any use_backend block): a triton forward gets the triton backward, `auto` picks triton on
+GPU and the reference on CPU for both.
 """
 from __future__ import annotations
 
 import torch
 
+from zaya_kernels import backend as _backend
 from zaya_kernels.ops import _validate as check
 from zaya_kernels.ops._registry import register_op
 from zaya_kernels.reference import cca as ref
@@ -205,6 +209,12 @@ def _triton_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_wei
     return q, k, v
 
 
+def _triton_bwd(grad_q, grad_k, grad_v, grad_conv, grad_value, *fwd_args):
+    from zaya_kernels.triton import cca as tri_bwd
+
+    return tri_bwd.cca_prepare_bwd(grad_q, grad_k, grad_v, grad_conv, grad_value, *fwd_args)
+
+
 # ---------------------------------------------------------------- HIP/CUDA implementation (csrc/cca.cu)
 _hip_inv_freq_cache: dict = {}
 
@@ -259,6 +269,7 @@ def _setup_fwd(ctx, inputs, output):
     ctx.save_for_backward(*[t for t in inputs if isinstance(t, torch.Tensor)])
     ctx.tensor_slots = [i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor)]
     ctx.plain_args = {i: t for i, t in enumerate(inputs) if not isinstance(t, torch.Tensor)}
+    ctx.backend = _backend.requested_backend()  # backward runs outside any use_backend block: keep the choice
 
 
 def _backward_fwd(ctx, grad_q, grad_k, grad_v, grad_conv, grad_value):
@@ -267,17 +278,15 @@ def _backward_fwd(ctx, grad_q, grad_k, grad_v, grad_conv, grad_value):
         inputs[slot] = tensor
     for slot, value in ctx.plain_args.items():
         inputs[slot] = value
-    # The backward op is reference_only: it runs the reference (on any device) whatever backend is requested.
-    grads = torch.ops.zaya.cca_prepare_backward(grad_q, grad_k, grad_v, grad_conv, grad_value, *inputs)
+    with _backend.use_backend(ctx.backend):
+        grads = torch.ops.zaya.cca_prepare_backward(grad_q, grad_k, grad_v, grad_conv, grad_value, *inputs)
     return tuple(grads) + (None,) * (_NUM_FWD_INPUTS - _NUM_DIFFERENTIABLE)
 
 
 register_op(_OP, impls={"reference": ref.cca_prepare, "triton": _triton_fwd}, fake=_fake_fwd, validate=_validate_fwd,
             auto_order=("triton",), backward=_backward_fwd, setup_context=_setup_fwd)
-# There is no Triton backward kernel: the backward is autograd through the pure-PyTorch forward, on the tensors'
-# device, whatever backend is requested (a compiled graph replays it outside any use_backend block).
-register_op(_OP + "_backward", impls={"reference": ref.cca_prepare_backward}, fake=_fake_bwd, validate=_validate_bwd,
-            reference_only=True)
+register_op(_OP + "_backward", impls={"reference": ref.cca_prepare_backward, "triton": _triton_bwd}, fake=_fake_bwd,
+            validate=_validate_bwd, auto_order=("triton",))
 _decode_impls = {"reference": ref.cca_prepare_decode, "triton": _triton_decode}
 if _has_hip_decode():
     _decode_impls["hip"] = _hip_decode

@@ -1,4 +1,5 @@
-"""Triton kernels for ZAYA's CCA projection (DESIGN.md 1.1 steps 3-8): packed varlen prefill and decode.
+"""Triton kernels for ZAYA's CCA projection (DESIGN.md 1.1 steps 3-8): packed varlen prefill, decode, and the
+prefill's backward (four kernels, described at the start of the backward section below).
 
 Math and precision model: zaya_kernels.reference.cca (fp32 arithmetic; the depthwise output Y and the grouped conv
 weights are rounded to the activation dtype A before the grouped conv, which accumulates in fp32).
@@ -529,3 +530,533 @@ _prefill_configs, _decode_configs, _final_configs = _aot_configs()
 register_aot("cca_prepare", cca_prepare_kernel, _prefill_configs)
 register_aot("cca_prepare_decode", cca_decode_kernel, _decode_configs)
 register_aot("cca_final_states", cca_final_states_kernel, _final_configs)
+
+
+# ================================================================ backward (zaya::cca_prepare_backward)
+# Triton backward of ZAYA's CCA projection prefill (`zaya::cca_prepare_backward`, DESIGN.md 1.1 steps 3-8).
+#
+# Math (per packed sequence of L tokens; zaya_kernels.reference.cca has the forward): n_q query heads, n_kv kv heads
+# (g = n_q / n_kv), head dim D, C = (n_q + n_kv) D channels, kernels k0 (depthwise) and k1 (grouped),
+# K = k0 + k1 - 2 conv-state columns, X_t the raw qk row (history or 0 for t < 0), A the activation dtype.
+# Forward: Y_s = b0 + sum_j0 w0[:, j0] X_{s-(k0-1-j0)} (s >= -(k1-1), rounded to A: Yr),
+# Z_t = b1 + sum_j1 W1[:, :, j1] Yr_{t-(k1-1-j1)} (per head, W1 rounded to A), U = Z + coupling residual,
+# n = c U / max(||U||, eps) with c = sqrt(D) (q heads) or sqrt(D) temp_j (kv head j), out = RoPE(n).
+# Backward, given G = dL/dout (grad_q [T, n_q, D], grad_k [T, n_kv, D]):
+#   1. RoPE is a rotation: dn = R^T G (lo' = lo cos + hi sin, hi' = hi cos - lo sin, the rest unchanged).
+#   2. QK norm: dU = c/m (dn - [||U|| >= eps] (dn . U) U / m^2), m = max(||U||, eps);
+#      dtemp_j = sum_t sqrt(D) (dn . U) / m over kv head j's rows.
+#   3. dZ = dU. Coupling: dX[Q0 of head h] = dU_h / 2 + dU_{kv h//g} / (2g); dX[K0 of kv j] = dU_kv_j / 2 +
+#      sum_m dU_{g j + m} / 2.
+#   4. Grouped conv: P_j1,t = dZ_t @ W1[:, :, j1] (per head, [D] -> [D]); dYr_s = sum_j1 P_j1,{s + k1-1-j1} (t < L);
+#      dW1[o, i, j1] = sum_t dZ_t[o] Yr_{t-(k1-1-j1)}[i]; db1 = sum_t dZ_t. The rounding Y -> Yr is straight-through.
+#   5. Depthwise conv, with m = (k0-1-j0) + (k1-1-j1):
+#      dX_u += sum_{j0, j1} w0[:, j0] P_j1,{u+m} (u + m < L: the convs restart at every sequence boundary);
+#      dw0[:, j0] = sum_{j1} sum_t P_j1,t X_{t-m} (X_{<0}: the initial conv state or 0; this includes Y_{-1..-(k1-1)},
+#      which exist even for a fresh sequence: Y_{-1} = b0); db0 = sum_{j1} sum_t P_j1,t.
+#   6. final_conv_state = the last K columns of [history | X]: dX_u += grad_final_conv_state[:, K - (L - u)] for the
+#      last K tokens (columns from the initial state get nothing: initial states get no gradient).
+#   7. Values (torch indexing in the launcher): dVc_t = grad_v[t] first half; dVd_t = grad_v[t + 1] second half when
+#      t + 1 is in the same sequence, plus grad_final_value_state at the sequence's last token.
+#
+# Kernels (all fp32 arithmetic; nothing from the forward is saved: each recomputes what it needs from X):
+# - cca_bwd_grad_z_kernel, grid (cdiv(T, 16), n_q + n_kv): one program owns 16 tokens of one head. It recomputes U
+#   exactly as cca_prepare_kernel does (the same @triton.jit parts of zaya_kernels.triton.cca: lo / hi / rest column
+#   blocks, a k0 + k1 - 2 halo from X or the initial state, tl.dot per tap), does steps 1-2 and stores dZ [T, C]
+#   (an fp32 workspace) and its kv head's temperature partial [tiles, n_kv].
+# - cca_bwd_conv_input_kernel, grid (cdiv(T, 32), n_q + n_kv, k1 cdiv(D, 32)): P_j1 = dZ @ W1[:, :, j1] for 32 tokens,
+#   one tap and 32 input dims of one head (tl.dot over 32-dim slices of the head's outputs) -> P [k1, T, C] fp32.
+# - cca_bwd_weights_kernel, grid (chunks <= 32, n_q + n_kv, k1 cdiv(D, 32)): one program owns one tap j1 and 32 input
+#   dims of one head (all D outputs) and walks the 16-token tiles of its chunk of tokens: it recomputes
+#   Yr_{t-(k1-1-j1)} [16, 32] from the X halo and accumulates dZ^T @ Yr -> dW1 partial [D, 32] (tl.dot over tokens);
+#   the (tap 0, first block) program also sums dZ -> db1 partial. Partials [chunks, C, D, k1] / [chunks, C].
+# - cca_bwd_grad_x_kernel, grid (cdiv(T, 32), n_q + n_kv, cdiv(D, 32)): elementwise on [32 tokens, 32 channels] of one
+#   head: step 3's coupling from dZ, step 5's dX from P at later tokens of the same sequence, step 6; stores dX in A;
+#   and the tile's dw0 / db0 partials [tiles, C, k0] / [tiles, C].
+# Weight, bias and temperature gradients are per-program partial sums (no atomics) finished by a torch sum: the
+# result is deterministic. Heads mix only through the coupling (read from the dZ workspace). Workspaces: dZ and P,
+# (1 + k1) T C fp32. bf16 / fp16 activations: the dots take dZ rounded to A (MFMA / wgmma) and accumulate in fp32;
+# fp32 activations use IEEE fp32 dots.
+
+
+
+@triton.jit
+def _bwd_rows(cu_ptr, has_init_ptr, first, T, NUM_SEQS, SEARCH_STEPS, HAS_INIT: tl.constexpr,
+              BLOCK_T: tl.constexpr):
+    """Tokens first .. first + BLOCK_T - 1: (token, token < T, its sequence b, cu_seqlens[b], cu_seqlens[b + 1],
+    sequence b has an initial state)."""
+    tokens = first + tl.arange(0, BLOCK_T)
+    token_mask = tokens < T
+    seq = _sequence_of(cu_ptr, tokens, NUM_SEQS, SEARCH_STEPS)
+    seq_start = tl.load(cu_ptr + seq, mask=token_mask, other=0)
+    seq_end = tl.load(cu_ptr + seq + 1, mask=token_mask, other=0)
+    if HAS_INIT:
+        has_init = tl.load(has_init_ptr + seq, mask=token_mask, other=0) != 0
+    else:
+        has_init = tokens < 0
+    return tokens, token_mask, seq, seq_start, seq_end, has_init
+
+
+@triton.jit
+def _load_out_grad(g_ptr, tokens, token_mask, dims, dmask, head_in_out, HEAD_DIM, HEADS_OUT,
+                   HAS_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK: tl.constexpr):
+    """Incoming gradient [BLOCK_T, BLOCK] fp32 of dims `dims` of head head_in_out of an output [T, HEADS_OUT, D];
+    zeros when that output has no gradient (g_ptr is then unused)."""
+    g = tl.zeros((BLOCK_T, BLOCK), dtype=tl.float32)
+    if HAS_GRAD:
+        offs = tokens.to(tl.int64)[:, None] * (HEADS_OUT * HEAD_DIM) + head_in_out * HEAD_DIM + dims[None, :]
+        g = tl.load(g_ptr + offs, mask=token_mask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    return g
+
+
+@triton.jit
+def _store_cols(val, ptr, tokens, token_mask, cols, cmask, row_stride):
+    """Store val [R, B] at columns `cols` of rows `tokens` of a [T, row_stride] array."""
+    offs = tokens.to(tl.int64)[:, None] * row_stride + cols[None, :]
+    tl.store(ptr + offs, val.to(ptr.dtype.element_ty), mask=token_mask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def cca_bwd_grad_z_kernel(
+    qk_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, temp_ptr, pos_ptr, cu_ptr, inv_freq_ptr, init_conv_ptr, has_init_ptr,
+    gq_ptr, gk_ptr, gz_ptr, temp_part_ptr,
+    T, NUM_SEQS, SEARCH_STEPS, EPS: tl.constexpr, HEAD_SCALE: tl.constexpr,
+    NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, K0: tl.constexpr,
+    K1: tl.constexpr, HAS_INIT: tl.constexpr, HAS_GQ: tl.constexpr, HAS_GK: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    """Steps 1-2 for BLOCK_T tokens of one head: dZ -> gz [T, C] fp32 and the tile's sum of sqrt(D) (dn . U) / m
+    -> temp_part [tiles, n_kv] (kv heads only)."""
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    act_dtype = qk_ptr.dtype.element_ty
+    STATE_LEN: tl.constexpr = K0 + K1 - 2
+    C: tl.constexpr = (NUM_Q + NUM_KV) * HEAD_DIM
+    GROUP: tl.constexpr = NUM_Q // NUM_KV
+    tokens, token_mask, seq, seq_start, seq_end, has_init = _bwd_rows(cu_ptr, has_init_ptr, tile * BLOCK_T, T,
+                                                                      NUM_SEQS, SEARCH_STEPS, HAS_INIT, BLOCK_T)
+    half: tl.constexpr = ROTARY_DIM // 2
+    lo = tl.arange(0, BLOCK_HALF)
+    lo_mask = lo < half
+    rest = ROTARY_DIM + tl.arange(0, BLOCK_REST)
+    rest_mask = rest < HEAD_DIM
+
+    # Forward recompute of U (pre-norm q / k of this head), exactly as cca_prepare_kernel's _project_head.
+    row_offsets = tokens.to(tl.int64) * C
+    u_lo = _conv_start(b1_ptr, qk_ptr, row_offsets, token_mask, lo, lo_mask, head, NUM_Q, HEAD_DIM, GROUP)
+    u_hi = _conv_start(b1_ptr, qk_ptr, row_offsets, token_mask, lo + half, lo_mask, head, NUM_Q, HEAD_DIM, GROUP)
+    u_rest = _conv_start(b1_ptr, qk_ptr, row_offsets, token_mask, rest, rest_mask, head, NUM_Q, HEAD_DIM, GROUP)
+    for i0 in tl.range(0, HEAD_DIM, BLOCK_I, loop_unroll_factor=1):
+        inputs = i0 + tl.arange(0, BLOCK_I)
+        imask = inputs < HEAD_DIM
+        in_channels = head * HEAD_DIM + inputs
+        b0 = tl.load(b0_ptr + in_channels, mask=imask, other=0.0).to(tl.float32)
+        for j1 in tl.static_range(K1):
+            y = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32) + b0[None, :]
+            for j0 in tl.static_range(K0):
+                shift = (K1 - 1 - j1) + (K0 - 1 - j0)
+                w0 = tl.load(w0_ptr + in_channels * K0 + j0, mask=imask, other=0.0).to(tl.float32)
+                y += w0[None, :] * _shifted_x(qk_ptr, init_conv_ptr, tokens, token_mask, seq, seq_start, has_init,
+                                              in_channels, imask, shift, C, STATE_LEN, HAS_INIT)
+            y = y.to(act_dtype)
+            u_lo = _conv_tap(u_lo, y, w1_ptr, head, inputs, imask, lo, lo_mask, j1, HEAD_DIM, K1, IEEE_DOT)
+            u_hi = _conv_tap(u_hi, y, w1_ptr, head, inputs, imask, lo + half, lo_mask, j1, HEAD_DIM, K1, IEEE_DOT)
+            u_rest = _conv_tap(u_rest, y, w1_ptr, head, inputs, imask, rest, rest_mask, j1, HEAD_DIM, K1, IEEE_DOT)
+    u_lo = tl.where(lo_mask[None, :], u_lo, 0.0)
+    u_hi = tl.where(lo_mask[None, :], u_hi, 0.0)
+    u_rest = tl.where(rest_mask[None, :], u_rest, 0.0)
+    norm = tl.sqrt(tl.sum(u_lo * u_lo, axis=1) + tl.sum(u_hi * u_hi, axis=1) + tl.sum(u_rest * u_rest, axis=1))
+    denom = tl.maximum(norm, EPS)
+
+    # Step 1: un-rotate the incoming gradient (q heads read grad_q, kv heads grad_k).
+    is_q = head < NUM_Q
+    if is_q:
+        g_lo = _load_out_grad(gq_ptr, tokens, token_mask, lo, lo_mask, head, HEAD_DIM, NUM_Q, HAS_GQ, BLOCK_T,
+                              BLOCK_HALF)
+        g_hi = _load_out_grad(gq_ptr, tokens, token_mask, lo + half, lo_mask, head, HEAD_DIM, NUM_Q, HAS_GQ,
+                              BLOCK_T, BLOCK_HALF)
+        g_rest = _load_out_grad(gq_ptr, tokens, token_mask, rest, rest_mask, head, HEAD_DIM, NUM_Q, HAS_GQ,
+                                BLOCK_T, BLOCK_REST)
+    else:
+        g_lo = _load_out_grad(gk_ptr, tokens, token_mask, lo, lo_mask, head - NUM_Q, HEAD_DIM, NUM_KV, HAS_GK,
+                              BLOCK_T, BLOCK_HALF)
+        g_hi = _load_out_grad(gk_ptr, tokens, token_mask, lo + half, lo_mask, head - NUM_Q, HEAD_DIM, NUM_KV,
+                              HAS_GK, BLOCK_T, BLOCK_HALF)
+        g_rest = _load_out_grad(gk_ptr, tokens, token_mask, rest, rest_mask, head - NUM_Q, HEAD_DIM, NUM_KV,
+                                HAS_GK, BLOCK_T, BLOCK_REST)
+    pos = tl.load(pos_ptr + tokens, mask=token_mask, other=0).to(tl.float32)
+    inv_freq = tl.load(inv_freq_ptr + lo, mask=lo_mask, other=0.0)
+    angle = pos[:, None] * inv_freq[None, :]
+    cos = tl.cos(angle)
+    sin = tl.sin(angle)
+    n_lo = g_lo * cos + g_hi * sin
+    n_hi = g_hi * cos - g_lo * sin
+
+    # Step 2: the sqrt(D)-scaled L2 norm (keys times their temperature). The clamp passes no gradient through
+    # the norm when ||U|| < eps (torch's clamp_min passes it at equality: >=).
+    dot = tl.sum(n_lo * u_lo, axis=1) + tl.sum(n_hi * u_hi, axis=1) + tl.sum(g_rest * u_rest, axis=1)
+    temp = tl.load(temp_ptr + tl.where(is_q, 0, head - NUM_Q)).to(tl.float32)
+    temp = tl.where(is_q, 1.0, temp)
+    coef = HEAD_SCALE * temp / denom
+    proj = tl.where(norm >= EPS, dot / (denom * denom), 0.0)
+    gz_lo = coef[:, None] * (n_lo - proj[:, None] * u_lo)
+    gz_hi = coef[:, None] * (n_hi - proj[:, None] * u_hi)
+    gz_rest = coef[:, None] * (g_rest - proj[:, None] * u_rest)
+    if head >= NUM_Q:
+        part = tl.sum(tl.where(token_mask, HEAD_SCALE * dot / denom, 0.0), axis=0)
+        tl.store(temp_part_ptr + tile * NUM_KV + head - NUM_Q, part)
+    gz_head = gz_ptr + head * HEAD_DIM
+    _store_cols(gz_lo, gz_head, tokens, token_mask, lo, lo_mask, C)
+    _store_cols(gz_hi, gz_head, tokens, token_mask, lo + half, lo_mask, C)
+    _store_cols(gz_rest, gz_head, tokens, token_mask, rest, rest_mask, C)
+
+
+@triton.jit
+def cca_bwd_conv_input_kernel(
+    qk_ptr, w1_ptr, gz_ptr, p_ptr, T,
+    NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr, K1: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    """P_j1[t, head D + inputs] = sum_o dZ[t, head D + o] W1[head D + o, inputs, j1] for BLOCK_T tokens, one tap j1
+    and BLOCK_I input dims of one head -> p [k1, T, C] fp32. W1 is rounded to the activation dtype A (qk_ptr's
+    element type; qk itself is not read) as in the forward; so is dZ on the MFMA / wgmma path (not IEEE_DOT)."""
+    act_dtype = qk_ptr.dtype.element_ty
+    head = tl.program_id(1)
+    i_block = tl.program_id(2) // K1
+    j1 = tl.program_id(2) % K1
+    C: tl.constexpr = (NUM_Q + NUM_KV) * HEAD_DIM
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_mask = tokens < T
+    inputs = i_block * BLOCK_I + tl.arange(0, BLOCK_I)
+    imask = inputs < HEAD_DIM
+    acc = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
+    for o0 in tl.range(0, HEAD_DIM, BLOCK_O, loop_unroll_factor=1):
+        outs = o0 + tl.arange(0, BLOCK_O)
+        omask = outs < HEAD_DIM
+        gz = tl.load(gz_ptr + tokens.to(tl.int64)[:, None] * C + head * HEAD_DIM + outs[None, :],
+                     mask=token_mask[:, None] & omask[None, :], other=0.0)
+        offs = (head * HEAD_DIM + outs[:, None]) * (HEAD_DIM * K1) + inputs[None, :] * K1 + j1
+        w = tl.load(w1_ptr + offs, mask=omask[:, None] & imask[None, :], other=0.0)
+        w = w.to(act_dtype)
+        if IEEE_DOT:
+            acc = tl.dot(gz, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(gz.to(act_dtype), w, acc)
+    _store_cols(acc, p_ptr + head * HEAD_DIM, tokens + j1 * T, token_mask, inputs, imask, C)  # row j1 T + t
+
+
+@triton.jit
+def cca_bwd_weights_kernel(
+    qk_ptr, w0_ptr, b0_ptr, cu_ptr, init_conv_ptr, has_init_ptr, gz_ptr, gw1_part_ptr, gb1_part_ptr,
+    T, NUM_SEQS, SEARCH_STEPS, TILES_PER_CHUNK,
+    NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr,
+    HAS_INIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+):
+    """dW1[head D + :, inputs, j1] partial = sum over the chunk's tokens of dZ[t, head]^T Yr_{t-(k1-1-j1)}[inputs]
+    -> gw1_part [chunks, C, D, k1]; the (tap 0, first input block) program also sums dZ -> gb1_part [chunks, C].
+    A program owns all D output dims and BLOCK_I input dims, so no Y element is recomputed twice per tap."""
+    chunk = tl.program_id(0)
+    head = tl.program_id(1)
+    i_block = tl.program_id(2) // K1
+    j1 = tl.program_id(2) % K1
+    act_dtype = qk_ptr.dtype.element_ty
+    STATE_LEN: tl.constexpr = K0 + K1 - 2
+    C: tl.constexpr = (NUM_Q + NUM_KV) * HEAD_DIM
+    outs = tl.arange(0, BLOCK_D)
+    omask = outs < HEAD_DIM
+    inputs = i_block * BLOCK_I + tl.arange(0, BLOCK_I)
+    imask = inputs < HEAD_DIM
+    in_channels = head * HEAD_DIM + inputs
+    b0 = tl.load(b0_ptr + in_channels, mask=imask, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_D, BLOCK_I), dtype=tl.float32)
+    bias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for tile in range(0, TILES_PER_CHUNK):
+        tokens, token_mask, seq, seq_start, seq_end, has_init = _bwd_rows(
+            cu_ptr, has_init_ptr, (chunk * TILES_PER_CHUNK + tile) * BLOCK_T, T, NUM_SEQS, SEARCH_STEPS, HAS_INIT,
+            BLOCK_T)
+        gz = tl.load(gz_ptr + tokens.to(tl.int64)[:, None] * C + head * HEAD_DIM + outs[None, :],
+                     mask=token_mask[:, None] & omask[None, :], other=0.0)
+        bias_acc += tl.sum(gz, axis=0)
+        # Yr_{t-(k1-1-j1)} of these input channels: rows past T give b0 but meet dZ = 0
+        y = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32) + b0[None, :]
+        for j0 in tl.static_range(K0):
+            w0 = tl.load(w0_ptr + in_channels * K0 + j0, mask=imask, other=0.0).to(tl.float32)
+            y += w0[None, :] * _shifted_x(qk_ptr, init_conv_ptr, tokens, token_mask, seq, seq_start, has_init,
+                                          in_channels, imask, (K1 - 1 - j1) + (K0 - 1 - j0), C, STATE_LEN, HAS_INIT)
+        y = y.to(act_dtype)
+        if IEEE_DOT:
+            acc = tl.dot(tl.trans(gz), y, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(tl.trans(gz.to(act_dtype)), y, acc)
+    offs = ((chunk.to(tl.int64) * C + head * HEAD_DIM + outs[:, None]) * HEAD_DIM + inputs[None, :]) * K1 + j1
+    tl.store(gw1_part_ptr + offs, acc, mask=omask[:, None] & imask[None, :])
+    first = (tl.zeros_like(outs) + tl.program_id(2)) == 0  # as a block: the interpreter rejects scalar masks
+    tl.store(gb1_part_ptr + chunk.to(tl.int64) * C + head * HEAD_DIM + outs, bias_acc, mask=omask & first)
+
+
+@triton.jit
+def cca_bwd_grad_x_kernel(
+    qk_ptr, w0_ptr, cu_ptr, init_conv_ptr, has_init_ptr, gz_ptr, p_ptr, gconv_ptr, gqk_ptr, gw0_part_ptr,
+    gb0_part_ptr, T, NUM_SEQS, SEARCH_STEPS,
+    NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr,
+    HAS_INIT: tl.constexpr, HAS_GCONV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Steps 3, 5 and 6 for BLOCK_T tokens and BLOCK_D channels of one head: dX -> gqk [T, C] (A); the depthwise
+    partials sum_{j1, t} P_j1,t X_{t-m} -> gw0_part [tiles, C, k0] and sum_{j1, t} P_j1,t -> gb0_part [tiles, C].
+    Elementwise: [BLOCK_T, BLOCK_D] tiles small enough that their 64-bit addresses fit in registers."""
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    STATE_LEN: tl.constexpr = K0 + K1 - 2
+    C: tl.constexpr = (NUM_Q + NUM_KV) * HEAD_DIM
+    GROUP: tl.constexpr = NUM_Q // NUM_KV
+    tokens, token_mask, seq, seq_start, seq_end, has_init = _bwd_rows(cu_ptr, has_init_ptr, tile * BLOCK_T, T,
+                                                                      NUM_SEQS, SEARCH_STEPS, HAS_INIT, BLOCK_T)
+    dims = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = dims < HEAD_DIM
+    channels = head * HEAD_DIM + dims
+    mask = token_mask[:, None] & dmask[None, :]
+    rows = tokens.to(tl.int64)[:, None] * C
+
+    # Step 3: the mean coupling (dU = dZ of this head and of its partner heads).
+    own = tl.load(gz_ptr + rows + channels[None, :], mask=mask, other=0.0)
+    if head < NUM_Q:
+        partner = tl.load(gz_ptr + rows + (NUM_Q + head // GROUP) * HEAD_DIM + dims[None, :], mask=mask, other=0.0)
+        gx = (own + partner / GROUP) * 0.5
+    else:
+        total = own
+        for m in range(0, GROUP):
+            total += tl.load(gz_ptr + rows + ((head - NUM_Q) * GROUP + m) * HEAD_DIM + dims[None, :], mask=mask,
+                             other=0.0)
+        gx = total * 0.5
+
+    # Step 5: both convs transposed, P at later tokens of the same sequence.
+    for j0 in tl.static_range(K0):
+        w0 = tl.load(w0_ptr + channels * K0 + j0, mask=dmask, other=0.0).to(tl.float32)
+        for j1 in tl.static_range(K1):
+            src = tokens + (K0 - 1 - j0) + (K1 - 1 - j1)
+            p = tl.load(p_ptr + (src + j1 * T).to(tl.int64)[:, None] * C + channels[None, :],
+                        mask=mask & (src < seq_end)[:, None], other=0.0)
+            gx += w0[None, :] * p
+
+    # Step 6: the last K tokens' X are the final conv state's newest columns.
+    if HAS_GCONV:
+        col = STATE_LEN - (seq_end - tokens)
+        g = tl.load(gconv_ptr + (seq.to(tl.int64)[:, None] * C + channels[None, :]) * STATE_LEN + col[:, None],
+                    mask=mask & (col >= 0)[:, None], other=0.0)
+        gx += g.to(tl.float32)
+    tl.store(gqk_ptr + rows + channels[None, :], gx.to(gqk_ptr.dtype.element_ty), mask=mask)
+
+    # Depthwise weight / bias partials of this tile (X before the sequence: the initial state or 0).
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for j1 in tl.static_range(K1):
+        p = tl.load(p_ptr + (tokens + j1 * T).to(tl.int64)[:, None] * C + channels[None, :], mask=mask, other=0.0)
+        bias += tl.sum(p, axis=0)
+    tl.store(gb0_part_ptr + tile.to(tl.int64) * C + channels, bias, mask=dmask)
+    for j0 in tl.static_range(K0):
+        weight = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for j1 in tl.static_range(K1):
+            p = tl.load(p_ptr + (tokens + j1 * T).to(tl.int64)[:, None] * C + channels[None, :], mask=mask,
+                        other=0.0)
+            x = _shifted_x(qk_ptr, init_conv_ptr, tokens, token_mask, seq, seq_start, has_init, channels, dmask,
+                           (K0 - 1 - j0) + (K1 - 1 - j1), C, STATE_LEN, HAS_INIT)
+            weight += tl.sum(p * x, axis=0)
+        tl.store(gw0_part_ptr + (tile.to(tl.int64) * C + channels) * K0 + j0, weight, mask=dmask)
+
+
+# ---------------------------------------------------------------- launcher
+GRAD_Z_BLOCK_T = 16  # as the forward's prefill tile (the same conv recompute)
+CONV_INPUT_BLOCK_T = 32  # P = dZ @ W1: [32, 32] output tiles, 32-wide reduction steps
+CONV_INPUT_BLOCK_I = 32
+CONV_INPUT_BLOCK_O = 32
+WEIGHT_BLOCK_T = 16  # tokens per tl.dot step of the weight gradient (the dot's reduction dim)
+WEIGHT_BLOCK_I = 32  # input dims per weight program: accumulator [D, 32] fp32
+MAX_WEIGHT_CHUNKS = 32  # token chunks of the weight gradient: bounds its partial buffer to 32 C D k1 floats
+GRAD_X_BLOCK_T = 32
+GRAD_X_BLOCK_D = 32
+
+
+def _block(n: int) -> int:
+    """tl.dot and tl.arange need powers of two >= 16."""
+    return max(16, triton.next_power_of_2(max(1, n)))
+
+
+def _grad_z_blocks(head_dim: int, rotary_dim: int) -> dict:
+    """The forward's prefill blocks: 16 input dims per conv step, lo / hi halves of the rotary dims, the rest."""
+    return {"BLOCK_I": min(16, _block(head_dim)), "BLOCK_HALF": _block(rotary_dim // 2),
+            "BLOCK_REST": _block(head_dim - rotary_dim)}
+
+
+def _conv_input_blocks(head_dim: int) -> dict:
+    """Input dims per P program (BLOCK_I) and output dims per reduction step (BLOCK_O)."""
+    return {"BLOCK_I": min(CONV_INPUT_BLOCK_I, _block(head_dim)), "BLOCK_O": min(CONV_INPUT_BLOCK_O, _block(head_dim))}
+
+
+def _weight_chunks(tokens: int) -> tuple[int, int]:
+    """(tiles per chunk, chunks) of WEIGHT_BLOCK_T-token tiles covering `tokens`."""
+    tiles = triton.cdiv(tokens, WEIGHT_BLOCK_T)
+    per_chunk = triton.cdiv(tiles, MAX_WEIGHT_CHUNKS)
+    return per_chunk, triton.cdiv(tiles, per_chunk)
+
+
+def _value_grads(grad_v, grad_final_value_state, cu_seqlens, tokens, value_dim, device):
+    """(dVc, dVd) fp32 [T, value_dim] by indexing: v[t] = concat(Vc_t, Vd_{t-1}) within a sequence and the final
+    value state is Vd of the sequence's last token. Gathers only (deterministic on GPU)."""
+    token_ids = torch.arange(tokens, device=device, dtype=cu_seqlens.dtype)
+    seq = torch.searchsorted(cu_seqlens[1:], token_ids, right=True)  # b with cu[b] <= t < cu[b + 1]
+    is_last = (token_ids + 1 == cu_seqlens[seq + 1])[:, None]
+    g_vd = torch.zeros(tokens, value_dim, device=device, dtype=torch.float32)
+    if grad_v is None:
+        g_vc = torch.zeros(tokens, value_dim, device=device, dtype=torch.float32)
+    else:
+        flat = grad_v.reshape(tokens, 2 * value_dim).float()
+        g_vc = flat[:, :value_dim]
+        g_vd[:-1] = flat[1:, value_dim:]
+        g_vd = torch.where(is_last, 0.0, g_vd)  # t + 1 starts another sequence
+    if grad_final_value_state is not None:
+        g_vd = g_vd + torch.where(is_last, grad_final_value_state.float()[seq], 0.0)
+    return g_vc, g_vd
+
+
+def cca_prepare_bwd(grad_q, grad_k, grad_v, grad_final_conv_state, grad_final_value_state, qk, v_current, v_delayed,
+                    conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature, positions, cu_seqlens,
+                    num_q_heads, num_kv_heads, rotary_dim, rope_theta, initial_conv_state=None,
+                    initial_value_state=None, has_initial_state=None):
+    """Gradients of cca_prepare (shapes as zaya_kernels.ops.cca.cca_prepare; incoming gradients may be None).
+
+    Returns (grad_qk [T, C], grad_v_current, grad_v_delayed [T, n_kv D / 2], grad_conv0_weight [C, k0],
+    grad_conv0_bias [C], grad_conv1_weight [C, D, k1], grad_conv1_bias [C], grad_temperature [n_kv]), each in its
+    input's dtype. Initial states get no gradient.
+    """
+    tokens, channels = qk.shape
+    head_dim, k1 = conv1_weight.shape[1], conv1_weight.shape[2]
+    k0 = conv0_weight.shape[1]
+    state_len = k0 + k1 - 2
+    heads = num_q_heads + num_kv_heads
+    value_dim = v_current.shape[1]
+    num_seqs = cu_seqlens.shape[0] - 1
+    device = qk.device
+    f32 = torch.float32
+    g_vc, g_vd = _value_grads(grad_v, grad_final_value_state, cu_seqlens, tokens, value_dim, device)
+    if tokens == 0:
+        zeros = tuple(torch.zeros_like(t) for t in (qk, conv0_weight, conv0_bias, conv1_weight, conv1_bias,
+                                                     temperature))
+        return (zeros[0], g_vc.to(v_current.dtype), g_vd.to(v_delayed.dtype)) + zeros[1:]
+
+    has_init = initial_conv_state is not None
+    if has_init and has_initial_state.dtype == torch.bool:
+        has_initial_state = has_initial_state.to(torch.int32)
+    init_conv, has_init_flags = (initial_conv_state, has_initial_state) if has_init else (None, None)
+    grad_q = None if grad_q is None else grad_q.contiguous()
+    grad_k = None if grad_k is None else grad_k.contiguous()
+    has_gconv = grad_final_conv_state is not None and state_len > 0
+    grad_conv = grad_final_conv_state.contiguous() if has_gconv else None
+    search_steps = max(1, num_seqs).bit_length()
+    ieee = qk.dtype == f32
+
+    gz = torch.empty(tokens, channels, device=device, dtype=f32)
+    z_tiles = triton.cdiv(tokens, GRAD_Z_BLOCK_T)
+    temp_part = torch.empty(z_tiles, num_kv_heads, device=device, dtype=f32)
+    cca_bwd_grad_z_kernel[(z_tiles, heads)](
+        qk, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature, positions, cu_seqlens,
+        _inv_freq(rotary_dim, rope_theta, device), init_conv, has_init_flags, grad_q, grad_k, gz, temp_part,
+        tokens, num_seqs, search_steps, EPS=torch.finfo(qk.dtype).eps, HEAD_SCALE=head_dim**0.5,
+        NUM_Q=num_q_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, K0=k0, K1=k1,
+        HAS_INIT=has_init, HAS_GQ=grad_q is not None, HAS_GK=grad_k is not None, BLOCK_T=GRAD_Z_BLOCK_T,
+        **_grad_z_blocks(head_dim, rotary_dim), IEEE_DOT=ieee, num_warps=NUM_WARPS,
+    )
+
+    block_d = _block(head_dim)
+    p = torch.empty(k1, tokens, channels, device=device, dtype=f32)
+    blocks = _conv_input_blocks(head_dim)
+    cca_bwd_conv_input_kernel[(triton.cdiv(tokens, CONV_INPUT_BLOCK_T), heads,
+                               k1 * triton.cdiv(head_dim, blocks["BLOCK_I"]))](
+        qk, conv1_weight, gz, p, tokens, NUM_Q=num_q_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, K1=k1,
+        BLOCK_T=CONV_INPUT_BLOCK_T, **blocks, IEEE_DOT=ieee, num_warps=NUM_WARPS,
+    )
+
+    per_chunk, chunks = _weight_chunks(tokens)
+    block_i = min(WEIGHT_BLOCK_I, block_d)
+    gw1_part = torch.empty(chunks, channels, head_dim, k1, device=device, dtype=f32)
+    gb1_part = torch.empty(chunks, channels, device=device, dtype=f32)
+    cca_bwd_weights_kernel[(chunks, heads, k1 * triton.cdiv(head_dim, block_i))](
+        qk, conv0_weight, conv0_bias, cu_seqlens, init_conv, has_init_flags, gz, gw1_part, gb1_part,
+        tokens, num_seqs, search_steps, per_chunk, NUM_Q=num_q_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim,
+        K0=k0, K1=k1, HAS_INIT=has_init, BLOCK_T=WEIGHT_BLOCK_T, BLOCK_I=block_i, BLOCK_D=block_d, IEEE_DOT=ieee,
+        num_warps=NUM_WARPS,
+    )
+
+    x_tiles = triton.cdiv(tokens, GRAD_X_BLOCK_T)
+    grad_qk = torch.empty_like(qk)
+    gw0_part = torch.empty(x_tiles, channels, k0, device=device, dtype=f32)
+    gb0_part = torch.empty(x_tiles, channels, device=device, dtype=f32)
+    block_x = min(GRAD_X_BLOCK_D, block_d)
+    cca_bwd_grad_x_kernel[(x_tiles, heads, triton.cdiv(head_dim, block_x))](
+        qk, conv0_weight, cu_seqlens, init_conv, has_init_flags, gz, p, grad_conv, grad_qk, gw0_part, gb0_part,
+        tokens, num_seqs, search_steps, NUM_Q=num_q_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, K0=k0, K1=k1,
+        HAS_INIT=has_init, HAS_GCONV=has_gconv, BLOCK_T=GRAD_X_BLOCK_T, BLOCK_D=block_x, num_warps=NUM_WARPS,
+    )
+    return (grad_qk, g_vc.to(v_current.dtype), g_vd.to(v_delayed.dtype),
+            gw0_part.sum(0).to(conv0_weight.dtype), gb0_part.sum(0).to(conv0_bias.dtype),
+            gw1_part.sum(0).to(conv1_weight.dtype), gb1_part.sum(0).to(conv1_bias.dtype),
+            temp_part.sum(0).to(temperature.dtype))
+
+
+# ---------------------------------------------------------------- ahead-of-time configurations
+_AOT_KERNELS = {"cca_backward_grad_z": cca_bwd_grad_z_kernel, "cca_backward_conv_input": cca_bwd_conv_input_kernel,
+                "cca_backward_weights": cca_bwd_weights_kernel, "cca_backward_grad_x": cca_bwd_grad_x_kernel}
+
+
+def _backward_aot_configs():
+    """ZAYA1: n_q 8, n_kv 2, D 128, rotary 64, k0 = k1 = 2; bf16 activations, weights and incoming gradients, with
+    and without initial states, and the fp32 (IEEE dot) path. The workspaces and partials are fp32."""
+    head_dim, rotary_dim, k0, k1, num_q, num_kv = 128, 64, 2, 2, 8, 2
+    grad_z_args = ("qk_ptr", "w0_ptr", "b0_ptr", "w1_ptr", "b1_ptr", "temp_ptr", "pos_ptr", "cu_ptr", "inv_freq_ptr",
+                   "init_conv_ptr", "has_init_ptr", "gq_ptr", "gk_ptr", "gz_ptr", "temp_part_ptr", "T", "NUM_SEQS",
+                   "SEARCH_STEPS")
+    conv_input_args = ("qk_ptr", "w1_ptr", "gz_ptr", "p_ptr", "T")
+    weight_args = ("qk_ptr", "w0_ptr", "b0_ptr", "cu_ptr", "init_conv_ptr", "has_init_ptr", "gz_ptr", "gw1_part_ptr",
+                   "gb1_part_ptr", "T", "NUM_SEQS", "SEARCH_STEPS", "TILES_PER_CHUNK")
+    grad_x_args = ("qk_ptr", "w0_ptr", "cu_ptr", "init_conv_ptr", "has_init_ptr", "gz_ptr", "p_ptr", "gconv_ptr",
+                   "gqk_ptr", "gw0_part_ptr", "gb0_part_ptr", "T", "NUM_SEQS", "SEARCH_STEPS")
+    configs = {name: [] for name in _AOT_KERNELS}
+    for act, has_init in (("bf16", False), ("bf16", True), ("fp32", False)):
+        types = {name: f"*{act}" for name in ("qk_ptr", "gq_ptr", "gk_ptr", "gqk_ptr", "w0_ptr", "b0_ptr", "w1_ptr",
+                                              "b1_ptr", "temp_ptr")}
+        types.update({name: "*fp32" for name in ("inv_freq_ptr", "init_conv_ptr", "gz_ptr", "p_ptr", "temp_part_ptr",
+                                                 "gw1_part_ptr", "gb1_part_ptr", "gw0_part_ptr", "gb0_part_ptr",
+                                                 "gconv_ptr")})
+        types.update({"pos_ptr": "*i64", "cu_ptr": "*i32", "has_init_ptr": "*i32", "T": "i32", "NUM_SEQS": "i32",
+                      "SEARCH_STEPS": "i32", "TILES_PER_CHUNK": "i32"})
+        common = {"NUM_Q": num_q, "NUM_KV": num_kv, "HEAD_DIM": head_dim, "K0": k0, "K1": k1, "HAS_INIT": has_init}
+        if not has_init:  # passed as None
+            common.update(init_conv_ptr=None, has_init_ptr=None)
+        ieee = act == "fp32"
+        label = f"{act},init={int(has_init)},D={head_dim},R={rotary_dim},k0={k0},k1={k1}"
+        variants = (
+            ("cca_backward_grad_z", grad_z_args,
+             {**common, "EPS": torch.finfo(torch.bfloat16 if act == "bf16" else torch.float32).eps,
+              "HEAD_SCALE": head_dim**0.5, "ROTARY_DIM": rotary_dim, "HAS_GQ": True, "HAS_GK": True,
+              "BLOCK_T": GRAD_Z_BLOCK_T, **_grad_z_blocks(head_dim, rotary_dim), "IEEE_DOT": ieee}),
+            ("cca_backward_conv_input", conv_input_args,
+             {"NUM_Q": num_q, "NUM_KV": num_kv, "HEAD_DIM": head_dim, "K1": k1, "BLOCK_T": CONV_INPUT_BLOCK_T,
+              **_conv_input_blocks(head_dim), "IEEE_DOT": ieee}),
+            ("cca_backward_weights", weight_args,
+             {**common, "BLOCK_T": WEIGHT_BLOCK_T, "BLOCK_I": WEIGHT_BLOCK_I, "BLOCK_D": _block(head_dim),
+              "IEEE_DOT": ieee}),
+            ("cca_backward_grad_x", grad_x_args,
+             {**common, "HAS_GCONV": True, "BLOCK_T": GRAD_X_BLOCK_T, "BLOCK_D": GRAD_X_BLOCK_D}),
+        )
+        for name, args, consts in variants:
+            if name == "cca_backward_conv_input" and has_init:
+                continue  # no initial-state argument: one config per dtype
+            signature = {arg: "constexpr" if arg in consts else types[arg] for arg in args}
+            signature.update({key: "constexpr" for key in consts})
+            config_label = f"{act},D={head_dim},k1={k1}" if name == "cca_backward_conv_input" else label
+            configs[name].append(AotConfig(label=f"{config_label},BLOCK_T={consts['BLOCK_T']}", signature=signature,
+                                           constexprs=consts, num_warps=NUM_WARPS,
+                                           matrix_expected=name != "cca_backward_grad_x" and not ieee))
+    return configs
+
+
+for _name, _configs in _backward_aot_configs().items():
+    register_aot(_name, _AOT_KERNELS[_name], _configs)
