@@ -9,11 +9,10 @@ Ops (schemas in csrc/zaya_ops.cpp):
                     arguments>) -> gradients of the 8 differentiable forward inputs
   zaya::cca_prepare_decode(qk, v_current, v_delayed, conv weights/biases, temperature, positions, conv_state!,
                     value_state!, state_indices, num_q_heads, num_kv_heads, rotary_dim, rope_theta) -> (q, k, v)
-Backends: reference (zaya_kernels.reference.cca) for all three; triton for all three (zaya_kernels.triton.cca for
-the two forward ops and the backward); cca_prepare_decode also has hip
-(kernels/cca.cuh via csrc/cca.cu: the whole decode step in one launch, registered when the extension was built with
-GPU launchers; needs qk, v_current and v_delayed in one dtype, the states in fp32 or that dtype; it runs when asked
-for, `auto` picks triton until the two have been timed on a GPU).
+Backends: reference (zaya_kernels.reference.cca) and triton (zaya_kernels.triton.cca) for all three;
+cca_prepare_decode also has hip (kernels/cca.cuh via csrc/cca.cu: the whole decode step in one launch, registered
+when the extension was built with GPU launchers; needs qk, v_current and v_delayed in one dtype, the states in fp32
+or that dtype; it runs when asked for, `auto` picks triton until the two have been timed on a GPU).
 The reference backward is autograd through the reference forward. The autograd of cca_prepare calls
 cca_prepare_backward under the backend that was requested when the forward ran (kept on the autograd context, as
 the backward runs outside any use_backend block): a triton forward gets the triton backward, `auto` picks triton on
