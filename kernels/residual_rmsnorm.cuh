@@ -33,6 +33,16 @@ constexpr int kRmsCache = 8;
 constexpr int kRmsMaxThreads = 1024;     // forward kernels
 constexpr int kRmsBwdMaxThreads = 512;   // backward kernels: more per-column state in registers
 
+// Launch bounds of the backward kernels. On NVIDIA also "at least 1 block per SM" (the register limit stays
+// 65536 / kRmsBwdMaxThreads = 128): without it ptxas may squeeze a backward kernel into 64 registers, for two
+// 512-thread blocks per SM, and spill to the stack to get there (rmsnorm_bwd_kernel<half, half> did: 8-byte stack,
+// 8 bytes of spill stores). The backward kernels keep too much per-column state for 64 registers.
+#if defined(ZAYA_CUDA)
+#define ZAYA_RMS_BWD_LAUNCH_BOUNDS __launch_bounds__(kRmsBwdMaxThreads, 1)
+#else
+#define ZAYA_RMS_BWD_LAUNCH_BOUNDS __launch_bounds__(kRmsBwdMaxThreads)
+#endif
+
 // Threads per block for a row of H elements: enough for kRmsCache columns per thread, rounded up to a multiple of
 // 64, at most max_threads (kRmsMaxThreads for the forward kernels, kRmsBwdMaxThreads for the backward ones).
 inline int rms_block_size(int64_t H, int max_threads = kRmsMaxThreads) {
@@ -66,6 +76,35 @@ ZAYA_DEVICE float residual_value(float x, const float* __restrict__ r, const flo
     R = dev::fadd_rn(R, t);
   }
   return R;
+}
+
+// Returns v unchanged, but opaque to the optimiser in device code (an empty asm statement that claims to modify it;
+// on the host, including the host emulation, the identity). The backward kernels pass the column index through it in
+// each of their loops, so that the compiler recomputes cheap per-lane values there instead of keeping many of them
+// live across the row loop. Measured on gfx942 (clang-19), where residual_scale_rmsnorm_bwd_kernel had run out of
+// SGPRs (106, 35-43 of them spilled to VGPR lanes):
+//  - the predicates "cached column k < H" are loop-invariant, so they were hoisted out of the row loop, and AMDGPU
+//    keeps a hoisted predicate as a 64-bit lane mask in SGPRs for the whole loop (kRmsCache of them: 16 SGPRs);
+//  - loop strength reduction gave every stream of a tail loop (the columns beyond the register cache) its own 64-bit
+//    scalar pointer, a copy of the row's base pointer stepped by blockDim.x per iteration (14 streams in the second
+//    pass of the residual backward: 28 SGPRs on top of the base pointers).
+// On sm_90 it lowers the backward kernels' registers too (residual 128 -> 118-120, rmsnorm 98-106 -> 80-82).
+ZAYA_DEVICE int opaque(int v) {
+#if defined(ZAYA_HIP) && defined(__HIP_DEVICE_COMPILE__)
+  asm volatile("" : "+v"(v));
+#elif defined(ZAYA_CUDA) && defined(__CUDA_ARCH__)
+  asm volatile("" : "+r"(v));
+#endif
+  return v;
+}
+
+ZAYA_DEVICE int64_t opaque(int64_t v) {
+#if defined(ZAYA_HIP) && defined(__HIP_DEVICE_COMPILE__)
+  asm volatile("" : "+v"(v));
+#elif defined(ZAYA_CUDA) && defined(__CUDA_ARCH__)
+  asm volatile("" : "+l"(v));
+#endif
+  return v;
 }
 
 }  // namespace detail
@@ -134,18 +173,22 @@ __global__ void __launch_bounds__(kRmsMaxThreads) residual_scale_rmsnorm_fwd_ker
 // partials: [P, 4, H] fp32, zero-initialised by the caller (columns beyond the register cache accumulate in place).
 // ---------------------------------------------------------------------------------------------------------------
 template <typename A>
-__global__ void __launch_bounds__(kRmsBwdMaxThreads) residual_scale_rmsnorm_bwd_kernel(
+__global__ void ZAYA_RMS_BWD_LAUNCH_BOUNDS residual_scale_rmsnorm_bwd_kernel(
     const A* __restrict__ grad_normed, const float* __restrict__ grad_new_residual, const A* __restrict__ branch,
     const float* __restrict__ residual, const float* __restrict__ hidden_scale,
     const float* __restrict__ residual_scale, const float* __restrict__ norm_weight,
     const float* __restrict__ new_residual, float eps, int64_t N, int64_t H, int64_t rows_per_group,
     A* __restrict__ grad_branch, float* __restrict__ grad_residual, float* __restrict__ partials) {
   __shared__ float scratch[2 * dev::kMaxWarps];
-  const int64_t tid = threadIdx.x;
-  const int64_t bs = blockDim.x;
-  const int64_t row_begin = static_cast<int64_t>(blockIdx.x) * rows_per_group;
-  int64_t row_end = row_begin + rows_per_group;
-  if (row_end > N) row_end = N;
+  // 32-bit indices where they fit: rows (the launcher checks N <= INT32_MAX) and the cached columns
+  // (tid + k * bs < kRmsCache * kRmsBwdMaxThreads). Row offsets and the tail columns stay 64-bit.
+  const int tid = threadIdx.x;
+  const int bs = blockDim.x;
+  const int64_t first_row = static_cast<int64_t>(blockIdx.x) * rows_per_group;
+  const int row_begin = static_cast<int>(first_row < N ? first_row : N);
+  const int row_end = static_cast<int>(first_row + rows_per_group < N ? first_row + rows_per_group : N);
+  // Cached column i = tid + k * bs is in the row iff i < hc (i < kRmsCache * bs always holds).
+  const int hc = static_cast<int>(H < int64_t(kRmsCache) * bs ? H : int64_t(kRmsCache) * bs);
   const float inv_h = 1.0f / static_cast<float>(H);
   float* P = partials + static_cast<int64_t>(blockIdx.x) * 4 * H;
 
@@ -154,27 +197,28 @@ __global__ void __launch_bounds__(kRmsBwdMaxThreads) residual_scale_rmsnorm_bwd_
   float acc_g[kRmsCache], acc_gx[kRmsCache], acc_gr[kRmsCache], acc_w[kRmsCache];
 #pragma unroll
   for (int k = 0; k < kRmsCache; ++k) {
-    const int64_t i = tid + k * bs;
-    const bool in = i < H;
+    const int i = tid + k * bs;
+    const bool in = i < hc;
     w_c[k] = in ? norm_weight[i] : 0.0f;
     hs_c[k] = in ? hidden_scale[i] : 0.0f;
     rs_c[k] = (in && residual_scale != nullptr) ? residual_scale[i] : 1.0f;
     acc_g[k] = acc_gx[k] = acc_gr[k] = acc_w[k] = 0.0f;
   }
 
-  for (int64_t row = row_begin; row < row_end; ++row) {
-    const int64_t off = row * H;
+  for (int row = row_begin; row < row_end; ++row) {
+    const int64_t off = static_cast<int64_t>(row) * H;
     const A* dy = grad_normed + off;
     const float* Rn = new_residual + off;
 
     // Pass 1: sum xr^2 and sum dn * xr.
     float xr_c[kRmsCache], dy_c[kRmsCache];
     float s_xx = 0.0f, s_dx = 0.0f;
+    const int t1 = detail::opaque(tid);
 #pragma unroll
     for (int k = 0; k < kRmsCache; ++k) {
-      const int64_t i = tid + k * bs;
+      const int i = t1 + k * bs;
       float xr = 0.0f, d = 0.0f;
-      if (i < H) {
+      if (i < hc) {
         xr = dev::round_to<A>(Rn[i]);
         d = dev::to_float(dy[i]);
       }
@@ -183,7 +227,8 @@ __global__ void __launch_bounds__(kRmsBwdMaxThreads) residual_scale_rmsnorm_bwd_
       s_xx += xr * xr;
       s_dx += d * w_c[k] * xr;
     }
-    for (int64_t i = tid + kRmsCache * bs; i < H; i += bs) {
+    for (int64_t j = tid + kRmsCache * bs; j < H; j += bs) {
+      const int64_t i = detail::opaque(j);
       const float xr = dev::round_to<A>(Rn[i]);
       s_xx += xr * xr;
       s_dx += dev::to_float(dy[i]) * norm_weight[i] * xr;
@@ -198,10 +243,11 @@ __global__ void __launch_bounds__(kRmsBwdMaxThreads) residual_scale_rmsnorm_bwd_
     const float* r = residual != nullptr ? residual + off : nullptr;
     A* gx = grad_branch + off;
     float* gr = grad_residual != nullptr ? grad_residual + off : nullptr;
+    const int t2 = detail::opaque(tid);
 #pragma unroll
     for (int k = 0; k < kRmsCache; ++k) {
-      const int64_t i = tid + k * bs;
-      if (i < H) {
+      const int i = t2 + k * bs;
+      if (i < hc) {
         const float nh = xr_c[k] * rstd;
         const float dn = dy_c[k] * w_c[k];
         float g = rstd * (dn - nh * c);
@@ -214,7 +260,8 @@ __global__ void __launch_bounds__(kRmsBwdMaxThreads) residual_scale_rmsnorm_bwd_
         acc_w[k] += dy_c[k] * dev::round_to<A>(nh);
       }
     }
-    for (int64_t i = tid + kRmsCache * bs; i < H; i += bs) {
+    for (int64_t j = tid + kRmsCache * bs; j < H; j += bs) {
+      const int64_t i = detail::opaque(j);
       const float xr = dev::round_to<A>(Rn[i]);
       const float d = dev::to_float(dy[i]);
       const float nh = xr * rstd;
@@ -223,17 +270,19 @@ __global__ void __launch_bounds__(kRmsBwdMaxThreads) residual_scale_rmsnorm_bwd_
       if (dR != nullptr) g += dR[i];
       gx[i] = dev::from_float<A>(g * hidden_scale[i]);
       if (gr != nullptr) gr[i] = g * (residual_scale != nullptr ? residual_scale[i] : 1.0f);
-      P[i] += g;
-      P[H + i] += g * dev::to_float(x[i]);
-      if (r != nullptr) P[2 * H + i] += g * r[i];
-      P[3 * H + i] += d * dev::round_to<A>(nh);
+      float* p = P + i;  // the 4 partial sums of column i off one address (4 base pointers: 4 more SGPRs on AMD)
+      p[0] += g;
+      p[H] += g * dev::to_float(x[i]);
+      if (r != nullptr) p[2 * H] += g * r[i];
+      p[3 * H] += d * dev::round_to<A>(nh);
     }
   }
 
+  const int t3 = detail::opaque(tid);
 #pragma unroll
   for (int k = 0; k < kRmsCache; ++k) {
-    const int64_t i = tid + k * bs;
-    if (i < H) {
+    const int i = t3 + k * bs;
+    if (i < hc) {
       P[i] = acc_g[k];
       P[H + i] = acc_gx[k];
       P[2 * H + i] = acc_gr[k];
@@ -288,39 +337,42 @@ __global__ void __launch_bounds__(kRmsMaxThreads) rmsnorm_fwd_kernel(const TI* _
 // grid P (row groups), block rms_block_size(H, kRmsBwdMaxThreads). partials zero-initialised by the caller.
 // ---------------------------------------------------------------------------------------------------------------
 template <typename TI, typename TO>
-__global__ void __launch_bounds__(kRmsBwdMaxThreads) rmsnorm_bwd_kernel(
+__global__ void ZAYA_RMS_BWD_LAUNCH_BOUNDS rmsnorm_bwd_kernel(
     const TO* __restrict__ grad_out, const TI* __restrict__ x_all, const float* __restrict__ weight, float eps,
     int64_t N, int64_t H, int64_t rows_per_group, TI* __restrict__ grad_x, float* __restrict__ partials) {
   __shared__ float scratch[2 * dev::kMaxWarps];
-  const int64_t tid = threadIdx.x;
-  const int64_t bs = blockDim.x;
-  const int64_t row_begin = static_cast<int64_t>(blockIdx.x) * rows_per_group;
-  int64_t row_end = row_begin + rows_per_group;
-  if (row_end > N) row_end = N;
+  // Indexing as in residual_scale_rmsnorm_bwd_kernel.
+  const int tid = threadIdx.x;
+  const int bs = blockDim.x;
+  const int64_t first_row = static_cast<int64_t>(blockIdx.x) * rows_per_group;
+  const int row_begin = static_cast<int>(first_row < N ? first_row : N);
+  const int row_end = static_cast<int>(first_row + rows_per_group < N ? first_row + rows_per_group : N);
+  const int hc = static_cast<int>(H < int64_t(kRmsCache) * bs ? H : int64_t(kRmsCache) * bs);
   const float inv_h = 1.0f / static_cast<float>(H);
   float* P = partials + static_cast<int64_t>(blockIdx.x) * H;
 
   float w_c[kRmsCache], acc_w[kRmsCache];
 #pragma unroll
   for (int k = 0; k < kRmsCache; ++k) {
-    const int64_t i = tid + k * bs;
-    w_c[k] = i < H ? weight[i] : 0.0f;
+    const int i = tid + k * bs;
+    w_c[k] = i < hc ? weight[i] : 0.0f;
     acc_w[k] = 0.0f;
   }
 
-  for (int64_t row = row_begin; row < row_end; ++row) {
-    const int64_t off = row * H;
+  for (int row = row_begin; row < row_end; ++row) {
+    const int64_t off = static_cast<int64_t>(row) * H;
     const TO* dy = grad_out + off;
     const TI* x = x_all + off;
     TI* gx = grad_x + off;
 
     float xr_c[kRmsCache], dy_c[kRmsCache];
     float s_xx = 0.0f, s_dx = 0.0f;
+    const int t1 = detail::opaque(tid);
 #pragma unroll
     for (int k = 0; k < kRmsCache; ++k) {
-      const int64_t i = tid + k * bs;
+      const int i = t1 + k * bs;
       float xr = 0.0f, d = 0.0f;
-      if (i < H) {
+      if (i < hc) {
         xr = dev::round_to<TO>(dev::to_float(x[i]));
         d = dev::to_float(dy[i]);
       }
@@ -329,7 +381,8 @@ __global__ void __launch_bounds__(kRmsBwdMaxThreads) rmsnorm_bwd_kernel(
       s_xx += xr * xr;
       s_dx += d * w_c[k] * xr;
     }
-    for (int64_t i = tid + kRmsCache * bs; i < H; i += bs) {
+    for (int64_t j = tid + kRmsCache * bs; j < H; j += bs) {
+      const int64_t i = detail::opaque(j);
       const float xr = dev::round_to<TO>(dev::to_float(x[i]));
       s_xx += xr * xr;
       s_dx += dev::to_float(dy[i]) * weight[i] * xr;
@@ -338,16 +391,18 @@ __global__ void __launch_bounds__(kRmsBwdMaxThreads) rmsnorm_bwd_kernel(
     const float rstd = 1.0f / sqrtf(s_xx * inv_h + eps);
     const float c = s_dx * rstd * inv_h;
 
+    const int t2 = detail::opaque(tid);
 #pragma unroll
     for (int k = 0; k < kRmsCache; ++k) {
-      const int64_t i = tid + k * bs;
-      if (i < H) {
+      const int i = t2 + k * bs;
+      if (i < hc) {
         const float nh = xr_c[k] * rstd;
         gx[i] = dev::from_float<TI>(rstd * (dy_c[k] * w_c[k] - nh * c));
         acc_w[k] += dy_c[k] * dev::round_to<TO>(nh);
       }
     }
-    for (int64_t i = tid + kRmsCache * bs; i < H; i += bs) {
+    for (int64_t j = tid + kRmsCache * bs; j < H; j += bs) {
+      const int64_t i = detail::opaque(j);
       const float xr = dev::round_to<TO>(dev::to_float(x[i]));
       const float d = dev::to_float(dy[i]);
       const float nh = xr * rstd;
@@ -356,12 +411,15 @@ __global__ void __launch_bounds__(kRmsBwdMaxThreads) rmsnorm_bwd_kernel(
     }
   }
 
+  const int t3 = detail::opaque(tid);
 #pragma unroll
   for (int k = 0; k < kRmsCache; ++k) {
-    const int64_t i = tid + k * bs;
-    if (i < H) P[i] = acc_w[k];
+    const int i = t3 + k * bs;
+    if (i < hc) P[i] = acc_w[k];
   }
 }
+
+#undef ZAYA_RMS_BWD_LAUNCH_BOUNDS
 
 }  // namespace kernels
 }  // namespace zaya
