@@ -164,31 +164,19 @@ def _value_rows(vc_ptr, vd_ptr, value_state_ptr, v_ptr, head, tokens, token_mask
 
 
 @triton.jit
-def _project_head(qk_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, conv_state_ptr, temp_ptr, pos_ptr, inv_freq_ptr, q_ptr,
-                  k_ptr, head, tokens, token_mask, row_valid, seq, seq_start, has_state, EPS: tl.constexpr,
-                  HEAD_SCALE: tl.constexpr, NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  ROTARY_DIM: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, HAS_STATE: tl.constexpr,
-                  BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr,
-                  IEEE_DOT: tl.constexpr):
-    """Q rows (head < n_q, into q [T, n_q, D]) or K rows (into k [T, n_kv, D]) [BLOCK_T, D] of head `head`:
-    Z = b1 + coupling residual + sum_j1 Y_{t - (k1 - 1 - j1)} @ W1[head, :, :, j1]^T, the Y computed from the X
-    halo of _shifted_x (conv state row `seq`); then QK norm (keys times their temperature) and NeoX RoPE. Rows that
-    are not row_valid get zeros."""
+def _pre_norm_head(qk_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, state_ptr, head, tokens, token_mask, seq, seq_start,
+                   has_state, lo, lo_mask, rest, rest_mask, half, C, NUM_Q, HEAD_DIM, GROUP, STATE_LEN,
+                   K0: tl.constexpr, K1: tl.constexpr, HAS_STATE: tl.constexpr, BLOCK_T: tl.constexpr,
+                   BLOCK_I: tl.constexpr, IEEE_DOT: tl.constexpr):
+    """U = b1 + coupling residual + sum_j1 Y_{t - (k1 - 1 - j1)} @ W1[head, :, :, j1]^T for BLOCK_T tokens of one
+    head (the pre-norm q or k), in the column blocks lo [BLOCK_T, BLOCK_HALF], hi (= lo + half) and rest, zero
+    outside their masks. Y comes from the X halo of _shifted_x (conv state row `seq`), rounded to A. The forward
+    and the backward (which recomputes U) share this, so they see the same numbers."""
     act_dtype = qk_ptr.dtype.element_ty
-    STATE_LEN: tl.constexpr = K0 + K1 - 2
-    C: tl.constexpr = (NUM_Q + NUM_KV) * HEAD_DIM
-    GROUP: tl.constexpr = NUM_Q // NUM_KV
-    # Output dims in three column blocks: lo = [0, R/2) and hi = [R/2, R) of the rotary part (R = ROTARY_DIM), which
-    # rotate_half pairs element by element, and the untouched rest [R, D). Each starts as b1 + coupling residual.
-    half: tl.constexpr = ROTARY_DIM // 2
-    lo = tl.arange(0, BLOCK_HALF)
-    lo_mask = lo < half
-    rest = ROTARY_DIM + tl.arange(0, BLOCK_REST)
-    rest_mask = rest < HEAD_DIM
     row_offsets = tokens.to(tl.int64) * C
-    z_lo = _conv_start(b1_ptr, qk_ptr, row_offsets, token_mask, lo, lo_mask, head, NUM_Q, HEAD_DIM, GROUP)
-    z_hi = _conv_start(b1_ptr, qk_ptr, row_offsets, token_mask, lo + half, lo_mask, head, NUM_Q, HEAD_DIM, GROUP)
-    z_rest = _conv_start(b1_ptr, qk_ptr, row_offsets, token_mask, rest, rest_mask, head, NUM_Q, HEAD_DIM, GROUP)
+    u_lo = _conv_start(b1_ptr, qk_ptr, row_offsets, token_mask, lo, lo_mask, head, NUM_Q, HEAD_DIM, GROUP)
+    u_hi = _conv_start(b1_ptr, qk_ptr, row_offsets, token_mask, lo + half, lo_mask, head, NUM_Q, HEAD_DIM, GROUP)
+    u_rest = _conv_start(b1_ptr, qk_ptr, row_offsets, token_mask, rest, rest_mask, head, NUM_Q, HEAD_DIM, GROUP)
     for i0 in tl.range(0, HEAD_DIM, BLOCK_I, loop_unroll_factor=1):  # unrolling only costs scalar registers
         inputs = i0 + tl.arange(0, BLOCK_I)
         imask = inputs < HEAD_DIM
@@ -201,17 +189,45 @@ def _project_head(qk_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, conv_state_ptr, temp_p
             for j0 in tl.static_range(K0):
                 shift = (K1 - 1 - j1) + (K0 - 1 - j0)
                 w0 = tl.load(w0_ptr + in_channels * K0 + j0, mask=imask, other=0.0).to(tl.float32)
-                y += w0[None, :] * _shifted_x(qk_ptr, conv_state_ptr, tokens, token_mask, seq, seq_start, has_state,
+                y += w0[None, :] * _shifted_x(qk_ptr, state_ptr, tokens, token_mask, seq, seq_start, has_state,
                                               in_channels, imask, shift, C, STATE_LEN, HAS_STATE)
             y = y.to(act_dtype)
-            z_lo = _conv_tap(z_lo, y, w1_ptr, head, inputs, imask, lo, lo_mask, j1, HEAD_DIM, K1, IEEE_DOT)
-            z_hi = _conv_tap(z_hi, y, w1_ptr, head, inputs, imask, lo + half, lo_mask, j1, HEAD_DIM, K1, IEEE_DOT)
-            z_rest = _conv_tap(z_rest, y, w1_ptr, head, inputs, imask, rest, rest_mask, j1, HEAD_DIM, K1, IEEE_DOT)
+            u_lo = _conv_tap(u_lo, y, w1_ptr, head, inputs, imask, lo, lo_mask, j1, HEAD_DIM, K1, IEEE_DOT)
+            u_hi = _conv_tap(u_hi, y, w1_ptr, head, inputs, imask, lo + half, lo_mask, j1, HEAD_DIM, K1, IEEE_DOT)
+            u_rest = _conv_tap(u_rest, y, w1_ptr, head, inputs, imask, rest, rest_mask, j1, HEAD_DIM, K1, IEEE_DOT)
+    u_lo = tl.where(lo_mask[None, :], u_lo, 0.0)
+    u_hi = tl.where(lo_mask[None, :], u_hi, 0.0)
+    u_rest = tl.where(rest_mask[None, :], u_rest, 0.0)
+    return u_lo, u_hi, u_rest
+
+
+@triton.jit
+def _project_head(qk_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, conv_state_ptr, temp_ptr, pos_ptr, inv_freq_ptr, q_ptr,
+                  k_ptr, head, tokens, token_mask, row_valid, seq, seq_start, has_state, EPS: tl.constexpr,
+                  HEAD_SCALE: tl.constexpr, NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  ROTARY_DIM: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, HAS_STATE: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr,
+                  IEEE_DOT: tl.constexpr):
+    """Q rows (head < n_q, into q [T, n_q, D]) or K rows (into k [T, n_kv, D]) [BLOCK_T, D] of head `head`:
+    Z = b1 + coupling residual + sum_j1 Y_{t - (k1 - 1 - j1)} @ W1[head, :, :, j1]^T, the Y computed from the X
+    halo of _shifted_x (conv state row `seq`); then QK norm (keys times their temperature) and NeoX RoPE. Rows that
+    are not row_valid get zeros."""
+    STATE_LEN: tl.constexpr = K0 + K1 - 2
+    C: tl.constexpr = (NUM_Q + NUM_KV) * HEAD_DIM
+    GROUP: tl.constexpr = NUM_Q // NUM_KV
+    # Output dims in three column blocks: lo = [0, R/2) and hi = [R/2, R) of the rotary part (R = ROTARY_DIM), which
+    # rotate_half pairs element by element, and the untouched rest [R, D). Each starts as b1 + coupling residual.
+    half: tl.constexpr = ROTARY_DIM // 2
+    lo = tl.arange(0, BLOCK_HALF)
+    lo_mask = lo < half
+    rest = ROTARY_DIM + tl.arange(0, BLOCK_REST)
+    rest_mask = rest < HEAD_DIM
+    z_lo, z_hi, z_rest = _pre_norm_head(qk_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, conv_state_ptr, head, tokens,
+                                        token_mask, seq, seq_start, has_state, lo, lo_mask, rest, rest_mask, half, C,
+                                        NUM_Q, HEAD_DIM, GROUP, STATE_LEN, K0, K1, HAS_STATE, BLOCK_T, BLOCK_I,
+                                        IEEE_DOT)
 
     # QK norm (keys times their temperature), then NeoX RoPE: lo' = lo cos - hi sin, hi' = hi cos + lo sin.
-    z_lo = tl.where(lo_mask[None, :], z_lo, 0.0)
-    z_hi = tl.where(lo_mask[None, :], z_hi, 0.0)
-    z_rest = tl.where(rest_mask[None, :], z_rest, 0.0)
     sum_sq = tl.sum(z_lo * z_lo, axis=1) + tl.sum(z_hi * z_hi, axis=1) + tl.sum(z_rest * z_rest, axis=1)
     scale = HEAD_SCALE / tl.maximum(tl.sqrt(sum_sq), EPS)
     if head >= NUM_Q:
@@ -628,7 +644,6 @@ def cca_bwd_grad_z_kernel(
     -> temp_part [tiles, n_kv] (kv heads only)."""
     tile = tl.program_id(0)
     head = tl.program_id(1)
-    act_dtype = qk_ptr.dtype.element_ty
     STATE_LEN: tl.constexpr = K0 + K1 - 2
     C: tl.constexpr = (NUM_Q + NUM_KV) * HEAD_DIM
     GROUP: tl.constexpr = NUM_Q // NUM_KV
@@ -640,30 +655,11 @@ def cca_bwd_grad_z_kernel(
     rest = ROTARY_DIM + tl.arange(0, BLOCK_REST)
     rest_mask = rest < HEAD_DIM
 
-    # Forward recompute of U (pre-norm q / k of this head), exactly as cca_prepare_kernel's _project_head.
-    row_offsets = tokens.to(tl.int64) * C
-    u_lo = _conv_start(b1_ptr, qk_ptr, row_offsets, token_mask, lo, lo_mask, head, NUM_Q, HEAD_DIM, GROUP)
-    u_hi = _conv_start(b1_ptr, qk_ptr, row_offsets, token_mask, lo + half, lo_mask, head, NUM_Q, HEAD_DIM, GROUP)
-    u_rest = _conv_start(b1_ptr, qk_ptr, row_offsets, token_mask, rest, rest_mask, head, NUM_Q, HEAD_DIM, GROUP)
-    for i0 in tl.range(0, HEAD_DIM, BLOCK_I, loop_unroll_factor=1):
-        inputs = i0 + tl.arange(0, BLOCK_I)
-        imask = inputs < HEAD_DIM
-        in_channels = head * HEAD_DIM + inputs
-        b0 = tl.load(b0_ptr + in_channels, mask=imask, other=0.0).to(tl.float32)
-        for j1 in tl.static_range(K1):
-            y = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32) + b0[None, :]
-            for j0 in tl.static_range(K0):
-                shift = (K1 - 1 - j1) + (K0 - 1 - j0)
-                w0 = tl.load(w0_ptr + in_channels * K0 + j0, mask=imask, other=0.0).to(tl.float32)
-                y += w0[None, :] * _shifted_x(qk_ptr, init_conv_ptr, tokens, token_mask, seq, seq_start, has_init,
-                                              in_channels, imask, shift, C, STATE_LEN, HAS_INIT)
-            y = y.to(act_dtype)
-            u_lo = _conv_tap(u_lo, y, w1_ptr, head, inputs, imask, lo, lo_mask, j1, HEAD_DIM, K1, IEEE_DOT)
-            u_hi = _conv_tap(u_hi, y, w1_ptr, head, inputs, imask, lo + half, lo_mask, j1, HEAD_DIM, K1, IEEE_DOT)
-            u_rest = _conv_tap(u_rest, y, w1_ptr, head, inputs, imask, rest, rest_mask, j1, HEAD_DIM, K1, IEEE_DOT)
-    u_lo = tl.where(lo_mask[None, :], u_lo, 0.0)
-    u_hi = tl.where(lo_mask[None, :], u_hi, 0.0)
-    u_rest = tl.where(rest_mask[None, :], u_rest, 0.0)
+    # Forward recompute of U (pre-norm q / k of this head): the forward's own code.
+    u_lo, u_hi, u_rest = _pre_norm_head(qk_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, init_conv_ptr, head, tokens,
+                                        token_mask, seq, seq_start, has_init, lo, lo_mask, rest, rest_mask, half, C,
+                                        NUM_Q, HEAD_DIM, GROUP, STATE_LEN, K0, K1, HAS_INIT, BLOCK_T, BLOCK_I,
+                                        IEEE_DOT)
     norm = tl.sqrt(tl.sum(u_lo * u_lo, axis=1) + tl.sum(u_hi * u_hi, axis=1) + tl.sum(u_rest * u_rest, axis=1))
     denom = tl.maximum(norm, EPS)
 
