@@ -649,8 +649,7 @@ def test_row_ops_reject_bad_arguments(op, changes, exc, message):
 
 
 def test_row_ops_hip_backend_needs_gpu_kernels():
-    """CPU tensors (and a CPU-only build, where the hip backend is not registered): asking for hip raises, naming the
-    op, instead of running something else."""
+    """CPU tensors (or a CPU-only build): asking for hip raises, naming the op, instead of running something else."""
     x, _, sorted_ids, N = _row_inputs(5, 3, torch.float32, "random", 0)
     from zaya_kernels.backend import BackendUnavailableError
 

@@ -10,9 +10,10 @@ Ops (schemas in csrc/zaya_ops.cpp):
   zaya::cca_prepare_decode(qk, v_current, v_delayed, conv weights/biases, temperature, positions, conv_state!,
                     value_state!, state_indices, num_q_heads, num_kv_heads, rotary_dim, rope_theta) -> (q, k, v)
 Backends: reference (zaya_kernels.reference.cca) and triton (zaya_kernels.triton.cca) for all three;
-cca_prepare_decode also has hip (kernels/cca.cuh via csrc/cca.cu: the whole decode step in one launch, registered
-when the extension was built with GPU launchers; needs qk, v_current and v_delayed in one dtype, the states in fp32
-or that dtype; it runs when asked for, `auto` picks triton until the two have been timed on a GPU).
+cca_prepare_decode also has hip (kernels/cca.cuh via csrc/cca.cu: the whole decode step in one launch; available
+when the extension was built with GPU kernels, as zaya_kernels.backend checks; needs qk, v_current and v_delayed
+in one dtype, the states in fp32 or that dtype; it runs when asked for, `auto` picks triton until the two have been
+timed on a GPU).
 The reference backward is autograd through the reference forward. The autograd of cca_prepare calls
 cca_prepare_backward under the backend that was requested when the forward ran (kept on the autograd context, as
 the backward runs outside any use_backend block): a triton forward gets the triton backward, `auto` picks triton on
@@ -252,13 +253,6 @@ def _hip_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight
     return q, k, v
 
 
-def _has_hip_decode() -> bool:
-    """True when the compiled extension holds the CCA decode launcher (a GPU build with csrc/cca.cu bound)."""
-    from zaya_kernels import _C
-
-    return hasattr(_C, "cca_prepare_decode")
-
-
 # ---------------------------------------------------------------- autograd
 _NUM_DIFFERENTIABLE = 8  # qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature
 _NUM_FWD_INPUTS = 17
@@ -286,11 +280,8 @@ register_op(_OP, impls={"reference": ref.cca_prepare, "triton": _triton_fwd}, fa
             auto_order=("triton",), backward=_backward_fwd, setup_context=_setup_fwd)
 register_op(_OP + "_backward", impls={"reference": ref.cca_prepare_backward, "triton": _triton_bwd}, fake=_fake_bwd,
             validate=_validate_bwd, auto_order=("triton",))
-_decode_impls = {"reference": ref.cca_prepare_decode, "triton": _triton_decode}
-if _has_hip_decode():
-    _decode_impls["hip"] = _hip_decode
-register_op(_DECODE_OP, impls=_decode_impls, fake=_fake_decode, validate=_validate_decode,
-            auto_order=("triton", "hip"))
+register_op(_DECODE_OP, impls={"reference": ref.cca_prepare_decode, "triton": _triton_decode, "hip": _hip_decode},
+            fake=_fake_decode, validate=_validate_decode, auto_order=("triton", "hip"))
 
 
 # ---------------------------------------------------------------- typed wrappers

@@ -15,8 +15,9 @@ the offsets on the host) and triton (zaya_kernels.triton.moe: dispatch kernels, 
 no host synchronisation); moe_dispatch also has hip (kernels/moe.cuh via csrc/moe.cu: one block, for small T; runs
 when asked for, `auto` picks triton). Autograd calls moe_experts_backward with the backend that ran the forward.
 The row gather / scatter-back of expert parallelism (moe_permute_rows, moe_unpermute_rows; zaya_kernels.distributed)
-have reference, triton and hip (kernels/moe.cuh via csrc/moe.cu, registered when zaya_kernels._C has the launchers;
-`auto` prefers it) backends; each one's backward is the other (plus the skip_mode 1 terms of the scatter's backward).
+have reference, triton and hip (kernels/moe.cuh via csrc/moe.cu, available when the extension was built with GPU
+kernels; `auto` prefers it) backends; each one's backward is the other (plus the skip_mode 1 terms of the scatter's
+backward).
 
 `zaya_kernels.ops.moe(x, gate_up, down, expert_index, routing_weight, skip_mode)` is the whole MoE expert part:
 dispatch with the BLOCK_M of the tuned table for this T and device, then the experts.
@@ -394,30 +395,17 @@ def _backward_unpermute(ctx, grad_y):
     return grad_rows, None, grad_x, grad_w, None
 
 
-def _hip_row_launchers() -> bool:
-    from zaya_kernels import _C
-
-    return all(hasattr(_C, n) for n in ("moe_permute_rows", "moe_unpermute_rows", "moe_unpermute_rows_backward"))
-
-
-_HIP_ROWS = _hip_row_launchers()
-
-
-def _row_impls(reference, triton_impl, hip_impl):
-    impls = {"reference": reference, "triton": triton_impl}
-    if _HIP_ROWS:
-        impls["hip"] = hip_impl
-    return impls
-
-
-register_op("moe_permute_rows", impls=_row_impls(ref.moe_permute_rows, _triton_permute, _hip_permute),
+register_op("moe_permute_rows",
+            impls={"reference": ref.moe_permute_rows, "triton": _triton_permute, "hip": _hip_permute},
             fake=_fake_permute, validate=_validate_permute, auto_order=("hip", "triton"),
             backward=_backward_permute, setup_context=_setup_permute)
-register_op("moe_unpermute_rows", impls=_row_impls(ref.moe_unpermute_rows, _triton_unpermute, _hip_unpermute),
+register_op("moe_unpermute_rows",
+            impls={"reference": ref.moe_unpermute_rows, "triton": _triton_unpermute, "hip": _hip_unpermute},
             fake=_fake_unpermute, validate=_validate_unpermute, auto_order=("hip", "triton"),
             backward=_backward_unpermute, setup_context=_setup_unpermute)
 register_op("moe_unpermute_rows_backward",
-            impls=_row_impls(ref.moe_unpermute_rows_backward, _triton_unpermute_bwd, _hip_unpermute_bwd),
+            impls={"reference": ref.moe_unpermute_rows_backward, "triton": _triton_unpermute_bwd,
+                   "hip": _hip_unpermute_bwd},
             fake=_fake_unpermute_bwd, validate=_validate_unpermute_bwd, auto_order=("hip", "triton"))
 
 
