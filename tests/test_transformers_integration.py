@@ -12,6 +12,7 @@ from zaya_kernels.integrations.transformers import attention_paths, kernelize
 
 transformers = pytest.importorskip("transformers", reason="the integration tests need transformers >= 5.8")
 from transformers import ZayaConfig, ZayaForCausalLM, ZayaModel  # noqa: E402
+from transformers.models.zaya.modeling_zaya import DynamicCache  # noqa: E402
 
 CONFIGS = {
     "gqa2": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, router_hidden_size=32),
@@ -78,11 +79,16 @@ def test_unpadded_batch_runs_the_zaya_attention_ops(backend):
         assert attention_paths(model) == ["zaya::cca_attention"] * 3
         tokens = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, eos_token_id=None)
         assert attention_paths(model) == ["zaya::cca_attention_decode"] * 3
+        cache = DynamicCache(config=model.config)  # a chunked prefill: 4 tokens, then 5 after them
+        model(input_ids=ids[:, :4], cache=cache)
+        chunk_logits = model(input_ids=ids[:, 4:], cache=cache).logits
+        assert attention_paths(model) == ["zaya::cca_attention_decode"] * 3
         padded_ids, mask = left_padded_batch()
         model(input_ids=padded_ids, attention_mask=mask)
         assert all(path.startswith("transformers (padded") for path in attention_paths(model))
     assert zaya_kernels.last_backend("cca_attention_decode") == backend
     assert relative_error(logits, expected_logits) < 5e-5
+    assert relative_error(chunk_logits, expected_logits[:, 4:]) < 5e-5
     assert torch.equal(tokens, expected_tokens)
 
 

@@ -9,11 +9,12 @@ What is swapped (with transformers' own cache objects, masks and rotary embeddin
 - the CCA projection: `zaya::cca_prepare` (both convolutions, mean coupling, value shift, QK norm, partial RoPE),
   reading and writing the conv and value states of transformers' cache;
 - the attention: `zaya::cca_attention` for a prefill from an empty cache (or no cache) and
-  `zaya::cca_attention_decode` for one new token per sequence, reading the keys and values straight from
-  transformers' dynamic cache (full and sliding-window layers), when the batch has no padding.
+  `zaya::cca_attention_decode` for new tokens after a cached prefix (decode, or a chunk of Q tokens per sequence,
+  causal among themselves), reading the keys and values straight from transformers' dynamic cache (full and
+  sliding-window layers), when the batch has no padding.
 transformers' own attention interface (eager / sdpa / flash, with its masks) still runs where the zaya attention
-ops do not apply: a padded batch (a 2D attention mask with zeros), a chunk of several tokens after a cached prefix,
-a static cache, attention dropout in training. `attention_paths(model)` tells which path each layer took last.
+ops do not apply: a padded batch (a 2D attention mask with zeros), a static cache, attention dropout in training.
+`attention_paths(model)` tells which path each layer took last.
 What always runs as transformers' code: the q/k/v/o linear layers, the embeddings, the LM head, the cache objects.
 
 Training: after each optimizer step, `update_balancing_biases(model)` moves every layer's balancing biases toward
@@ -135,12 +136,14 @@ def attention_forward(attn, hidden_states, position_ids, attention_mask, cache, 
         return attn.o_proj(out.reshape(batch, seq, -1)), None
     if cache is not None:
         key, value = cache.update(key, value, attn.layer_idx, kwargs=kwargs)
-    if path == "zaya::cca_attention_decode":  # one token per sequence over the cache's [B, Hkv, L, D] storage
-        length = key.shape[2]  # a sliding-window layer returns at most `window` positions: all visible
+    if path == "zaya::cca_attention_decode":  # new tokens over the cache's [B, Hkv, L, D] storage (theirs included)
+        # a sliding-window layer returns its kept window plus the new tokens: positions relative to that tensor
+        # differ from the absolute ones by a shift, which the window test (a difference of positions) ignores
+        length = key.shape[2]
         seq_lens = torch.full((batch,), length, dtype=torch.int32, device=q.device)
-        out = zaya_ops.cca_attention_decode(q.view(batch, -1, attn.head_dim), key.transpose(1, 2),
-                                            value.transpose(1, 2), seq_lens, softmax_scale=attn.scaling,
-                                            window=window, max_seqlen=length)
+        queries = q.view(batch, -1, attn.head_dim) if seq == 1 else q.view(batch, seq, -1, attn.head_dim)
+        out = zaya_ops.cca_attention_decode(queries, key.transpose(1, 2), value.transpose(1, 2), seq_lens,
+                                            softmax_scale=attn.scaling, window=window, max_seqlen=length)
         return attn.o_proj(out.reshape(batch, seq, -1)), None
     interface = mz.ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, mz.eager_attention_forward)
     out, _ = interface(attn, query, key, value, attention_mask.get("causal"),
@@ -163,7 +166,7 @@ def _zaya_attention_path(attn, cache, seq, unpadded) -> str:
         return f"transformers ({type(cache.layers[attn.layer_idx]).__name__})"
     if cache.get_seq_length(attn.layer_idx) == 0:
         return "zaya::cca_attention"
-    return "zaya::cca_attention_decode" if seq == 1 else "transformers (a chunk after a cached prefix)"
+    return "zaya::cca_attention_decode"
 
 
 def attention_paths(model) -> list:
