@@ -111,9 +111,10 @@ TORCH_LIBRARY(zaya, m) {
   // The newest token(s) per sequence: q [B, Hq, D] or [B, Q, Hq, D] (speculative decoding; out shaped like q);
   // caches [B, S_max, Hkv, D] or paged [num_blocks, block_size, Hkv, D]
   // with block_table int32 [B, max_blocks]; seq_lens int32 [B]. max_seqlen: optional bound of seq_lens (split sizing).
+  // seq_starts int32 [B]: the first cache position each sequence sees (left padding: its pad count; None = 0).
   m.def(
       "cca_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor? block_table=None, "
-      "float? softmax_scale=None, int window=-1, int? max_seqlen=None) -> Tensor");
+      "float? softmax_scale=None, int window=-1, int? max_seqlen=None, Tensor? seq_starts=None) -> Tensor");
 }
 
 PYBIND11_MODULE(_C, m) {

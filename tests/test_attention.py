@@ -250,10 +250,11 @@ def test_triton_softmax_scale_and_empty_sequences():
     assert_close(lse, expected_lse.detach(), dtype=torch.float32, reduction=18 * 32)
 
 
-def _decode_case(lens, heads, d, block_size, dtype, seed):
+def _decode_case(lens, heads, d, block_size, dtype, seed, device="cpu"):
     hq, hkv = heads
-    contiguous, paged, table, q_last, k_seq, v_seq = _caches_from_prefill(lens, hq, hkv, d, block_size, dtype, seed)
-    return contiguous, paged, table, q_last, torch.tensor(lens, dtype=torch.int32), k_seq, v_seq
+    contiguous, paged, table, q_last, k_seq, v_seq = _caches_from_prefill(lens, hq, hkv, d, block_size, dtype, seed,
+                                                                           device)
+    return contiguous, paged, table, q_last, torch.tensor(lens, dtype=torch.int32, device=device), k_seq, v_seq
 
 
 @settings(max_examples=14)
@@ -307,6 +308,35 @@ def test_multi_token_decode_equals_prefill_rows(lens, heads, num_queries, block_
     assert out.shape == q.shape
     assert_close(out, expected, dtype=torch.float32, reduction=max(lens) * 16 + 1, scale=output_scale(caches[1]),
                  what="triton")
+
+
+@settings(max_examples=12)
+@given(lens=st.lists(st.integers(0, 30), min_size=1, max_size=3), pads=st.lists(st.integers(0, 20), min_size=3,
+       max_size=3), heads=head_layouts, num_queries=st.integers(1, 3), block_size=st.sampled_from([1, 5, 16]),
+       window=st.sampled_from([-1, 4]), paged=st.booleans(), seed=st.integers(0, 2**16))
+def test_left_padded_decode_equals_unpadded(lens, pads, heads, num_queries, block_size, window, paged, seed):
+    """seq_starts: a left-padded cache (pads first, random K/V there) gives the unpadded sequence's prefill rows
+    (fp64 oracle), for the reference and Triton; queries on pad positions see nothing (zero)."""
+    pads = pads[: len(lens)]
+    padded_lens = [p + n for p, n in zip(pads, lens)]
+    contiguous, paged_cache, table, _, seq_lens, k_pad, v_pad = _decode_case(padded_lens, heads, 16, block_size,
+                                                                             torch.float32, seed)
+    k_seq = [k[p:] for k, p in zip(k_pad, pads)]
+    v_seq = [v[p:] for v, p in zip(v_pad, pads)]
+    q = torch.randn(len(lens), num_queries, heads[0], 16, generator=torch.Generator().manual_seed(seed))
+    seq_starts = torch.tensor(pads, dtype=torch.int32)
+    caches, block_table = (paged_cache, table) if paged else (contiguous, None)
+    expected = _multi_token_expected(q, k_seq, v_seq, lens, window)
+    assert_close(ref.cca_attention_decode(q.double(), *(c.double() for c in caches), seq_lens, block_table, None,
+                                          window, seq_starts), expected, dtype=torch.float64, what="reference")
+    with zaya_kernels.use_backend("triton"):
+        out = torch.ops.zaya.cca_attention_decode(q, *caches, seq_lens, block_table, None, window, None, seq_starts)
+        one_token = zaya_kernels.ops.cca_attention_decode(q[:, -1].contiguous(), *caches, seq_lens, block_table,
+                                                          window=window, seq_starts=seq_starts)
+    scale = output_scale(caches[1])
+    assert_close(out, expected, dtype=torch.float32, reduction=max(padded_lens) * 16 + 1, scale=scale, what="triton")
+    assert_close(one_token, expected[:, -1], dtype=torch.float32, reduction=max(padded_lens) * 16 + 1, scale=scale,
+                 what="triton, one token")
 
 
 @pytest.mark.parametrize("max_seqlen, num_queries", [(None, 1), (5, 1), (200, 1), (None, 3)])
@@ -454,6 +484,11 @@ def _decode_args(paged):
         (True, lambda a: (a.__setitem__(1, torch.zeros(30, 4, 2, 16)[:, :, :, :8]),
                           a.__setitem__(2, torch.zeros(30, 4, 2, 16)[:, :, :, :8])), ValueError, "last dimension of"),
         (False, lambda a: a.__setitem__(3, a[3].long()), TypeError, "`seq_lens` must have dtype"),
+        (False, lambda a: a.extend([None, -1, None, torch.tensor([0, 10], dtype=torch.int32)]), ValueError,
+         "`seq_starts` must be in 0..seq_lens"),
+        (False, lambda a: a.extend([None, -1, None, torch.tensor([0, 1])]), TypeError, "`seq_starts` must have dtype"),
+        (True, lambda a: a.extend([None, -1, None, torch.tensor([0], dtype=torch.int32)]), ValueError,
+         "`seq_starts` must have shape"),
         (False, lambda a: a.__setitem__(0, torch.zeros(2, 1, 1, 4, 16)), ValueError, "or \\[B, Q, Hq, D\\]"),
         (False, lambda a: a.__setitem__(0, torch.zeros(2, 4, 40)), ValueError, "`head_dim`|last dimension"),
         (False, lambda a: a.__setitem__(1, torch.zeros(2, 12, 16, 2).transpose(2, 3)), ValueError,
@@ -517,3 +552,20 @@ def test_gpu_decode_matches_reference(dtype, block_size, lens, num_queries):
         out = torch.ops.zaya.cca_attention_decode(q, *caches, seq_lens, block_table)
     expected = ref.cca_attention_decode(q.double(), *(c.double() for c in caches), seq_lens, block_table)
     assert_close(out, expected, dtype=dtype, reduction=max(lens) * 128, scale=output_scale(caches[1]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size", [16, None])
+@pytest.mark.parametrize("window", [-1, 100])
+def test_gpu_left_padded_decode_matches_reference(block_size, window):
+    """seq_starts on the GPU (bf16, ZAYA1 heads): a left-padded batch as kernelize passes transformers' cache."""
+    lens = [1, 900, 300, 2048]
+    contiguous, paged, table, q, seq_lens, _, _ = _decode_case(lens, (8, 2), 128, block_size or 16, torch.bfloat16,
+                                                               5, device="cuda")
+    seq_starts = torch.tensor([0, 899, 17, 1000], dtype=torch.int32, device="cuda")
+    caches, block_table = (contiguous, None) if block_size is None else (paged, table)
+    with zaya_kernels.use_backend("triton"):
+        out = torch.ops.zaya.cca_attention_decode(q, *caches, seq_lens, block_table, None, window, None, seq_starts)
+    expected = ref.cca_attention_decode(q.double(), *(c.double() for c in caches), seq_lens, block_table, None,
+                                        window, seq_starts)
+    assert_close(out, expected, dtype=torch.bfloat16, reduction=max(lens) * 128, scale=output_scale(caches[1]))

@@ -66,8 +66,7 @@ def test_logits_and_greedy_tokens_match(name, backend):
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_unpadded_batch_runs_the_zaya_attention_ops(backend):
     """Without padding the kernelized model attends with zaya::cca_attention (prefill) and
-    zaya::cca_attention_decode (over transformers' dynamic cache, sliding-window layer included); a padded batch
-    takes transformers' attention and says so."""
+    zaya::cca_attention_decode (over transformers' dynamic cache, sliding-window layer included)."""
     sliding = dict(layer_types=["hybrid", "hybrid_sliding", "hybrid"], sliding_window=4)
     model = tiny_model("gqa2", **sliding)
     ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(4))
@@ -83,13 +82,55 @@ def test_unpadded_batch_runs_the_zaya_attention_ops(backend):
         model(input_ids=ids[:, :4], cache=cache)
         chunk_logits = model(input_ids=ids[:, 4:], cache=cache).logits
         assert attention_paths(model) == ["zaya::cca_attention_decode"] * 3
-        padded_ids, mask = left_padded_batch()
-        model(input_ids=padded_ids, attention_mask=mask)
-        assert all(path.startswith("transformers (padded") for path in attention_paths(model))
     assert zaya_kernels.last_backend("cca_attention_decode") == backend
     assert relative_error(logits, expected_logits) < 5e-5
     assert relative_error(chunk_logits, expected_logits[:, 4:]) < 5e-5
     assert torch.equal(tokens, expected_tokens)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_left_padded_batch_decodes_with_the_zaya_attention_op(backend):
+    """A left-padded batch (pads of 4, 0 and 7 tokens; a sliding window of 4 shorter than the longest pad run):
+    its prefill takes transformers' attention, every decode step zaya::cca_attention_decode with the pad counts as
+    seq_starts; each step's logits and the greedy tokens equal the unmodified model's. Any other padding pattern
+    keeps transformers' attention and says so."""
+    sliding = dict(layer_types=["hybrid", "hybrid_sliding", "hybrid"], sliding_window=4)
+    model = tiny_model("gqa2", **sliding)
+    ids, mask = left_padded_batch()
+    mask[2, :7] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+
+    def greedy_steps(m, steps=5):
+        cache = DynamicCache(config=m.config)
+        out = m(input_ids=ids, attention_mask=mask, cache=cache)
+        step_logits, tokens, step_mask = [out.logits[:, -1]], [], mask
+        for _ in range(steps):
+            tokens.append(step_logits[-1].argmax(-1, keepdim=True))
+            step_mask = torch.cat([step_mask, torch.ones_like(tokens[-1])], dim=1)
+            positions = (step_mask.cumsum(1) - 1).clamp_min(0)[:, -1:]
+            out = m(input_ids=tokens[-1], attention_mask=step_mask, cache=cache, position_ids=positions)
+            step_logits.append(out.logits[:, -1])
+        return torch.stack(step_logits, 1), torch.cat(tokens, 1)
+
+    with torch.no_grad():
+        expected_logits, expected_tokens = greedy_steps(model)
+        expected_generate = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                           eos_token_id=None)
+        kernelize(model, backend=backend)
+        model(input_ids=ids, attention_mask=mask)
+        assert attention_paths(model) == ["transformers (prefill of a padded batch)"] * 3
+        logits, tokens = greedy_steps(model)
+        assert attention_paths(model) == ["zaya::cca_attention_decode"] * 3
+        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                   eos_token_id=None)
+        holed = mask.clone()
+        holed[1, 3] = 0  # a pad in the middle of a row: not left padding
+        model(input_ids=ids, attention_mask=holed)
+        assert all(path.startswith("transformers (padding that is not left") for path in attention_paths(model))
+    assert zaya_kernels.last_backend("cca_attention_decode") == backend
+    assert relative_error(logits, expected_logits) < 5e-5
+    assert torch.equal(tokens, expected_tokens)
+    assert torch.equal(generated, expected_generate)
 
 
 def test_skip_class_is_chosen_in_the_parity_model():

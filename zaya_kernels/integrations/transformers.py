@@ -11,9 +11,11 @@ What is swapped (with transformers' own cache objects, masks and rotary embeddin
 - the attention: `zaya::cca_attention` for a prefill from an empty cache (or no cache) and
   `zaya::cca_attention_decode` for new tokens after a cached prefix (decode, or a chunk of Q tokens per sequence,
   causal among themselves), reading the keys and values straight from transformers' dynamic cache (full and
-  sliding-window layers), when the batch has no padding.
+  sliding-window layers); a left-padded batch (generate's layout: a 2D mask of zeros then ones per row) decodes
+  with the pads left in the cache and each row's pad count as `seq_starts`.
 transformers' own attention interface (eager / sdpa / flash, with its masks) still runs where the zaya attention
-ops do not apply: a padded batch (a 2D attention mask with zeros), a static cache, attention dropout in training.
+ops do not apply: the prefill of a padded batch (the pad rows' outputs, which transformers computes and nothing
+uses, would differ), any other padding pattern, a static cache, attention dropout in training.
 `attention_paths(model)` tells which path each layer took last.
 What always runs as transformers' code: the q/k/v/o linear layers, the embeddings, the LM head, the cache objects.
 
@@ -90,9 +92,8 @@ def attention_forward(attn, hidden_states, position_ids, attention_mask, cache, 
     where they apply (see the module docstring; transformers' attention interface otherwise); transformers' cache
     objects keep the conv, value and KV states.
 
-    hidden_states [B, S, H] (RMSNorm1 output); position_ids [1 or B, S]; batch_layout: (cu_seqlens int32 [B+1] of
-    B rows of S tokens, ones int32 [B], whether the batch is unpadded), made once per forward and shared by every
-    layer; returns (attn_out [B, S, H], None).
+    hidden_states [B, S, H] (RMSNorm1 output); position_ids [1 or B, S]; batch_layout: a `_BatchLayout`, made once
+    per forward and shared by every layer; returns (attn_out [B, S, H], None).
     """
     mz = _zaya_classes()
     proj = attn.qkv_proj
@@ -107,7 +108,7 @@ def attention_forward(attn, hidden_states, position_ids, attention_mask, cache, 
     value_state = cache.get_recurrent_state(attn.layer_idx, state_idx=0) if cache is not None else None
     rope = config.rope_parameters[attn.layer_type]
     rotary_dim = int(attn.head_dim * rope.get("partial_rotary_factor", 1.0))
-    cu_seqlens, every_row, _ = batch_layout
+    cu_seqlens, every_row = batch_layout.cu_seqlens, batch_layout.every_row
     has_state = None
     if conv_state is not None:
         has_state = every_row
@@ -123,7 +124,7 @@ def attention_forward(attn, hidden_states, position_ids, attention_mask, cache, 
     if cache is not None:
         cache.update_conv_state(final_conv.to(qk.dtype), attn.layer_idx)
         cache.update_recurrent_state(final_value.to(qk.dtype), attn.layer_idx)
-    path = _zaya_attention_path(attn, cache, seq, batch_layout[2])
+    path = _zaya_attention_path(attn, cache, batch_layout)
     attn._zaya_attention_path = path
     window = attn.sliding_window or -1
     query = q.view(batch, seq, -1, attn.head_dim).transpose(1, 2)
@@ -140,10 +141,11 @@ def attention_forward(attn, hidden_states, position_ids, attention_mask, cache, 
         # a sliding-window layer returns its kept window plus the new tokens: positions relative to that tensor
         # differ from the absolute ones by a shift, which the window test (a difference of positions) ignores
         length = key.shape[2]
-        seq_lens = torch.full((batch,), length, dtype=torch.int32, device=q.device)
+        seq_lens, seq_starts = batch_layout.lengths_and_starts(length)
         queries = q.view(batch, -1, attn.head_dim) if seq == 1 else q.view(batch, seq, -1, attn.head_dim)
         out = zaya_ops.cca_attention_decode(queries, key.transpose(1, 2), value.transpose(1, 2), seq_lens,
-                                            softmax_scale=attn.scaling, window=window, max_seqlen=length)
+                                            softmax_scale=attn.scaling, window=window, max_seqlen=length,
+                                            seq_starts=seq_starts)
         return attn.o_proj(out.reshape(batch, seq, -1)), None
     interface = mz.ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, mz.eager_attention_forward)
     out, _ = interface(attn, query, key, value, attention_mask.get("causal"),
@@ -152,20 +154,59 @@ def attention_forward(attn, hidden_states, position_ids, attention_mask, cache, 
     return attn.o_proj(out.reshape(batch, seq, -1)), None
 
 
-def _zaya_attention_path(attn, cache, seq, unpadded) -> str:
+class _BatchLayout:
+    """What every layer's attention needs to know about the batch, made once per forward.
+
+    cu_seqlens int32 [B+1] (B rows of S tokens) and every_row int32 [B] (ones) for cca_prepare; unpadded: no
+    padding at all; seq_starts int32 [B] or None: the pad count of each row of a left-padded batch, whose 2D mask
+    covers mask_len positions (past and new tokens).
+    """
+
+    def __init__(self, batch, seq, device, unpadded, seq_starts=None, mask_len=0):
+        self.cu_seqlens = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=device)
+        self.every_row = torch.ones(batch, dtype=torch.int32, device=device)
+        self.unpadded, self.seq_starts, self.mask_len = unpadded, seq_starts, mask_len
+        self._per_length = {}
+
+    def lengths_and_starts(self, length):
+        """(seq_lens int32 [B], seq_starts int32 [B] or None) for a layer whose cache tensor holds `length`
+        positions: a sliding-window layer keeps the last ones only, so its pads start `mask_len - length` earlier
+        (clamped at 0). Built once per length and forward, shared by the layers."""
+        if length not in self._per_length:
+            seq_lens = torch.full_like(self.every_row, length)
+            starts = self.seq_starts
+            if starts is not None:
+                starts = (starts - (self.mask_len - length)).clamp_min(0).to(torch.int32)
+            self._per_length[length] = (seq_lens, starts)
+        return self._per_length[length]
+
+
+def _left_pad_counts(attention_mask, batch):
+    """int32 [B] pad counts when `attention_mask` is a 2D left-padding mask (per row zeros, then ones, the last
+    position a token), else None. One host synchronisation per forward."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 or attention_mask.shape[0] != batch:
+        return None
+    mask = attention_mask.to(torch.int32)
+    ones_after_zeros = bool(((mask == 0) | (mask == 1)).all() & (mask[:, 1:] >= mask[:, :-1]).all()
+                            & (mask[:, -1] == 1).all())
+    return (mask.shape[1] - mask.sum(1)).to(torch.int32) if ones_after_zeros else None
+
+
+def _zaya_attention_path(attn, cache, layout) -> str:
     """Which attention runs for this layer: a zaya op, or transformers' interface with the reason."""
     from transformers.cache_utils import DynamicLayer
 
-    if not unpadded:
-        return "transformers (padded batch or a prepared mask mapping)"
     if attn.training and attn.attention_dropout > 0.0:
         return "transformers (attention dropout)"
-    if cache is None:
-        return "zaya::cca_attention"
-    if not isinstance(cache.layers[attn.layer_idx], DynamicLayer):
+    if cache is not None and not isinstance(cache.layers[attn.layer_idx], DynamicLayer):
         return f"transformers ({type(cache.layers[attn.layer_idx]).__name__})"
-    if cache.get_seq_length(attn.layer_idx) == 0:
-        return "zaya::cca_attention"
+    fresh = cache is None or cache.get_seq_length(attn.layer_idx) == 0
+    if layout.unpadded:
+        return "zaya::cca_attention" if fresh else "zaya::cca_attention_decode"
+    if layout.seq_starts is None:
+        return "transformers (padding that is not left padding, or a prepared mask mapping)"
+    if fresh:
+        return "transformers (prefill of a padded batch)"
     return "zaya::cca_attention_decode"
 
 
@@ -213,10 +254,11 @@ def model_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
             _norm_eps(first_norm))
         residual, normed = residual.view(batch, seq, hidden), normed.view(batch, seq, hidden)
         router_state = None
-        # the zaya attention ops need an unpadded batch; a prepared mask mapping cannot be checked
+        # the zaya attention ops need an unpadded or left-padded batch; a prepared mask mapping cannot be checked
         unpadded = attention_mask is None or (isinstance(attention_mask, torch.Tensor) and bool(attention_mask.all()))
-        batch_layout = (torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=inputs_embeds.device),
-                        torch.ones(batch, dtype=torch.int32, device=inputs_embeds.device), unpadded)
+        seq_starts = None if unpadded else _left_pad_counts(attention_mask, batch)
+        batch_layout = _BatchLayout(batch, seq, inputs_embeds.device, unpadded, seq_starts,
+                                    attention_mask.shape[-1] if seq_starts is not None else 0)
         for idx, layer in enumerate(layers):
             kind = self.config.layer_types[idx]
             layer_masks = {"causal": mask_mapping[kind], "conv": mask_mapping.get("conv")}

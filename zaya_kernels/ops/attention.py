@@ -4,11 +4,12 @@ Ops (schemas in csrc/zaya_ops.cpp):
   zaya::cca_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale?, causal, window) -> (out, lse)
   zaya::cca_attention_backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale?, causal, window)
       -> (dq, dk, dv)                                                            (used by the autograd of the above)
-  zaya::cca_attention_decode(q, k_cache, v_cache, seq_lens, block_table?, softmax_scale?, window, max_seqlen?) -> out
+  zaya::cca_attention_decode(q, k_cache, v_cache, seq_lens, block_table?, softmax_scale?, window, max_seqlen?,
+                             seq_starts?) -> out
       (q [B, Hq, D], or [B, Q, Hq, D] for Q tokens per sequence: speculative decoding)
 Backends: reference (zaya_kernels.reference.attention), triton (zaya_kernels.triton.attention).
 
-Argument values (cu_seqlens, seq_lens, block_table contents) are checked whenever reading them is free: on CPU
+Argument values (cu_seqlens, seq_lens, seq_starts, block_table contents) are checked whenever reading them is free: on CPU
 tensors, and on GPU tensors only with ZAYA_KERNELS_CHECK_VALUES=1, because reading device values forces a host
 synchronisation that the decode path must not have. Shapes, dtypes, devices and head counts are always checked.
 """
@@ -99,7 +100,7 @@ def _validate_bwd(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_s
 
 
 def _validate_decode(q, k_cache, v_cache, seq_lens, block_table=None, softmax_scale=None, window=-1,
-                     max_seqlen=None):
+                     max_seqlen=None, seq_starts=None):
     op = _DECODE
     check.tensor(op, "q", q, dtypes=check.FLOAT_DTYPES, contiguous=True)
     if q.dim() not in (3, 4):
@@ -123,6 +124,9 @@ def _validate_decode(q, k_cache, v_cache, seq_lens, block_table=None, softmax_sc
                          f"and {v_cache.stride()}")
     _check_heads_and_dim(op, num_q_heads, k_cache.shape[2], head_dim, "k_cache")
     check.tensor(op, "seq_lens", seq_lens, dtypes=(torch.int32,), shape=(batch,), device=dev, contiguous=True)
+    if seq_starts is not None:
+        check.tensor(op, "seq_starts", seq_starts, dtypes=(torch.int32,), shape=(batch,), device=dev,
+                     contiguous=True)
     if block_table is None:
         if k_cache.shape[0] != batch:
             raise ValueError(f"zaya::{op}: a contiguous `k_cache` [B, S_max, Hkv, D] must have B = {batch} (q's "
@@ -149,6 +153,11 @@ def _validate_decode(q, k_cache, v_cache, seq_lens, block_table=None, softmax_sc
             where = ("the cache length S_max" if block_table is None
                      else "max_blocks * block_size of `block_table` (the block table is too short)")
             raise ValueError(f"zaya::{op}: `seq_lens` must be in 0..{capacity} ({where}), got {lengths}")
+        if seq_starts is not None and _values_readable(seq_starts):
+            starts = seq_starts.tolist()
+            if any(not 0 <= s <= n for s, n in zip(starts, lengths)):
+                raise ValueError(f"zaya::{op}: `seq_starts` must be in 0..seq_lens[b] for every sequence, got "
+                                 f"seq_starts {starts} for seq_lens {lengths}")
         if block_table is not None and batch > 0:
             used = [block_table[b, : -(-n // k_cache.shape[1])] for b, n in enumerate(lengths)]
             used = torch.cat(used) if used else block_table.new_empty(0)
@@ -167,7 +176,8 @@ def _fake_bwd(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _fake_decode(q, k_cache, v_cache, seq_lens, block_table=None, softmax_scale=None, window=-1, max_seqlen=None):
+def _fake_decode(q, k_cache, v_cache, seq_lens, block_table=None, softmax_scale=None, window=-1, max_seqlen=None,
+                 seq_starts=None):
     return torch.empty_like(q)
 
 
@@ -186,11 +196,12 @@ def _triton_bwd(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_sca
     return tri.attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal, window)
 
 
-def _triton_decode(q, k_cache, v_cache, seq_lens, block_table=None, softmax_scale=None, window=-1, max_seqlen=None):
+def _triton_decode(q, k_cache, v_cache, seq_lens, block_table=None, softmax_scale=None, window=-1, max_seqlen=None,
+                   seq_starts=None):
     from zaya_kernels.triton import attention as tri
 
     scale = ref.default_scale(q.shape[-1], softmax_scale)
-    return tri.attention_decode(q, k_cache, v_cache, seq_lens, block_table, scale, window, max_seqlen)
+    return tri.attention_decode(q, k_cache, v_cache, seq_lens, block_table, scale, window, max_seqlen, seq_starts)
 
 
 # ---------------------------------------------------------------- autograd
@@ -214,8 +225,8 @@ def _backward_fwd(ctx, grad_out, grad_lse):
 
 
 def _reference_decode(q, k_cache, v_cache, seq_lens, block_table=None, softmax_scale=None, window=-1,
-                      max_seqlen=None):
-    return ref.cca_attention_decode(q, k_cache, v_cache, seq_lens, block_table, softmax_scale, window)
+                      max_seqlen=None, seq_starts=None):
+    return ref.cca_attention_decode(q, k_cache, v_cache, seq_lens, block_table, softmax_scale, window, seq_starts)
 
 
 register_op(_OP, impls={"reference": ref.cca_attention, "triton": _triton_fwd}, auto_order=("triton",),
@@ -275,13 +286,16 @@ def cca_attention_decode(
     softmax_scale: float | None = None,
     window: int = -1,
     max_seqlen: int | None = None,
+    seq_starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of the newest token(s) of each sequence over its KV cache (split-K flash decoding, no host sync).
 
     The token of sequence b sits at position seq_lens[b] - 1 and sees cached positions 0 <= p < seq_lens[b]
     (with window > 0: p > seq_lens[b] - 1 - window). With Q tokens per sequence (speculative decoding, their K/V
     already in the cache) token i sits at position seq_lens[b] - Q + i and sees the positions up to its own.
-    seq_lens[b] = 0 (and a token at a negative position) gives a zero output.
+    With seq_starts, sequence b sees only positions p >= seq_starts[b]: a left-padded batch (transformers' layout,
+    the pads first) keeps its pads in the cache and passes their count. A token that sees no position
+    (seq_lens[b] = 0, a token at a negative position or before seq_starts[b]) gets a zero output.
 
     Parameters
     ----------
@@ -296,6 +310,7 @@ def cca_attention_decode(
     window : int, sliding window length (<= 0: none)
     max_seqlen : int or None, an upper bound of seq_lens the caller knows: sizes the splits when the cache capacity
         is much larger than the sequences (a smaller value than a real length only costs speed)
+    seq_starts : [B] int32 or None (0), the first visible position of each sequence, 0 <= seq_starts[b] <= seq_lens[b]
 
     Returns
     -------
@@ -304,4 +319,4 @@ def cca_attention_decode(
     return torch.ops.zaya.cca_attention_decode(
         q.contiguous(), k_cache, v_cache, seq_lens, block_table,
         None if softmax_scale is None else float(softmax_scale), int(window),
-        None if max_seqlen is None else int(max_seqlen))
+        None if max_seqlen is None else int(max_seqlen), seq_starts)

@@ -25,7 +25,9 @@ Decode: one new query token per sequence b that sits at position seq_lens[b] - 1
 decoding) token i sits at position seq_lens[b] - Q + i and sees the keys up to its own position. The cache is
 contiguous [B, S_max, Hkv, D] (position p of sequence b at [b, p]) or paged [num_blocks, block_size, Hkv, D] with
 block_table [B, max_blocks] (position p of sequence b at [block_table[b, p // block_size], p % block_size]: vLLM's
-layout). A sequence with seq_lens[b] = 0 has nothing to attend to and gets a zero output.
+layout). With seq_starts, sequence b sees only the positions p >= seq_starts[b] (a left-padded batch: the pads
+sit before seq_starts[b]). A token that sees no position (seq_lens[b] = 0, or a token before seq_starts[b]) gets a
+zero output.
 
 Everything is computed in fp32 (fp64 when the inputs are fp64, which the tests use as the exact oracle); outputs are
 returned in the input dtype, lse in fp32 (fp64 for fp64 inputs).
@@ -150,23 +152,28 @@ def gather_cache(cache, seq_len, batch_index, block_table=None):
     return cache[blocks, positions % block_size]
 
 
-def cca_attention_decode(q, k_cache, v_cache, seq_lens, block_table=None, softmax_scale=None, window=-1):
+def cca_attention_decode(q, k_cache, v_cache, seq_lens, block_table=None, softmax_scale=None, window=-1,
+                         seq_starts=None):
     """The newest token(s) of each sequence against its KV cache.
 
     q [B, Hq, D] (one token per sequence) or [B, Q, Hq, D] (the last Q tokens, e.g. speculative decoding: token i
     sits at position seq_lens[b] - Q + i and sees the cached positions up to its own); k_cache, v_cache
     [B, S_max, Hkv, D] (contiguous) or [num_blocks, block_size, Hkv, D] with block_table int32 [B, max_blocks];
-    seq_lens int32 [B]. Returns out shaped like q, in q.dtype (0 for a token at a negative position).
+    seq_lens int32 [B]; seq_starts int32 [B] or None: sequence b sees positions seq_starts[b] <= p only.
+    Returns out shaped like q, in q.dtype (0 for a token that sees no position).
     """
     cdt = _compute_dtype(q.dtype)
     queries = q if q.dim() == 4 else q[:, None]
     B, Q, Hq, D = queries.shape
     scale = default_scale(D, softmax_scale)
     out = torch.zeros(B, Q, Hq, D, dtype=cdt, device=q.device)
-    for b, seq_len in enumerate(seq_lens.tolist()):
-        if seq_len <= 0:
+    starts = [0] * B if seq_starts is None else seq_starts.tolist()
+    for b, (seq_len, start) in enumerate(zip(seq_lens.tolist(), starts)):
+        if seq_len <= start:
             continue
-        ks = _expand_kv(gather_cache(k_cache, seq_len, b, block_table).to(cdt), Hq)
-        vs = _expand_kv(gather_cache(v_cache, seq_len, b, block_table).to(cdt), Hq)
+        # Dropping the positions before `start` shifts queries and keys alike: the causal and window tests only
+        # compare differences of positions, and a query before `start` sees no key (a negative row in visible_mask).
+        ks = _expand_kv(gather_cache(k_cache, seq_len, b, block_table)[start:].to(cdt), Hq)
+        vs = _expand_kv(gather_cache(v_cache, seq_len, b, block_table)[start:].to(cdt), Hq)
         out[b], _ = _sequence_attention(queries[b].to(cdt), ks, vs, scale, True, window)
     return (out if q.dim() == 4 else out[:, 0]).to(q.dtype)

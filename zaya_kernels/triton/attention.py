@@ -380,11 +380,11 @@ def attention_bwd_dkdv_kernel(
 # ==================================================================================================== decode
 @triton.jit
 def attention_decode_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, block_table_ptr, part_out_ptr, part_lse_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, seq_starts_ptr, block_table_ptr, part_out_ptr, part_lse_ptr,
     scale_log2, window, num_splits, split_len, capacity,
     cache_stride_outer, cache_stride_pos, cache_stride_head, table_stride, block_size, num_blocks,
     num_q_heads: tl.constexpr, num_kv_heads: tl.constexpr, head_dim: tl.constexpr, num_queries: tl.constexpr,
-    PAGED: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE_FP32: tl.constexpr,
+    PAGED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_START: tl.constexpr, IEEE_FP32: tl.constexpr,
     HEADS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Partial attention of one split of one sequence's cache, for the query heads of one kv group.
@@ -393,7 +393,8 @@ def attention_decode_split_kernel(
     decoding verifies several) and query head chunk * HEADS + r % HEADS of the group; ROWS >= 16 for the matrix
     instructions. part_out [B, Q, Hq, num_splits, D] fp32 (normalised within the split), part_lse [B, Q, Hq,
     num_splits] fp32 (log2). Positions are clamped to the cache capacity and block ids to the pool, so even
-    unchecked bad seq_lens or block_table values cannot read outside the tensors.
+    unchecked bad seq_lens or block_table values cannot read outside the tensors. HAS_START: the sequence's keys
+    begin at seq_starts[seq] (left padding); only the key range shrinks, as a query before it sees no key anyway.
     """
     group: tl.constexpr = num_q_heads // num_kv_heads
     head_chunks: tl.constexpr = (group + HEADS - 1) // HEADS
@@ -417,6 +418,8 @@ def attention_decode_split_kernel(
     pos_end = tl.where(split == num_splits - 1, seq_len, tl.minimum(pos_start + split_len, seq_len))
     if HAS_WINDOW:
         pos_start = tl.maximum(pos_start, seq_len - num_queries - window + 1)
+    if HAS_START:
+        pos_start = tl.maximum(pos_start, tl.load(seq_starts_ptr + seq))
     acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
     row_sum = tl.zeros((ROWS,), dtype=tl.float32)
     row_max = tl.full((ROWS,), -1.0e30, dtype=tl.float32)
@@ -604,9 +607,11 @@ def decode_splits(batch: int, kv_programs: int, capacity: int, block_n: int, dev
     return triton.cdiv(capacity, split_len), split_len
 
 
-def attention_decode(q, k_cache, v_cache, seq_lens, block_table, softmax_scale, window, max_seqlen=None):
+def attention_decode(q, k_cache, v_cache, seq_lens, block_table, softmax_scale, window, max_seqlen=None,
+                     seq_starts=None):
     """out like q. q [B, Hq, D] or [B, Q, Hq, D] (the last Q tokens of each sequence), contiguous; caches with
-    16-element-aligned strides and a contiguous last dim; seq_lens int32 [B]; block_table int32 [B, max_blocks]."""
+    16-element-aligned strides and a contiguous last dim; seq_lens int32 [B]; block_table int32 [B, max_blocks];
+    seq_starts int32 [B] or None."""
     q, k_cache, v_cache = _aligned(q), _aligned(k_cache), _aligned(v_cache)
     B, Hq, D = q.shape[0], q.shape[-2], q.shape[-1]
     num_queries = q.shape[1] if q.dim() == 4 else 1
@@ -627,12 +632,13 @@ def attention_decode(q, k_cache, v_cache, seq_lens, block_table, softmax_scale, 
     part_lse = torch.empty(B * num_queries * Hq, num_splits, dtype=torch.float32, device=q.device)
     grid = (B, Hkv * chunks, num_splits)
     attention_decode_split_kernel[grid](
-        q, k_cache, v_cache, seq_lens, block_table if paged else seq_lens, part_out, part_lse,
+        q, k_cache, v_cache, seq_lens, seq_lens if seq_starts is None else seq_starts,
+        block_table if paged else seq_lens, part_out, part_lse,
         softmax_scale * LOG2E, max(window, 0), num_splits, split_len, capacity,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0) if paged else 0,
         k_cache.shape[1] if paged else 1, k_cache.shape[0],
         num_q_heads=Hq, num_kv_heads=Hkv, head_dim=D, num_queries=num_queries, PAGED=paged, HAS_WINDOW=window > 0,
-        IEEE_FP32=_ieee(q), HEADS=heads, ROWS=rows, BLOCK_N=cfg["block_n"], BLOCK_D=block_d_for(D),
+        HAS_START=seq_starts is not None, IEEE_FP32=_ieee(q), HEADS=heads, ROWS=rows, BLOCK_N=cfg["block_n"], BLOCK_D=block_d_for(D),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     attention_decode_reduce_kernel[(B * num_queries, Hq)](
         part_out, part_lse, out, num_splits, num_q_heads=Hq, head_dim=D, SPLITS=triton.next_power_of_2(num_splits),
@@ -668,13 +674,13 @@ def _prefill_signature(kernel: str) -> dict:
 
 _DECODE_SIGNATURE = {
     "q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "seq_lens_ptr": "*i32",
-    "block_table_ptr": "*i32", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
+    "seq_starts_ptr": "*i32", "block_table_ptr": "*i32", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
     "scale_log2": "fp32", "window": "i32", "num_splits": "i32", "split_len": "i32", "capacity": "i32",
     "cache_stride_outer": "i32", "cache_stride_pos": "i32", "cache_stride_head": "i32", "table_stride": "i32",
     "block_size": "i32", "num_blocks": "i32",
     "num_q_heads": "constexpr", "num_kv_heads": "constexpr", "head_dim": "constexpr", "num_queries": "constexpr",
-    "PAGED": "constexpr", "HAS_WINDOW": "constexpr", "IEEE_FP32": "constexpr", "HEADS": "constexpr",
-    "ROWS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr",
+    "PAGED": "constexpr", "HAS_WINDOW": "constexpr", "HAS_START": "constexpr", "IEEE_FP32": "constexpr",
+    "HEADS": "constexpr", "ROWS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr",
 }
 _REDUCE_SIGNATURE = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": "*bf16", "num_splits": "i32",
                      "num_q_heads": "constexpr", "head_dim": "constexpr", "SPLITS": "constexpr",
@@ -696,14 +702,19 @@ def _aot_configs() -> dict[str, list]:
                 for has_window in (False, True) if block_d == 128 else (False,):
                     if kernel == "decode":
                         heads = min(AOT_GROUP, cfg["max_heads"])
-                        # speculative decoding (4 query tokens) at ZAYA1's head dim
-                        for queries, paged in itertools.product((1, 4) if block_d == 128 else (1,), (False, True)):
+                        # speculative decoding (4 query tokens) at ZAYA1's head dim; left-padded starts (one
+                        # more scalar load) only in the variant kernelize runs on transformers' contiguous cache
+                        variants = itertools.product((1, 4) if block_d == 128 else (1,), (False, True), (False,))
+                        if block_d == 128:
+                            variants = [*variants, (1, False, True)]
+                        for queries, paged, has_start in variants:
                             rows = max(16, queries * heads)
                             consts = {"num_q_heads": 8, "num_kv_heads": 2, "head_dim": block_d,
                                       "num_queries": queries, "PAGED": paged, "HAS_WINDOW": has_window,
-                                      "IEEE_FP32": False, "HEADS": heads, "ROWS": rows, "BLOCK_N": cfg["block_n"],
-                                      "BLOCK_D": block_d}
-                            label = (f"paged={int(paged)},window={int(has_window)},queries={queries},HEADS={heads},"
+                                      "HAS_START": has_start, "IEEE_FP32": False, "HEADS": heads, "ROWS": rows,
+                                      "BLOCK_N": cfg["block_n"], "BLOCK_D": block_d}
+                            label = (f"paged={int(paged)},window={int(has_window)},start={int(has_start)},"
+                                     f"queries={queries},HEADS={heads},"
                                      f"ROWS={rows},BLOCK_N={cfg['block_n']},BLOCK_D={block_d},"
                                      f"warps={cfg['num_warps']},stages={cfg['num_stages']}")
                             seen["decode"].setdefault(label, AotConfig(
