@@ -53,6 +53,30 @@ def test_logits_and_greedy_tokens_match_transformers(backend, name):
     assert torch.equal(tokens, expected_tokens)
 
 
+def test_inference_projection_follows_weight_updates():
+    """Inference runs the four CCA projections as one GEMM over a stacked copy of their weights: the copy follows
+    in-place updates and replaced parameters, and equals the training path (four GEMMs)."""
+    hf, ours = pair("gqa2")
+    ids = random_ids(2, 5)
+    attn = ours.model.layers[1].self_attn.qkv_proj
+    with torch.no_grad():
+        ours(ids)
+        first = attn._fused[1]
+        attn.k_proj.weight.mul_(1.5)  # an in-place update (as an optimizer step does)
+        hf.model.layers[1].self_attn.qkv_proj.k_proj.weight.mul_(1.5)
+        updated = ours(ids)
+        assert attn._fused[1] is not first
+        attn.v_proj_delayed.weight = torch.nn.Parameter(attn.v_proj_delayed.weight * 0.5)  # a replaced parameter
+        hf.model.layers[1].self_attn.qkv_proj.v_proj_delayed.weight.mul_(0.5)
+        replaced = ours(ids)
+        expected = hf(ids).logits
+    with torch.enable_grad():
+        trained_path = ours(ids)  # parameters require grad: the four separate GEMMs
+    assert relative_error(replaced, expected) < 5e-5
+    assert relative_error(trained_path.detach(), expected) < 5e-5
+    assert relative_error(updated, replaced) > 1e-3  # the second update changed the logits
+
+
 @pytest.mark.parametrize("backend,name", [("reference", "gqa4-odd"), ("reference", "sliding"), ("triton", "mha")])
 def test_decode_token_by_token_equals_prefill(backend, name):
     _, ours = pair(name)

@@ -85,6 +85,8 @@ class ForwardBatch:
     seq_lens_after : [B] int32, cached tokens per sequence after this forward (None without a cache)
     cache_rows : [T] int64, row of each token in a [B * S_max] view of the KV cache (None without a cache)
     max_total : int, an upper bound of seq_lens_after (sizes the decode attention's splits)
+    state_slots : [B] int32, the cache's conv/value state slot of each sequence (slot b = sequence b)
+    has_state : [B] int32, 1 where the sequence has cached tokens (its states are read), else 0
     on_device : positions come from the cache's device-side lengths (`decode_on_device`): no host data, so the
         forward can be captured in a CUDA/HIP graph and replayed
     """
@@ -96,6 +98,8 @@ class ForwardBatch:
     seq_lens_after: torch.Tensor | None
     cache_rows: torch.Tensor | None
     max_total: int
+    state_slots: torch.Tensor
+    has_state: torch.Tensor
     on_device: bool = False
 
     @property
@@ -142,7 +146,9 @@ class ForwardBatch:
             seq_lens_after=None if cache is None else tensor([s + n for s, n in zip(start_lens, new_lens)],
                                                              torch.int32),
             cache_rows=None if cache is None else tensor(rows, torch.int64),
-            max_total=max((s + n for s, n in zip(start_lens, new_lens)), default=0))
+            max_total=max((s + n for s, n in zip(start_lens, new_lens)), default=0),
+            state_slots=tensor(range(len(new_lens)), torch.int32),
+            has_state=tensor([int(s > 0) for s in start_lens], torch.int32))
 
     @staticmethod
     def decode_on_device(cache: "ZayaCache") -> "ForwardBatch":
@@ -154,7 +160,8 @@ class ForwardBatch:
             new_lens=[1] * cache.batch_size, start_lens=list(cache.lengths),
             cu_seqlens=torch.arange(cache.batch_size + 1, dtype=torch.int32, device=positions.device),
             positions=positions, seq_lens_after=positions + 1, cache_rows=slots * cache.max_seq_len + positions,
-            max_total=cache.max_seq_len, on_device=True)
+            max_total=cache.max_seq_len, state_slots=slots.to(torch.int32),
+            has_state=torch.ones(cache.batch_size, dtype=torch.int32, device=positions.device), on_device=True)
 
 
 class ZayaCache:
@@ -235,6 +242,34 @@ class CCAProjection(nn.Module):
         self.conv_qk_depthwise = nn.Conv1d(channels, channels, config.cca_time0, groups=channels)
         self.conv_qk_grouped = nn.Conv1d(channels, channels, config.cca_time1,
                                          groups=config.num_attention_heads + config.num_key_value_heads)
+        self._fused = None  # (key, weight, bias): the four projections stacked, for inference
+
+    def _linears(self):
+        return (self.q_proj, self.k_proj, self.v_proj_current, self.v_proj_delayed)
+
+    def project(self, x: torch.Tensor):
+        """x [T, H] -> (qk [T, C] = [Q0 | K0], v_current, v_delayed [T, n_kv D / 2]), each contiguous.
+
+        Without autograd (inference) one GEMM over the four weights stacked: at decode this is one launch instead
+        of four plus a cat, and with T = 1 the three column slices are already contiguous. The stacked copy is
+        rebuilt whenever a weight is replaced or changed in place (its version counter), so it never goes stale;
+        it costs one extra copy of these weights in memory. With autograd: the four GEMMs (no copy to keep).
+        """
+        linears = self._linears()
+        if torch.is_grad_enabled() and any(lin.weight.requires_grad for lin in linears):
+            qk = torch.cat([self.q_proj(x), self.k_proj(x)], dim=-1)
+            return qk, self.v_proj_current(x).contiguous(), self.v_proj_delayed(x).contiguous()
+        params = [p for lin in linears for p in (lin.weight, lin.bias) if p is not None]
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._fused is None or self._fused[0] != key:
+            weight = torch.cat([lin.weight.detach() for lin in linears])
+            bias = torch.cat([lin.bias.detach() for lin in linears]) if self.q_proj.bias is not None else None
+            self._fused = (key, weight, bias)
+        _, weight, bias = self._fused
+        out = nn.functional.linear(x, weight, bias)
+        sizes = [lin.out_features for lin in linears]
+        qk, v_current, v_delayed = out.split([sizes[0] + sizes[1], sizes[2], sizes[3]], dim=-1)
+        return qk.contiguous(), v_current.contiguous(), v_delayed.contiguous()
 
 
 class QKNorm(nn.Module):
@@ -250,7 +285,7 @@ class CCAAttention(nn.Module):
     (qkv_proj.*, qk_norm.temp, o_proj).
 
     forward(x [T, H], batch, cache) -> [T, H]:
-        Q0 = x Wq^T, K0 = x Wk^T, Vc = x Wvc^T, Vd = x Wvd^T                                (torch linear layers)
+        Q0 = x Wq^T, K0 = x Wk^T, Vc = x Wvc^T, Vd = x Wvd^T            (torch: one GEMM in inference)
         q [T, n_q, D], k, v [T, n_kv, D] = CCA preparation (convolutions with the conv state, coupling, value
             shift with the value state, QK norm with temperature, partial NeoX RoPE at batch.positions)
         o = causal GQA softmax attention (scale 1/sqrt(D), sliding window on "hybrid_sliding" layers) over the
@@ -279,20 +314,18 @@ class CCAAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: ZayaCache | None = None) -> torch.Tensor:
         proj = self.qkv_proj
-        qk = torch.cat([proj.q_proj(x), proj.k_proj(x)], dim=-1).contiguous()
-        v_current, v_delayed = proj.v_proj_current(x).contiguous(), proj.v_proj_delayed(x).contiguous()
+        qk, v_current, v_delayed = proj.project(x)
         heads = (self.num_heads, self.num_kv_heads, self.rotary_dim, self.rope_theta)
         layer = self.layer_idx
         if cache is not None and batch.decode:
             # one token per sequence: states read and updated in place, slot b = sequence b
-            slots = torch.arange(batch.num_seqs, dtype=torch.int32, device=x.device)
             q, k, v = zaya_ops.cca_prepare_decode(qk, v_current, v_delayed, *self._conv_args(), batch.positions,
-                                                  cache.conv_state[layer], cache.value_state[layer], slots, *heads)
+                                                  cache.conv_state[layer], cache.value_state[layer],
+                                                  batch.state_slots, *heads)
         else:
             states = ()
             if cache is not None:
-                has_state = torch.tensor([s > 0 for s in batch.start_lens], dtype=torch.int32).to(x.device)
-                states = (cache.conv_state[layer], cache.value_state[layer], has_state)
+                states = (cache.conv_state[layer], cache.value_state[layer], batch.has_state)
             q, k, v, final_conv, final_value = zaya_ops.cca_prepare(
                 qk, v_current, v_delayed, *self._conv_args(), batch.positions, batch.cu_seqlens, *heads, *states)
             if cache is not None:
