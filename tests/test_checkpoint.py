@@ -17,9 +17,12 @@ from transformers import ZayaConfig, ZayaForCausalLM, ZayaModel  # noqa: E402
 
 from zaya_kernels.checkpoint import (  # noqa: E402
     CheckpointError,
+    convert_config,
     convert_legacy_state_dict,
+    is_legacy_config,
     is_legacy_state_dict,
     load_checkpoint,
+    load_config,
     load_state_dict,
 )
 from zaya_kernels.integrations.transformers import kernelize  # noqa: E402
@@ -472,3 +475,159 @@ def test_legacy_errors():
     model = tiny_model(seed=5)
     load_checkpoint(model, copy.deepcopy(legacy))  # a legacy state dict passed in memory converts too
     assert torch.equal(model.model.norm.weight, legacy["model.final_norm.weight"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# config.json: transformers format and the legacy (Zyphra fork) format
+# ---------------------------------------------------------------------------------------------------------------
+
+# ZayaConfig fields that decide the model's shapes and math
+CONFIG_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "head_dim", "moe_intermediate_size", "num_experts", "num_experts_per_tok", "router_hidden_size",
+                 "rms_norm_eps", "hidden_act", "layer_types", "sliding_window", "cca_time0", "cca_time1",
+                 "attention_bias", "lm_head_bias", "tie_word_embeddings", "max_position_embeddings", "pad_token_id",
+                 "bos_token_id", "eos_token_id")
+
+
+def assert_same_config(actual, expected):
+    for name in CONFIG_FIELDS:
+        assert getattr(actual, name) == getattr(expected, name), name
+    assert actual.rope_parameters["hybrid"] == expected.rope_parameters["hybrid"]
+
+
+def legacy_config(layers=3, experts=4, tie=True, **overrides):
+    """tiny_config() written with the legacy field names of Zyphra's transformers fork (configuration_zaya.py at
+    2d6c3a2 / f0ab5be: what its save_pretrained writes), independently of zaya_kernels.checkpoint's table: 2L
+    half-layers, the fused gate+up width, the router width as zaya_mlp_expansion, CCA head fields, norm_epsilon,
+    rope_theta / partial_rotary_factor, and the architecture switches at the values transformers' ZAYA implements."""
+    config = {
+        "architectures": ["ZayaForCausalLM"], "model_type": "zaya", "transformers_version": "4.57.1",
+        "torch_dtype": "bfloat16", "_attn_implementation": "eager",
+        "vocab_size": 97, "hidden_size": 48, "num_hidden_layers": 2 * layers, "num_experts": experts,
+        "ffn_hidden_size": 80, "zaya_mlp_expansion": 32, "max_position_embeddings": 256,
+        "cca": True, "num_attention_heads": 4, "cca_num_q_heads": 4, "num_query_groups": 2, "num_key_value_heads": 2,
+        "head_dim": 16, "kv_channels": 16, "cca_time0": 2, "cca_time1": 2, "clamp_temp": False,
+        "attention_bias": False, "attention_dropout": 0.0, "sliding_window": None,
+        "rope_theta": 5000000, "partial_rotary_factor": 0.5, "rope_scaling": None,
+        "norm_epsilon": 1e-05, "normalization": "RMSNorm", "moe_router_topk": 1, "activation_func": "swiglu",
+        "gated_linear_unit": True, "add_bias_linear": False, "zaya_use_mod": True, "zaya_use_eda": True,
+        "zaya_high_prec": True, "scale_residual_merge": True, "residual_in_fp32": True, "fused_add_norm": False,
+        "apply_rope_fusion": True, "bias_activation_fusion": True, "activation_func_fp8_input_store": False,
+        "lm_head_bias": False, "tie_word_embeddings": tie, "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1,
+        "initializer_range": 0.2, "use_cache": True,
+    }
+    config.update(overrides)
+    return config
+
+
+def test_legacy_config_converts_to_the_transformers_config():
+    loaded = convert_config(legacy_config())
+    assert loaded.legacy and is_legacy_config(legacy_config())
+    assert_same_config(loaded.config, tiny_config())
+    assert loaded.config.num_hidden_layers == 3  # 6 half-layers
+    assert loaded.config.moe_intermediate_size == 40  # fused gate+up width 80
+    # informational fields are dropped and reported; the math-relevant ones are all carried
+    assert {"residual_in_fp32", "zaya_high_prec", "bias_activation_fusion", "apply_rope_fusion", "fused_add_norm",
+            "activation_func_fp8_input_store", "_attn_implementation", "transformers_version"} <= set(loaded.dropped)
+    assert not {"ffn_hidden_size", "norm_epsilon", "zaya_mlp_expansion", "rope_theta", "head_dim"} & set(loaded.dropped)
+    assert loaded.defaulted == {}
+    # the per-half-layer form of the fork's later configs (zaya_layers and lists, 0 on the other half-layer kind,
+    # padded lists, a disagreeing num_hidden_layers) gives the same config
+    per_layer = legacy_config(zaya_layers=["a", 4] * 3, cca_num_q_heads=[4, 0] * 3, num_query_groups_list=[2, 0] * 3,
+                              ffn_hidden_size_list=[0, 80] * 4, zaya_mlp_expansion=[0, 32] * 3, num_hidden_layers=9)
+    for name in ("num_query_groups", "ffn_hidden_size", "num_experts"):
+        del per_layer[name]
+    loaded = convert_config(per_layer)
+    assert_same_config(loaded.config, tiny_config())
+    assert loaded.dropped["num_hidden_layers"] == 9
+    with pytest.raises(CheckpointError, match=r"zaya_mlp_expansion has the entries \[16, 32\]"):
+        convert_config({**per_layer, "zaya_mlp_expansion": [0, 32, 0, 16, 0, 32]})
+
+
+@pytest.mark.parametrize("convention", ["fork", "published"])
+def test_legacy_zaya1_8b_config_gives_transformers_zaya1_8b(convention):
+    """ZAYA1-8B in both head conventions: the fork's save_pretrained (num_attention_heads 16 = twice the query heads,
+    kv_channels = hidden / 16) and the published config.json (num_attention_heads 8 = query heads, head_dim 128);
+    transformers' ZayaConfig() defaults are ZAYA1-8B."""
+    if convention == "fork":
+        legacy = {"model_type": "zaya", "num_hidden_layers": 80, "num_attention_heads": 16, "cca_num_q_heads": 8,
+                  "num_query_groups": 2, "kv_channels": 128, "ffn_hidden_size": 4096, "zaya_mlp_expansion": 256}
+    else:
+        legacy = {"model_type": "zaya", "num_hidden_layers": 80, "num_attention_heads": 8, "head_dim": 128,
+                  "num_key_value_heads": 2, "ffn_hidden_size": 4096, "zaya_mlp_expansion": 256, "norm_epsilon": 1e-05,
+                  "moe_router_topk": 1}
+    legacy.update(vocab_size=262272, hidden_size=2048, num_experts=16, rope_theta=5000000, partial_rotary_factor=0.5,
+                  max_position_embeddings=131072, eos_token_id=106, sliding_window=None)
+    loaded = convert_config(legacy)
+    assert_same_config(loaded.config, transformers.ZayaConfig())
+    assert loaded.defaulted["zaya_use_mod"] is True and loaded.defaulted["cca_time0"] == 2
+    if convention == "fork":  # head size from the fork's rule, no explicit head_dim needed
+        del legacy["kv_channels"]
+        assert convert_config(legacy).config.head_dim == 128
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_legacy_directory_loads_end_to_end(tmp_path, tied):
+    """A legacy checkpoint directory (legacy config.json + legacy-named safetensors): load_config + load_checkpoint
+    rebuild the transformers model with the same logits."""
+    model = tiny_model(seed=12, tie=tied)
+    save_legacy(tmp_path, to_legacy(model.state_dict(), 3, tied=tied), tied=tied)
+    with open(tmp_path / "config.json", "w") as handle:
+        json.dump(legacy_config(tie=tied), handle)
+    config = load_config(tmp_path)
+    assert isinstance(config, ZayaConfig)
+    torch.manual_seed(3)
+    fresh = ZayaForCausalLM(config).eval()
+    assert load_checkpoint(fresh, tmp_path) == ([], [])
+    assert relative_error(logits(fresh), logits(model)) < 5e-5
+    report = load_config(tmp_path / "config.json", with_report=True)
+    assert report.legacy and "residual_in_fp32" in report.dropped
+
+
+def test_transformers_config_round_trips_unchanged(saved, tmp_path):
+    model, root = saved
+    loaded = load_config(root / "single", with_report=True)
+    assert not loaded.legacy and loaded.dropped == {} and loaded.defaulted == {}
+    assert loaded.config.to_dict() == model.config.to_dict()
+    assert not is_legacy_config(json.loads((root / "single" / "config.json").read_text()))
+    assert not is_legacy_config({"model_type": "zaya", "tie_word_embeddings": True})
+    sliding = tiny_config(layer_types=["hybrid", "hybrid_sliding", "hybrid"], sliding_window=5)
+    sliding.save_pretrained(tmp_path)
+    assert load_config(tmp_path / "config.json").to_dict() == sliding.to_dict()
+
+
+def test_legacy_config_errors(tmp_path):
+    with pytest.raises(CheckpointError, match=r"clamp_temp=True is not supported"):
+        convert_config(legacy_config(clamp_temp=True))
+    with pytest.raises(CheckpointError, match=r"zaya_use_mod=False is not supported"):
+        convert_config(legacy_config(zaya_use_mod=False))
+    with pytest.raises(CheckpointError, match=r"moe_router_topk=2"):
+        convert_config(legacy_config(moe_router_topk=2))
+    with pytest.raises(CheckpointError, match=r"sliding_window=4096 is not supported"):
+        convert_config(legacy_config(sliding_window=4096))
+    with pytest.raises(CheckpointError, match=r"does not know: \['zaya_new_thing'\]"):
+        convert_config(legacy_config(zaya_new_thing=3))
+    with pytest.raises(CheckpointError, match=r"num_hidden_layers=5 must count half-layers"):
+        convert_config(legacy_config(num_hidden_layers=5))
+    with pytest.raises(CheckpointError, match=r"num_query_groups=2 .* disagrees with num_key_value_heads=4"):
+        convert_config(legacy_config(num_key_value_heads=4))
+    with pytest.raises(CheckpointError,
+                       match=r"mixes the legacy ZAYA fields \[.*'ffn_hidden_size'.*\['moe_intermediate_size'\]"):
+        is_legacy_config({**legacy_config(), "moe_intermediate_size": 40})
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_config(tmp_path)
+
+
+def test_demo_runs_a_legacy_directory(tmp_path, capsys):
+    """`python -m zaya_kernels demo --model PATH` on a legacy directory: config and tensors converted, the
+    kernelized and zaya_kernels.modules runs agree with transformers'."""
+    from zaya_kernels.demo import run_model_demo
+
+    model = tiny_model(seed=14)
+    save_legacy(tmp_path, to_legacy(model.state_dict(), 3))
+    with open(tmp_path / "config.json", "w") as handle:
+        json.dump(legacy_config(), handle)
+    assert run_model_demo(model_path=str(tmp_path), new_tokens=2) == 0
+    out = capsys.readouterr().out
+    assert f"model: {tmp_path}; 3 layers" in out
+    assert "DIFFER" not in out and out.count("generated tokens identical") == 2

@@ -45,6 +45,59 @@ Sources of the legacy names and of the residual-scale placement (read, not copie
   2k+2, the last layer's post-MLP scale -> model.res_scale, model input scale -> layers.0.res_scale).
 transformers 5.24 itself ships no converter for this layout (nothing ZAYA-specific in conversion_mapping.py).
 
+Configs (`load_config`). A checkpoint directory's config.json is either transformers' ZayaConfig format (read by
+`ZayaConfig.from_dict` unchanged) or the legacy format of Zyphra's transformers fork, which the first ZAYA1 exports
+ship with the legacy tensors (same `"model_type": "zaya"`, so `is_legacy_config` tells them apart by the fields only
+the legacy format has). `convert_legacy_config` converts the legacy one field by field through
+`LEGACY_CONFIG_TABLE` (rules in `LegacyConfigField`):
+  num_hidden_layers (half-layers, 80)  -> num_hidden_layers / 2 (40); or zaya_layers ['a', E]*L -> L, num_experts E
+  ffn_hidden_size / ffn_hidden_size_list (fused gate+up, 4096) -> moe_intermediate_size / 2 (2048)
+  zaya_mlp_expansion (scalar or per-half-layer list) -> router_hidden_size
+  cca_num_q_heads / num_attention_heads, num_query_groups(_list) / num_key_value_heads, kv_channels / head_dim
+                                       -> num_attention_heads (query heads), num_key_value_heads, head_dim
+  rope_theta, partial_rotary_factor, rope_scaling -> rope_parameters["hybrid"], layer_types ["hybrid"] * L
+  norm_epsilon -> rms_norm_eps; moe_router_topk (must be 1) -> num_experts_per_tok; activation_func "swiglu" ->
+  hidden_act "silu"; vocab_size, hidden_size, num_experts, max_position_embeddings, cca_time0/1, attention_bias,
+  lm_head_bias, tie_word_embeddings, token ids, initializer_range, attention_dropout, use_cache: copied
+  required (else CheckpointError): cca, zaya_use_mod, zaya_use_eda, scale_residual_merge, gated_linear_unit true;
+  add_bias_linear, clamp_temp false; normalization "RMSNorm"; sliding_window / swa_layers null or 0
+  informational (dropped, listed in LoadedConfig.dropped): residual_in_fp32, zaya_high_prec, fused_add_norm,
+  apply_rope_fusion, bias_activation_fusion, activation_func_fp8_input_store, _attn_implementation, auto_map,
+  swa_rotary_base and the generic PretrainedConfig fields (transformers_version, _name_or_path, generation
+  defaults, ...); torch_dtype -> dtype and architectures are carried
+  anything else: CheckpointError naming the field (an unknown field may change the math).
+Sources of the legacy config fields (read, not copied):
+- Zyphra/transformers, src/transformers/models/zaya/configuration_zaya.py at 2d6c3a269c97b649c5946b4247251173c044ceb7
+  (the field set and the defaults used for absent fields: cca, cca_num_q_heads, num_query_groups, ffn_hidden_size,
+  num_hidden_layers=80, num_attention_heads=16 with kv_channels = hidden_size / num_attention_heads, activation_func,
+  norm_epsilon, rope_theta, moe_router_topk, normalization, zaya_mlp_expansion, zaya_use_mod/eda/high_prec,
+  add_bias_linear, gated_linear_unit, scale_residual_merge, residual_in_fp32, the fusion switches, sliding_window,
+  rope_scaling, partial_rotary_factor, num_key_value_heads), at f0ab5bef9e23b79a9b32f50500d0b52f273a9baf (+ clamp_temp,
+  cca_time0, cca_time1) and at 00f929ecce7aed3871133539e0baea6c178a78ee (the per-half-layer form: zaya_layers,
+  cca_num_q_heads and zaya_mlp_expansion as lists, num_query_groups_list, ffn_hidden_size_list);
+  modeling_zaya.py at 2d6c3a2 for what each field does: the attention views the CCA output as
+  num_attention_heads // 2 query heads of hidden_size // num_attention_heads, CCA takes cca_num_q_heads query and
+  num_query_groups key heads, the experts' linear_fc1 is ffn_hidden_size wide and chunked into gate / up when
+  gated_linear_unit, ZayaRouter has num_experts + 1 classes when zaya_use_mod and router_states_scale when
+  zaya_use_eda, res_scale exists when scale_residual_merge, the rotary embedding reads rope_theta,
+  partial_rotary_factor and rope_scaling's rope_type, a non-null sliding_window masks every layer.
+- sgl-project/sglang, python/sglang/srt/configs/zaya.py (commit c730352a89edf59562da38be51766f3eec3d0b51), which
+  "mirrors the field set used by Zyphra/ZAYA1-base/config.json": the other head convention (num_attention_heads =
+  query heads with an explicit head_dim / kv_channels), per-layer lists reduced to their one non-zero value,
+  zaya_layers overriding num_hidden_layers, num_query_groups == num_key_value_heads, swa_layers / swa_rotary_base.
+- vllm-project/vllm, vllm/transformers_utils/configs/zaya.py (commit 15aac33e172a30601f7ae261dd292bb1ab49f4cd): the
+  legacy aliases of a transformers-format config, i.e. the legacy values transformers' ZAYA corresponds to
+  (ffn_hidden_size = 2 * moe_intermediate_size, zaya_mlp_expansion = router_hidden_size, norm_epsilon =
+  rms_norm_eps, moe_router_topk = num_experts_per_tok, cca / zaya_use_mod / zaya_use_eda / gated_linear_unit /
+  scale_residual_merge / residual_in_fp32 true, add_bias_linear / clamp_temp false, activation_func "swiglu").
+- Zyphra/vllm, vllm/model_executor/layers/mamba/cca.py (commit 0b109c6bbd0941ad318efa253c8fd57b0f08e3e8): clamp_temp
+  makes the key scale exp(clamp(temp, 1e-7, 2)) instead of temp.
+- transformers 5.24 models/zaya/configuration_zaya.py and modeling_zaya.py: the target fields (always a skip expert,
+  EDA from the second layer, residual scaling, SwiGLU experts, residual stream kept in fp32).
+The published Zyphra/ZAYA1-8B config.json itself is not in the searched corpus; its field values (80 layers,
+ffn_hidden_size 4096, num_attention_heads 8 with head_dim 128, rope_theta 5e6, zaya_mlp_expansion 256, ...) come from
+third-party tests that embed it, and agree with the conversion (tests/test_checkpoint.py checks them).
+
 Not covered: the ZAYA1-VL checkpoints (vision LoRA tensors, `mlp.zaya_block` nesting) and quantized exports
 (`weight_scale` tensors); their keys are reported as unknown. Legacy experts with biases (`add_bias_linear`)
 have no transformers counterpart and are rejected.
@@ -68,6 +121,13 @@ __all__ = [
     "load_checkpoint",
     "is_legacy_state_dict",
     "convert_legacy_state_dict",
+    "LEGACY_CONFIG_TABLE",
+    "LegacyConfigField",
+    "LoadedConfig",
+    "load_config",
+    "convert_config",
+    "convert_legacy_config",
+    "is_legacy_config",
 ]
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -543,3 +603,430 @@ def load_checkpoint(model: torch.nn.Module, path, *, strict: bool = True) -> Loa
             if name in state:
                 target.copy_(state[name])
     return LoadResult(missing, unexpected)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# config.json: transformers' ZayaConfig and the legacy (Zyphra fork) config
+# ----------------------------------------------------------------------------------------------------------------
+
+class LegacyConfigField(NamedTuple):
+    """One row of `LEGACY_CONFIG_TABLE`.
+
+    name: the legacy config.json field. target: the transformers ZayaConfig field it feeds (None: none).
+    rule: how it converts:
+      "copy"        the value is copied to `target` unchanged;
+      "half_layers" `target` = value / 2 (the legacy config counts half-layers; must be even);
+      "fused_ffn"   `target` = value / 2 (linear_fc1 holds [gate; up], so the fused width is 2 * intermediate);
+      "per_layer"   a scalar, or a per-half-layer list (the fork's later form): the entries of the half-layers of
+                    the kind the field is about (attention: even, MoE: odd) must all be equal; that value goes to
+                    `target` (through "fused_ffn" for ffn_hidden_size_list);
+      "heads"       resolved together with the other head fields (see `convert_legacy_config`);
+      "rope"        goes into `rope_parameters["hybrid"]`;
+      "layers"      `zaya_layers` = ['a', E] * L: L layers of E experts;
+      "require"     transformers' ZAYA implements exactly one value, `default`; any other raises;
+      "disabled"    must be absent, null, 0 or all 0 (a feature transformers' ZAYA does not have); else raises;
+      "info"        does not change the forward math (precision, kernel fusion, training or bookkeeping
+                    switches): dropped, and listed in `LoadedConfig.dropped`.
+    default: the value the fork's ZayaConfig uses when the field is absent (for "require": the one accepted).
+    """
+    name: str
+    target: str | None
+    rule: str
+    default: object
+
+
+_MISSING = object()
+
+# Legacy config.json field -> transformers ZayaConfig field. Defaults are Zyphra/transformers' configuration_zaya.py
+# (commit 2d6c3a269c97b649c5946b4247251173c044ceb7; clamp_temp / cca_time0 / cca_time1 from f0ab5bef9e23...; the
+# per-half-layer lists from 00f929ecce7a...; swa_layers / swa_rotary_base from sglang's ZayaConfig).
+LEGACY_CONFIG_TABLE: tuple[LegacyConfigField, ...] = (
+    # sizes
+    LegacyConfigField("vocab_size", "vocab_size", "copy", 262272),
+    LegacyConfigField("hidden_size", "hidden_size", "copy", 2048),
+    LegacyConfigField("num_hidden_layers", "num_hidden_layers", "half_layers", 80),
+    LegacyConfigField("zaya_layers", "num_hidden_layers", "layers", None),
+    LegacyConfigField("num_experts", "num_experts", "copy", 16),
+    LegacyConfigField("ffn_hidden_size", "moe_intermediate_size", "fused_ffn", 4096),
+    LegacyConfigField("ffn_hidden_size_list", "moe_intermediate_size", "per_layer", None),
+    LegacyConfigField("zaya_mlp_expansion", "router_hidden_size", "per_layer", 256),
+    LegacyConfigField("max_position_embeddings", "max_position_embeddings", "copy", 4096),
+    # attention heads (CCA)
+    LegacyConfigField("num_attention_heads", "num_attention_heads", "heads", 16),
+    LegacyConfigField("cca_num_q_heads", "num_attention_heads", "heads", 8),
+    LegacyConfigField("num_query_groups", "num_key_value_heads", "heads", 2),
+    LegacyConfigField("num_query_groups_list", "num_key_value_heads", "heads", None),
+    LegacyConfigField("num_key_value_heads", "num_key_value_heads", "heads", 2),
+    LegacyConfigField("kv_channels", "head_dim", "heads", None),
+    LegacyConfigField("head_dim", "head_dim", "heads", None),
+    LegacyConfigField("cca_time0", "cca_time0", "copy", 2),
+    LegacyConfigField("cca_time1", "cca_time1", "copy", 2),
+    LegacyConfigField("attention_bias", "attention_bias", "copy", False),
+    LegacyConfigField("attention_dropout", "attention_dropout", "copy", 0.0),
+    # rotary embedding
+    LegacyConfigField("rope_theta", "rope_parameters", "rope", 10000),
+    LegacyConfigField("partial_rotary_factor", "rope_parameters", "rope", 0.5),
+    LegacyConfigField("rope_scaling", "rope_parameters", "rope", None),
+    # norms, router, experts, head
+    LegacyConfigField("norm_epsilon", "rms_norm_eps", "copy", 1e-5),
+    LegacyConfigField("moe_router_topk", "num_experts_per_tok", "require", 1),
+    LegacyConfigField("lm_head_bias", "lm_head_bias", "copy", False),
+    LegacyConfigField("tie_word_embeddings", "tie_word_embeddings", "copy", True),
+    LegacyConfigField("pad_token_id", "pad_token_id", "copy", 0),
+    LegacyConfigField("bos_token_id", "bos_token_id", "copy", 2),
+    LegacyConfigField("eos_token_id", "eos_token_id", "copy", 1),
+    LegacyConfigField("initializer_range", "initializer_range", "copy", _MISSING),
+    LegacyConfigField("use_cache", "use_cache", "copy", True),
+    # architecture switches: transformers' ZAYA is the one setting listed
+    LegacyConfigField("cca", None, "require", True),                      # CCA attention (False: plain MHA)
+    LegacyConfigField("zaya_use_mod", None, "require", True),             # the router's extra skip expert
+    LegacyConfigField("zaya_use_eda", None, "require", True),             # router_states_scale from MoE 2 on
+    LegacyConfigField("scale_residual_merge", None, "require", True),     # the res_scale blocks
+    LegacyConfigField("gated_linear_unit", None, "require", True),        # SwiGLU experts (fc1 = [gate; up])
+    LegacyConfigField("activation_func", "hidden_act", "require", "swiglu"),
+    LegacyConfigField("normalization", None, "require", "RMSNorm"),
+    LegacyConfigField("add_bias_linear", None, "require", False),         # expert biases
+    LegacyConfigField("clamp_temp", None, "require", False),              # key temp = exp(clamp(temp)) when True
+    LegacyConfigField("sliding_window", "sliding_window", "disabled", None),
+    LegacyConfigField("swa_layers", None, "disabled", None),
+    # no effect on the forward math
+    LegacyConfigField("residual_in_fp32", None, "info", False),  # precision only; transformers keeps it in fp32
+    LegacyConfigField("zaya_high_prec", None, "info", True),     # router precision
+    LegacyConfigField("fused_add_norm", None, "info", False),
+    LegacyConfigField("apply_rope_fusion", None, "info", True),
+    LegacyConfigField("bias_activation_fusion", None, "info", True),
+    LegacyConfigField("activation_func_fp8_input_store", None, "info", False),
+    LegacyConfigField("_attn_implementation", None, "info", "eager"),
+    LegacyConfigField("auto_map", None, "info", None),  # the fork's remote code, wrong for transformers' classes
+    LegacyConfigField("swa_rotary_base", None, "info", None),  # rope base of swa_layers' windows (which must be 0)
+)
+
+# Fields every transformers PretrainedConfig may write (4.x and 5.x): carried over where ZayaConfig has them with
+# the same meaning (`_CARRIED_GENERIC`), else dropped as informational. They never change ZAYA's forward math.
+_CARRIED_GENERIC = {"architectures": "architectures", "torch_dtype": "dtype", "dtype": "dtype",
+                    "output_router_logits": "output_router_logits"}
+_GENERIC_CONFIG_KEYS = frozenset({
+    "_name_or_path", "_commit_hash", "_attn_implementation_autoset", "_attn_implementation_internal",
+    "transformers_version", "model_type", "return_dict", "output_hidden_states", "output_attentions", "torchscript",
+    "use_bfloat16", "tf_legacy_loss", "pruned_heads", "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder",
+    "cross_attention_hidden_size", "add_cross_attention", "tie_encoder_decoder", "max_length", "min_length",
+    "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p",
+    "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+    "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens", "finetuning_task", "id2label", "label2id", "num_labels", "tokenizer_class", "prefix",
+    "sep_token_id", "decoder_start_token_id", "task_specific_params", "problem_type", "keys_to_ignore_at_inference",
+    "quantization_config",
+} | set(_CARRIED_GENERIC))
+
+_LEGACY_CONFIG_FIELDS = {field.name: field for field in LEGACY_CONFIG_TABLE}
+# Fields only the legacy config has / only transformers' ZayaConfig writes (`is_legacy_config`).
+_LEGACY_ONLY_CONFIG_KEYS = frozenset({
+    "ffn_hidden_size", "ffn_hidden_size_list", "zaya_mlp_expansion", "norm_epsilon", "moe_router_topk",
+    "cca_num_q_heads", "num_query_groups", "num_query_groups_list", "zaya_layers", "kv_channels", "cca",
+    "zaya_use_mod", "zaya_use_eda", "zaya_high_prec", "scale_residual_merge", "residual_in_fp32", "activation_func",
+    "gated_linear_unit", "add_bias_linear", "normalization", "clamp_temp", "swa_layers", "swa_rotary_base",
+    "fused_add_norm", "apply_rope_fusion", "bias_activation_fusion", "activation_func_fp8_input_store"})
+_TRANSFORMERS_ONLY_CONFIG_KEYS = frozenset({
+    "moe_intermediate_size", "router_hidden_size", "rms_norm_eps", "num_experts_per_tok", "rope_parameters",
+    "layer_types", "hidden_act"})
+
+
+class LoadedConfig(NamedTuple):
+    """What `load_config(..., with_report=True)` / `convert_config` return.
+
+    config: the transformers ZayaConfig.
+    legacy: whether the file was a legacy config (converted through `LEGACY_CONFIG_TABLE`).
+    dropped: legacy fields present in the file and not carried over because they do not change the forward math
+      (rule "info", the generic PretrainedConfig bookkeeping fields, `num_hidden_layers` when `zaya_layers` gives
+      the layers, `num_attention_heads` when `cca_num_q_heads` gives the query heads, the required switches once
+      checked): name -> value. Empty for a transformers config.
+    defaulted: legacy fields absent from the file whose fork default (`LegacyConfigField.default`) was used:
+      name -> value. Empty for a transformers config.
+    """
+    config: object
+    legacy: bool
+    dropped: dict
+    defaulted: dict
+
+
+def is_legacy_config(config: Mapping[str, object]) -> bool:
+    """True if a config.json dict is in the legacy format of Zyphra's transformers fork (the config of the first
+    ZAYA1 exports: `num_hidden_layers` counting half-layers, `ffn_hidden_size`, `zaya_mlp_expansion`,
+    `norm_epsilon`, `cca_num_q_heads`, ...), False if it is transformers' ZayaConfig format or holds no
+    ZAYA-specific field at all (e.g. `{"model_type": "zaya"}`).
+
+    Both formats say `"model_type": "zaya"`; the legacy one is recognised by fields only it has
+    (`_LEGACY_ONLY_CONFIG_KEYS`). Raises CheckpointError if the dict has fields only the legacy format has next to
+    fields only transformers' has (`moe_intermediate_size`, `router_hidden_size`, `rms_norm_eps`, `layer_types`, ...).
+    """
+    if not isinstance(config, Mapping):
+        raise TypeError(f"is_legacy_config takes a config.json dict, not {type(config).__name__}")
+    legacy = sorted(_LEGACY_ONLY_CONFIG_KEYS & set(config))
+    if not legacy:
+        return False
+    current = sorted(_TRANSFORMERS_ONLY_CONFIG_KEYS & set(config))
+    if current:
+        raise CheckpointError(
+            f"config mixes the legacy ZAYA fields {legacy} with transformers' ZayaConfig fields {current}; it is "
+            "neither format, so which value wins is unknown")
+    return True
+
+
+def _fail(message: str):
+    raise CheckpointError(f"legacy ZAYA config: {message}")
+
+
+def _per_half_layer(name: str, value, half_layers: int, parity: int) -> int:
+    """The one value of a per-layer field: a scalar, or a list over half-layers whose entries at `parity` (0:
+    attention half-layers, 1: MoE half-layers) among the first `half_layers` must all be equal (lists may be longer:
+    released configs pad them)."""
+    if not isinstance(value, (list, tuple)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(f"{name}={value!r} is neither an integer nor a per-half-layer list of integers")
+        return value
+    if len(value) < half_layers:
+        _fail(f"{name} lists {len(value)} entries for {half_layers} half-layers")
+    entries = set(value[parity:half_layers:2])
+    if len(entries) != 1 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in entries):
+        kind = "attention (even)" if parity == 0 else "MoE (odd)"
+        _fail(f"{name} has the entries {sorted(entries, key=str)} on the {kind} half-layers; transformers' ZAYA has "
+              "one value for all layers")
+    return entries.pop()
+
+
+def convert_legacy_config(legacy: Mapping[str, object]) -> LoadedConfig:
+    """Convert a legacy config.json dict (Zyphra's transformers fork) into a transformers ZayaConfig.
+
+    Every field of `legacy` must be in `LEGACY_CONFIG_TABLE` or be a generic PretrainedConfig field; any other raises
+    CheckpointError naming it (an unknown field may change the math, so it is never ignored silently). Fields whose
+    value transformers' ZAYA does not implement (rules "require" and "disabled", e.g. `clamp_temp: true`,
+    `zaya_use_mod: false`, a `sliding_window`) raise naming the field and the value.
+
+    Layers: L = num_hidden_layers / 2 (half-layers), or, when `zaya_layers` is given (the fork's later per-layer
+    form, ['a', E, 'a', E, ...]), L = len(zaya_layers) / 2 and num_experts = E (the list wins over a disagreeing
+    `num_hidden_layers`, as in sglang's ZayaConfig).
+
+    Heads. Two conventions exist for `num_attention_heads`:
+    - the fork's modeling (2d6c3a2): head size = hidden_size / num_attention_heads, query heads =
+      num_attention_heads / 2 (its attention views the CCA output as `num_attention_heads // 2` heads; ZAYA1-8B:
+      16 -> 8 query heads of 128), `cca_num_q_heads` the same number;
+    - sglang's ZayaConfig and the published ZAYA1 config.json: `num_attention_heads` = query heads, with an explicit
+      `head_dim` (or `kv_channels`).
+    With an explicit head size (`head_dim` / `kv_channels`, equal when both are given): query heads =
+    `cca_num_q_heads` if given, else `num_attention_heads`; `num_attention_heads` must be the query heads or twice
+    them. Without: the fork's rule. KV heads: `num_query_groups` (CCA's key heads) or `num_query_groups_list`, which
+    must equal `num_key_value_heads` when both are given. Per-half-layer lists (`cca_num_q_heads`,
+    `num_query_groups_list`, `ffn_hidden_size_list`, `zaya_mlp_expansion`) must be uniform over their layers.
+
+    RoPE: `rope_parameters = {"hybrid": {"rope_type": rope_scaling's type or "default", **rope_scaling's other
+    keys, "rope_theta": rope_theta, "partial_rotary_factor": partial_rotary_factor}}`, `layer_types = ["hybrid"] * L`.
+
+    Returns a LoadedConfig (config, legacy=True, dropped, defaulted).
+    """
+    from transformers import ZayaConfig
+
+    if not isinstance(legacy, Mapping):
+        raise TypeError(f"convert_legacy_config takes a config.json dict, not {type(legacy).__name__}")
+    is_legacy_config(legacy)  # raises on a mix of both formats
+    if legacy.get("model_type", "zaya") != "zaya":
+        _fail(f"model_type is {legacy.get('model_type')!r}, not 'zaya'")
+    nested = sorted(k for k in ("text_config", "vision_config") if k in legacy)
+    if nested:
+        _fail(f"{nested}: multimodal (ZAYA1-VL) configs are not supported")
+    unknown = sorted(k for k in legacy if k not in _LEGACY_CONFIG_FIELDS and k not in _GENERIC_CONFIG_KEYS)
+    if unknown:
+        _fail(f"fields the conversion table (LEGACY_CONFIG_TABLE) does not know: {unknown}. They may change the "
+              "model's math, so the config is not converted; add them to the table once their meaning is known")
+
+    dropped: dict[str, object] = {}
+    defaulted: dict[str, object] = {}
+    out: dict[str, object] = {}
+
+    def get(name):
+        if name in legacy:
+            return legacy[name]
+        default = _LEGACY_CONFIG_FIELDS[name].default
+        if default is not _MISSING and default is not None:
+            defaulted[name] = default
+        return default
+
+    # generic PretrainedConfig fields
+    for name in sorted(set(legacy) & _GENERIC_CONFIG_KEYS):
+        if name in _CARRIED_GENERIC:
+            out[_CARRIED_GENERIC[name]] = legacy[name]
+        elif name != "model_type":
+            dropped[name] = legacy[name]
+
+    # switches transformers' ZAYA implements one way only
+    for field in LEGACY_CONFIG_TABLE:
+        if field.rule == "require":
+            value = get(field.name)
+            if value != field.default or type(value) is not type(field.default):
+                _fail(f"{field.name}={value!r} is not supported: transformers' ZAYA implements only "
+                      f"{field.name}={field.default!r}")
+            if field.name in legacy and field.target is None:
+                dropped[field.name] = value
+        elif field.rule == "disabled":
+            value = legacy.get(field.name)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if any(v not in (None, 0, False) for v in values):
+                _fail(f"{field.name}={value!r} is not supported: sliding-window attention in legacy configs "
+                      "(the fork's global window, Megatron's per-layer swa_layers) is not converted; only a null / "
+                      "0 window is")
+            if field.name in legacy and field.target is None:
+                dropped[field.name] = value
+        elif field.rule == "info" and field.name in legacy:
+            dropped[field.name] = legacy[field.name]
+        elif field.rule == "copy":
+            value = get(field.name)
+            if value is not _MISSING:
+                out[field.target] = value
+    out["num_experts_per_tok"] = 1
+    out["hidden_act"] = "silu"  # activation_func "swiglu" = SiLU gate, gated (checked above)
+    out["sliding_window"] = None
+
+    # layers and experts
+    if legacy.get("zaya_layers"):
+        layers = list(legacy["zaya_layers"])
+        attn, moe = layers[0::2], layers[1::2]
+        if len(layers) % 2 or any(a != "a" for a in attn) or len(set(map(str, moe))) != 1 or \
+                not all(isinstance(e, int) and not isinstance(e, bool) and e > 0 for e in moe):
+            _fail(f"zaya_layers={layers[:8]}{' ...' if len(layers) > 8 else ''} is not an alternation "
+                  "['a', E, 'a', E, ...] of attention and E-expert MoE half-layers")
+        half_layers, experts = len(layers), moe[0]
+        if "num_experts" in legacy and legacy["num_experts"] != experts:
+            _fail(f"zaya_layers has {experts}-expert MoE layers, num_experts says {legacy['num_experts']}")
+        out["num_experts"] = experts
+        defaulted.pop("num_experts", None)
+        if "num_hidden_layers" in legacy:
+            dropped["num_hidden_layers"] = legacy["num_hidden_layers"]
+    else:
+        half_layers = get("num_hidden_layers")
+        if isinstance(half_layers, bool) or not isinstance(half_layers, int) or half_layers <= 0 or half_layers % 2:
+            _fail(f"num_hidden_layers={half_layers!r} must count half-layers (attention + MoE), so be even and "
+                  "positive (ZAYA1-8B: 80 for 40 decoder layers)")
+    num_layers = half_layers // 2
+    out["num_hidden_layers"] = num_layers
+    out["layer_types"] = ["hybrid"] * num_layers
+
+    # experts and router
+    if "ffn_hidden_size_list" in legacy:
+        fused = _per_half_layer("ffn_hidden_size_list", legacy["ffn_hidden_size_list"], half_layers, 1)
+        if "ffn_hidden_size" in legacy and legacy["ffn_hidden_size"] != fused:
+            _fail(f"ffn_hidden_size={legacy['ffn_hidden_size']} disagrees with ffn_hidden_size_list ({fused})")
+        ffn_name = "ffn_hidden_size_list"
+    else:
+        fused = _per_half_layer("ffn_hidden_size", get("ffn_hidden_size"), half_layers, 1)
+        ffn_name = "ffn_hidden_size"
+    if fused % 2:
+        _fail(f"{ffn_name}={fused} is odd; with gated_linear_unit the expert's linear_fc1 holds gate and up halves")
+    out["moe_intermediate_size"] = fused // 2
+    out["router_hidden_size"] = _per_half_layer("zaya_mlp_expansion", get("zaya_mlp_expansion"), half_layers, 1)
+
+    # heads
+    hidden = out["hidden_size"]
+    heads = legacy.get("num_attention_heads")
+    explicit = {name: legacy[name] for name in ("head_dim", "kv_channels") if legacy.get(name) is not None}
+    if len(set(explicit.values())) > 1:
+        _fail(f"head_dim={explicit['head_dim']} and kv_channels={explicit['kv_channels']} disagree")
+    q_heads = (_per_half_layer("cca_num_q_heads", legacy["cca_num_q_heads"], half_layers, 0)
+               if legacy.get("cca_num_q_heads") is not None else None)
+    if explicit:
+        head_dim = next(iter(explicit.values()))
+        if q_heads is None:
+            q_heads = heads if heads is not None else get("cca_num_q_heads")
+        if heads is not None and heads not in (q_heads, 2 * q_heads):
+            _fail(f"num_attention_heads={heads} is neither the query heads ({q_heads}) nor twice them (the fork's "
+                  "convention)")
+        if heads == 2 * q_heads and hidden % heads == 0 and hidden // heads != head_dim:
+            _fail(f"num_attention_heads={heads} = 2 x cca_num_q_heads follows the fork's convention, whose head "
+                  f"size is hidden_size / num_attention_heads = {hidden // heads}, but the config says {head_dim}")
+    else:  # the fork's modeling: head size from hidden_size / num_attention_heads, num_attention_heads / 2 queries
+        heads = get("num_attention_heads") if heads is None else heads
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0 or heads % 2 or hidden % heads:
+            _fail(f"num_attention_heads={heads!r}: without head_dim / kv_channels the fork's rule (head size = "
+                  "hidden_size / num_attention_heads, num_attention_heads / 2 query heads) needs an even divisor "
+                  f"of hidden_size={hidden}")
+        head_dim = hidden // heads
+        if q_heads is not None and q_heads != heads // 2:
+            _fail(f"cca_num_q_heads={q_heads} but the fork's attention uses num_attention_heads / 2 = {heads // 2} "
+                  "query heads")
+        q_heads = heads // 2
+    if heads is not None and heads != q_heads:
+        dropped["num_attention_heads"] = heads
+    groups = None
+    for name in ("num_query_groups_list", "num_query_groups"):
+        if legacy.get(name) is not None:
+            value = _per_half_layer(name, legacy[name], half_layers, 0)
+            if groups is not None and value != groups:
+                _fail(f"num_query_groups_list and num_query_groups disagree ({groups} vs {value})")
+            groups = value
+    if groups is None:
+        kv_heads = get("num_key_value_heads")
+    else:
+        kv_heads = legacy.get("num_key_value_heads", groups)
+        if kv_heads != groups:
+            _fail(f"num_query_groups={groups} (CCA's key heads) disagrees with num_key_value_heads={kv_heads} (the "
+                  "attention's)")
+    out.update(num_attention_heads=q_heads, num_key_value_heads=kv_heads, head_dim=head_dim)
+
+    # rotary embedding
+    scaling = legacy.get("rope_scaling")
+    rope = {"rope_type": "default"}
+    if scaling is not None:
+        if not isinstance(scaling, Mapping):
+            _fail(f"rope_scaling={scaling!r} is not a dict")
+        rope.update({k: v for k, v in scaling.items() if k != "type"})
+        rope["rope_type"] = scaling.get("rope_type", scaling.get("type", "default"))
+    rope["rope_theta"] = float(get("rope_theta"))
+    rope["partial_rotary_factor"] = get("partial_rotary_factor")
+    out["rope_parameters"] = {"hybrid": rope}
+
+    try:
+        config = ZayaConfig(**out)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"legacy ZAYA config converts to ZayaConfig fields transformers rejects: {exc}") from exc
+    return LoadedConfig(config, True, dropped, defaulted)
+
+
+def convert_config(config_dict: Mapping[str, object]) -> LoadedConfig:
+    """A config.json dict in either format -> LoadedConfig. transformers' format goes through
+    `ZayaConfig.from_dict` unchanged (legacy=False, nothing dropped); the legacy one through
+    `convert_legacy_config`."""
+    from transformers import ZayaConfig
+
+    if is_legacy_config(config_dict):
+        return convert_legacy_config(config_dict)
+    model_type = config_dict.get("model_type", "zaya")
+    if model_type != "zaya":
+        raise CheckpointError(f"config.json has model_type {model_type!r}, not 'zaya'")
+    return LoadedConfig(ZayaConfig.from_dict(dict(config_dict)), False, {}, {})
+
+
+def load_config(path, *, with_report: bool = False):
+    """Read a ZAYA config.json into a transformers ZayaConfig, converting Zyphra's legacy format.
+
+    path: a checkpoint directory (its `config.json` is read) or the path of a `.json` config file.
+    with_report: return a `LoadedConfig` (config, legacy, dropped, defaulted) instead of the ZayaConfig alone, to
+      see which legacy fields were dropped as informational and which fork defaults were filled in.
+
+    A transformers-format config goes through ZayaConfig unchanged; a legacy one (`is_legacy_config`) is converted
+    field by field through `LEGACY_CONFIG_TABLE` (`convert_legacy_config`). Raises FileNotFoundError when there is
+    no config file, CheckpointError for an unreadable file, unknown legacy fields, or legacy settings transformers'
+    ZAYA does not implement.
+    """
+    path = os.fspath(path)
+    file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no ZAYA config at {path}: "
+                                + (f"the directory has no {CONFIG_NAME}" if os.path.isdir(path) else "no such file"))
+    try:
+        with open(file) as handle:
+            config_dict = json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{file} is not valid JSON: {exc}") from exc
+    if not isinstance(config_dict, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(config_dict).__name__}, not a config object")
+    loaded = convert_config(config_dict)
+    return loaded if with_report else loaded.config

@@ -183,13 +183,14 @@ def run_model_demo(model_path=None, new_tokens=None, batch=1) -> int:
     device = "cuda" if on_gpu else "cpu"
     torch.manual_seed(0)
     if model_path:
-        # zaya_kernels.checkpoint reads transformers' layout and Zyphra's legacy one, and fails loudly on a missing
-        # or misnamed tensor (from_pretrained would leave it randomly initialised with a warning)
-        from zaya_kernels.checkpoint import load_checkpoint
+        # zaya_kernels.checkpoint reads transformers' layout and Zyphra's legacy one (config.json and tensors), and
+        # fails loudly on a missing or misnamed tensor (from_pretrained would leave it randomly initialised with a
+        # warning) or a legacy config field it cannot convert
+        from zaya_kernels.checkpoint import load_checkpoint, load_config
 
         dtype = torch.bfloat16 if on_gpu else torch.float32
         with torch.device(device):
-            model = ZayaForCausalLM(ZayaConfig.from_pretrained(model_path)).to(dtype)
+            model = ZayaForCausalLM(load_config(model_path)).to(dtype)
         load_checkpoint(model, model_path)
         what = model_path
     elif on_gpu:
