@@ -242,34 +242,36 @@ class CCAProjection(nn.Module):
         self.conv_qk_depthwise = nn.Conv1d(channels, channels, config.cca_time0, groups=channels)
         self.conv_qk_grouped = nn.Conv1d(channels, channels, config.cca_time1,
                                          groups=config.num_attention_heads + config.num_key_value_heads)
-        self._fused = None  # (key, weight, bias): the four projections stacked, for inference
-
-    def _linears(self):
-        return (self.q_proj, self.k_proj, self.v_proj_current, self.v_proj_delayed)
 
     def project(self, x: torch.Tensor):
-        """x [T, H] -> (qk [T, C] = [Q0 | K0], v_current, v_delayed [T, n_kv D / 2]), each contiguous.
+        """x [T, H] -> (qk [T, C] = [Q0 | K0], v_current, v_delayed [T, n_kv D / 2]): see `cca_projections`."""
+        return cca_projections(self, x)
 
-        Without autograd (inference) one GEMM over the four weights stacked: at decode this is one launch instead
-        of four plus a cat, and with T = 1 the three column slices are already contiguous. The stacked copy is
-        rebuilt whenever a weight is replaced or changed in place (its version counter), so it never goes stale;
-        it costs one extra copy of these weights in memory. With autograd: the four GEMMs (no copy to keep).
-        """
-        linears = self._linears()
-        if torch.is_grad_enabled() and any(lin.weight.requires_grad for lin in linears):
-            qk = torch.cat([self.q_proj(x), self.k_proj(x)], dim=-1)
-            return qk, self.v_proj_current(x).contiguous(), self.v_proj_delayed(x).contiguous()
-        params = [p for lin in linears for p in (lin.weight, lin.bias) if p is not None]
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        if self._fused is None or self._fused[0] != key:
-            weight = torch.cat([lin.weight.detach() for lin in linears])
-            bias = torch.cat([lin.bias.detach() for lin in linears]) if self.q_proj.bias is not None else None
-            self._fused = (key, weight, bias)
-        _, weight, bias = self._fused
-        out = nn.functional.linear(x, weight, bias)
-        sizes = [lin.out_features for lin in linears]
-        qk, v_current, v_delayed = out.split([sizes[0] + sizes[1], sizes[2], sizes[3]], dim=-1)
-        return qk.contiguous(), v_current.contiguous(), v_delayed.contiguous()
+
+def cca_projections(proj: nn.Module, x: torch.Tensor):
+    """The four CCA input projections of `proj` (q_proj, k_proj, v_proj_current, v_proj_delayed: nn.Linear, ours or
+    transformers' ZayaCCAProjection) -> (qk [T, C] = [Q0 | K0], v_current, v_delayed [T, n_kv D / 2]), contiguous.
+
+    Without autograd (inference) one GEMM over the four weights stacked: at decode this is one launch instead of
+    four plus a cat, and with T = 1 the three column slices are already contiguous. The stacked copy (kept on
+    `proj`) is rebuilt whenever a weight is replaced or changed in place (its version counter), so it never goes
+    stale; it costs one extra copy of these weights in memory. With autograd: the four GEMMs (no copy to keep).
+    """
+    linears = (proj.q_proj, proj.k_proj, proj.v_proj_current, proj.v_proj_delayed)
+    if torch.is_grad_enabled() and any(lin.weight.requires_grad for lin in linears):
+        qk = torch.cat([proj.q_proj(x), proj.k_proj(x)], dim=-1)
+        return qk, proj.v_proj_current(x).contiguous(), proj.v_proj_delayed(x).contiguous()
+    params = [p for lin in linears for p in (lin.weight, lin.bias) if p is not None]
+    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+    stacked = getattr(proj, "_zaya_stacked_qkv", None)
+    if stacked is None or stacked[0] != key:
+        weight = torch.cat([lin.weight.detach() for lin in linears])
+        bias = torch.cat([lin.bias.detach() for lin in linears]) if proj.q_proj.bias is not None else None
+        stacked = proj._zaya_stacked_qkv = (key, weight, bias)
+    out = nn.functional.linear(x, stacked[1], stacked[2])
+    sizes = [lin.out_features for lin in linears]
+    qk, v_current, v_delayed = out.split([sizes[0] + sizes[1], sizes[2], sizes[3]], dim=-1)
+    return qk.contiguous(), v_current.contiguous(), v_delayed.contiguous()
 
 
 class QKNorm(nn.Module):

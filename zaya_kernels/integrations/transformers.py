@@ -17,7 +17,9 @@ transformers' own attention interface (eager / sdpa / flash, with its masks) sti
 ops do not apply: the prefill of a padded batch (the pad rows' outputs, which transformers computes and nothing
 uses, would differ), any other padding pattern, a static cache, attention dropout in training.
 `attention_paths(model)` tells which path each layer took last.
-What always runs as transformers' code: the q/k/v/o linear layers, the embeddings, the LM head, the cache objects.
+What always runs as transformers' code: the o linear layer, the embeddings, the LM head, the cache objects; the
+q/k/v linear layers too in training (in inference their weights are stacked into one GEMM:
+`zaya_kernels.modules.cca_projections`).
 
 Training: after each optimizer step, `update_balancing_biases(model)` moves every layer's balancing biases toward
 equal load with `zaya::router_balance_update` (DESIGN.md 1.5), from the choices the training forwards made.
@@ -36,6 +38,7 @@ import torch
 
 from zaya_kernels import ops as zaya_ops
 from zaya_kernels.backend import use_backend
+from zaya_kernels.modules import cca_projections
 
 
 def _zaya_classes():
@@ -101,9 +104,7 @@ def attention_forward(attn, hidden_states, position_ids, attention_mask, cache, 
     conv_mask = attention_mask.get("conv")
     if conv_mask is not None:  # padding tokens are zero before the projections, as in transformers
         hidden_states = hidden_states * conv_mask[:, :, None].to(hidden_states.dtype)
-    qk = torch.cat([proj.q_proj(hidden_states), proj.k_proj(hidden_states)], dim=-1).reshape(batch * seq, -1)
-    v_current = proj.v_proj_current(hidden_states).reshape(batch * seq, -1)
-    v_delayed = proj.v_proj_delayed(hidden_states).reshape(batch * seq, -1)
+    qk, v_current, v_delayed = cca_projections(proj, hidden_states.reshape(batch * seq, -1))
     conv_state = cache.get_conv_state(attn.layer_idx, state_idx=0) if cache is not None else None
     value_state = cache.get_recurrent_state(attn.layer_idx, state_idx=0) if cache is not None else None
     rope = config.rope_parameters[attn.layer_type]
