@@ -137,18 +137,24 @@ class ForwardBatch:
             if cache is not None:
                 rows.extend(range(b * cache.max_seq_len + start, b * cache.max_seq_len + start + n))
 
-        def tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
+        # every index tensor in one host buffer and one host-to-device copy (six separate copies cost more than the
+        # decode step's small kernels on a GPU); the int64 cache rows index_copy_ wants are one cast of a slice
+        fields = {"cu_seqlens": bounds, "positions": positions,
+                  "seq_lens_after": [s + n for s, n in zip(start_lens, new_lens)],
+                  "state_slots": list(range(len(new_lens))), "has_state": [int(s > 0) for s in start_lens],
+                  "cache_rows": rows}
+        packed = torch.tensor([v for values in fields.values() for v in values], dtype=torch.int32)
+        packed = packed.to(device, non_blocking=True)
+        views, offset = {}, 0
+        for name, values in fields.items():
+            views[name] = packed[offset:offset + len(values)]
+            offset += len(values)
         return ForwardBatch(
-            new_lens=new_lens, start_lens=start_lens, cu_seqlens=tensor(bounds, torch.int32),
-            positions=tensor(positions, torch.int32),
-            seq_lens_after=None if cache is None else tensor([s + n for s, n in zip(start_lens, new_lens)],
-                                                             torch.int32),
-            cache_rows=None if cache is None else tensor(rows, torch.int64),
+            new_lens=new_lens, start_lens=start_lens, cu_seqlens=views["cu_seqlens"], positions=views["positions"],
+            seq_lens_after=None if cache is None else views["seq_lens_after"],
+            cache_rows=None if cache is None else views["cache_rows"].long(),
             max_total=max((s + n for s, n in zip(start_lens, new_lens)), default=0),
-            state_slots=tensor(range(len(new_lens)), torch.int32),
-            has_state=tensor([int(s > 0) for s in start_lens], torch.int32))
+            state_slots=views["state_slots"], has_state=views["has_state"])
 
     @staticmethod
     def decode_on_device(cache: "ZayaCache") -> "ForwardBatch":
