@@ -53,6 +53,41 @@ def test_logits_and_greedy_tokens_match_transformers(backend, name):
     assert torch.equal(tokens, expected_tokens)
 
 
+def test_decode_step_kernel_launches():
+    """The Triton kernels one decode step launches (interpreter launches counted by kernel), per layer: the CCA
+    preparation in one launch (issue 3), the router in one (issue 5), split-K attention + its reduction, the MoE
+    dispatch, both grouped GEMMs and the skipped rows, two fused residual norms; plus the model-input norm. A new
+    launch on this path must show up here."""
+    import collections
+
+    from triton.runtime import interpreter
+
+    _, ours = pair("gqa2")
+    layers = len(ours.model.layers)
+    cache = ours.new_cache(2, 16)
+    launches = collections.Counter()
+    run = interpreter.InterpretedFunction.run
+
+    def counting_run(self, *args, **kwargs):
+        if not kwargs.get("warmup"):
+            launches[self.fn.__name__] += 1
+        return run(self, *args, **kwargs)
+
+    with torch.no_grad(), use_backend("triton"):
+        ours(random_ids(2, 5), cache=cache)
+        interpreter.InterpretedFunction.run = counting_run
+        try:
+            ours(random_ids(2, 1), cache=cache)
+        finally:
+            interpreter.InterpretedFunction.run = run
+    per_layer = {"cca_decode_kernel": 1, "attention_decode_split_kernel": 1, "attention_decode_reduce_kernel": 1,
+                 "zaya_router_fwd_kernel": 1, "moe_dispatch_kernel": 1, "moe_gate_up_kernel": 1, "moe_down_kernel": 1,
+                 "moe_skip_kernel": 1, "residual_rmsnorm_fwd_kernel": 2}
+    expected = collections.Counter({name: n * layers for name, n in per_layer.items()})
+    expected["residual_rmsnorm_fwd_kernel"] += 1  # the model input's scaling fused with layer 0's norm
+    assert launches == expected
+
+
 def test_inference_projection_follows_weight_updates():
     """Inference runs the four CCA projections as one GEMM over a stacked copy of their weights: the copy follows
     in-place updates and replaced parameters, and equals the training path (four GEMMs)."""
