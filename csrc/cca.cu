@@ -8,6 +8,9 @@
 // float32 or A (the caller converts other mixes); the two states share one dtype, float32 or A; positions and
 // state_indices int32 or int64; inv_freq float32 [max(1, rotary_dim / 2)] (the RoPE table, computed by the caller
 // exactly as the reference does). Sizes: k0, k1 in 1..4, D <= 256, D * k1 <= 1024, every tensor < 2^31 elements.
+// Optional paged KV cache: slot_mapping [B] int32 / int64 with k_cache and v_cache [num_blocks, block_size, n_kv, D]
+// (qk's dtype, last dim contiguous, any other strides): row b's k and v also go to slot slot_mapping[b] (negative, or
+// a padded row: no write); that launch uses the kernel's kWriteCache instantiation.
 // This file is hipified by torch on ROCm builds: keep to APIs hipify maps.
 // Deliberately not <torch/extension.h> (the whole C++ frontend: slow under nvcc): ATen + torch's pybind casters.
 //
@@ -22,6 +25,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 
 #include "cca.cuh"
 #include "launchers.h"
@@ -77,6 +81,17 @@ void cca_check_index(const at::Tensor& t, const char* name) {
               ": expected dtype int32 or int64, got ", t.scalar_type());
 }
 
+// A paged cache [num_blocks, block_size, n_kv, D] in qk's dtype with a contiguous last dim (other strides free).
+void cca_check_cache(const at::Tensor& t, const char* name, const at::Tensor& qk, int64_t num_kv, int64_t D) {
+  TORCH_CHECK(t.is_cuda() && t.device() == qk.device(), "cca_prepare_decode: ", name, ": expected a tensor on ",
+              qk.device(), " (the device of qk), got one on ", t.device());
+  TORCH_CHECK(t.dim() == 4 && t.size(2) == num_kv && t.size(3) == D && t.size(1) >= 1, "cca_prepare_decode: ", name,
+              ": expected shape [num_blocks, block_size >= 1, ", num_kv, ", ", D, "], got ", t.sizes());
+  TORCH_CHECK(D == 1 || t.stride(3) == 1, "cca_prepare_decode: ", name,
+              ": expected a contiguous last dim, got strides ", t.strides());
+  cca_check_dtype(t, name, qk.scalar_type(), "qk's dtype");
+}
+
 }  // namespace
 
 void cca_prepare_decode(const at::Tensor& qk, const at::Tensor& v_current, const at::Tensor& v_delayed,
@@ -84,7 +99,9 @@ void cca_prepare_decode(const at::Tensor& qk, const at::Tensor& v_current, const
                         const at::Tensor& conv1_bias, const at::Tensor& temperature, const at::Tensor& positions,
                         const at::Tensor& inv_freq, const at::Tensor& conv_state, const at::Tensor& value_state,
                         const at::Tensor& state_indices, int64_t num_q_heads, int64_t num_kv_heads,
-                        int64_t rotary_dim, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+                        int64_t rotary_dim, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const c10::optional<at::Tensor>& slot_mapping, const c10::optional<at::Tensor>& k_cache,
+                        const c10::optional<at::Tensor>& v_cache) {
   TORCH_CHECK(qk.dim() == 2, "cca_prepare_decode: qk: expected [B, C], got shape ", qk.sizes());
   TORCH_CHECK(conv1_weight.dim() == 3, "cca_prepare_decode: conv1_weight: expected [C, D, k1], got shape ",
               conv1_weight.sizes());
@@ -150,6 +167,17 @@ void cca_prepare_decode(const at::Tensor& qk, const at::Tensor& v_current, const
   cca_check_dtype(inv_freq, "inv_freq", at::kFloat, "the fp32 RoPE table");
   cca_check_index(positions, "positions");
   cca_check_index(state_indices, "state_indices");
+  const bool write_cache = k_cache.has_value();
+  TORCH_CHECK(write_cache == v_cache.has_value() && write_cache == slot_mapping.has_value(),
+              "cca_prepare_decode: slot_mapping, k_cache and v_cache are given together or not at all");
+  if (write_cache) {
+    cca_check(*slot_mapping, "slot_mapping", qk, {B});
+    cca_check_index(*slot_mapping, "slot_mapping");
+    cca_check_cache(*k_cache, "k_cache", qk, num_kv_heads, D);
+    cca_check_cache(*v_cache, "v_cache", qk, num_kv_heads, D);
+    TORCH_CHECK(v_cache->sizes() == k_cache->sizes(), "cca_prepare_decode: v_cache: expected the shape of k_cache ",
+                k_cache->sizes(), ", got ", v_cache->sizes());
+  }
   if (B == 0) return;
 
   const int64_t grid = heads * ((B + zk::kCcaRows - 1) / zk::kCcaRows);
@@ -158,10 +186,27 @@ void cca_prepare_decode(const at::Tensor& qk, const at::Tensor& v_current, const
   const auto stream = at::cuda::getCurrentCUDAStream();
   cca_dispatch(act, "qk", [&](auto act_tag) {
     using A = typename decltype(act_tag)::type;
-    auto launch = [&](auto weight_tag, auto state_tag) {
+    zk::CcaPagedCache<A> cache;  // unused by the kWriteCache = false kernel
+    if (write_cache) {
+      cache.slot_mapping = slot_mapping->data_ptr();
+      cache.k_cache = reinterpret_cast<A*>(k_cache->data_ptr());
+      cache.v_cache = reinterpret_cast<A*>(v_cache->data_ptr());
+      cache.k_stride_block = k_cache->stride(0);
+      cache.k_stride_slot = k_cache->stride(1);
+      cache.k_stride_head = k_cache->stride(2);
+      cache.v_stride_block = v_cache->stride(0);
+      cache.v_stride_slot = v_cache->stride(1);
+      cache.v_stride_head = v_cache->stride(2);
+      cache.num_cache_slots = k_cache->size(0) * k_cache->size(1);
+      TORCH_CHECK(k_cache->size(1) <= std::numeric_limits<int32_t>::max(), "cca_prepare_decode: block_size too large");
+      cache.block_size = static_cast<int>(k_cache->size(1));
+      cache.slot_int64 = slot_mapping->scalar_type() == at::kLong ? 1 : 0;
+    }
+    auto launch_paged = [&](auto weight_tag, auto state_tag, auto paged_tag) {
       using W = typename decltype(weight_tag)::type;
       using S = typename decltype(state_tag)::type;
-      zk::cca_prepare_decode_kernel<A, W, S><<<static_cast<unsigned>(grid), zk::kCcaThreads, 0, stream>>>(
+      constexpr bool kPaged = decltype(paged_tag)::value;
+      zk::cca_prepare_decode_kernel<A, W, S, kPaged><<<static_cast<unsigned>(grid), zk::kCcaThreads, 0, stream>>>(
           reinterpret_cast<const A*>(qk.data_ptr()), reinterpret_cast<const A*>(v_current.data_ptr()),
           reinterpret_cast<const A*>(v_delayed.data_ptr()), reinterpret_cast<const W*>(conv0_weight.data_ptr()),
           reinterpret_cast<const W*>(conv0_bias.data_ptr()), reinterpret_cast<const W*>(conv1_weight.data_ptr()),
@@ -171,8 +216,15 @@ void cca_prepare_decode(const at::Tensor& qk, const at::Tensor& v_current, const
           reinterpret_cast<A*>(k.data_ptr()), reinterpret_cast<A*>(v.data_ptr()), static_cast<int>(B),
           static_cast<int>(slots), static_cast<int>(num_q_heads), static_cast<int>(num_kv_heads),
           static_cast<int>(D), static_cast<int>(k0), static_cast<int>(k1), static_cast<int>(rotary_dim),
-          positions.scalar_type() == at::kLong ? 1 : 0, state_indices.scalar_type() == at::kLong ? 1 : 0);
+          positions.scalar_type() == at::kLong ? 1 : 0, state_indices.scalar_type() == at::kLong ? 1 : 0, cache);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    auto launch = [&](auto weight_tag, auto state_tag) {
+      if (write_cache) {
+        launch_paged(weight_tag, state_tag, std::true_type{});
+      } else {
+        launch_paged(weight_tag, state_tag, std::false_type{});
+      }
     };
     // Weights and states are float32 or A: the four combinations (one when A is float32).
     const bool w32 = wdt == at::kFloat, s32 = sdt == at::kFloat;
@@ -194,10 +246,13 @@ void bind_cca(pybind11::module_& m) {
         py::arg("conv0_weight"), py::arg("conv0_bias"), py::arg("conv1_weight"), py::arg("conv1_bias"),
         py::arg("temperature"), py::arg("positions"), py::arg("inv_freq"), py::arg("conv_state"),
         py::arg("value_state"), py::arg("state_indices"), py::arg("num_q_heads"), py::arg("num_kv_heads"),
-        py::arg("rotary_dim"), py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("rotary_dim"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("slot_mapping") = py::none(),
+        py::arg("k_cache") = py::none(), py::arg("v_cache") = py::none(),
         "The CCA decode step in one launch (kernels/cca.cuh): writes q [B, n_q, D], k and v [B, n_kv, D] (qk's "
         "dtype, preallocated) and updates conv_state / value_state in place at the slots state_indices (negative: "
-        "padded row). Weights share one dtype (float32 or qk's), states too; inv_freq fp32 [max(1, rotary_dim/2)].");
+        "padded row). Weights share one dtype (float32 or qk's), states too; inv_freq fp32 [max(1, rotary_dim/2)]. "
+        "Optionally also writes k and v into the paged caches k_cache / v_cache [num_blocks, block_size, n_kv, D] "
+        "at slot_mapping [B] (int32 / int64; negative: no write).");
 }
 
 }  // namespace zaya

@@ -90,13 +90,26 @@ TORCH_LIBRARY(zaya, m) {
       "Tensor cu_seqlens, int num_q_heads, int num_kv_heads, int rotary_dim, float rope_theta, "
       "Tensor? initial_conv_state=None, Tensor? initial_value_state=None, Tensor? has_initial_state=None) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // cca_prepare that also writes k and v into a paged KV cache [num_blocks, block_size, n_kv, D] (qk.dtype, last
+  // dim contiguous) at slot_mapping [T] (int64 / int32; slot = block * block_size + offset; negative: not written).
+  // A separate op because torch.library refuses autograd on a schema with mutable arguments: no autograd.
+  m.def(
+      "cca_prepare_paged(Tensor qk, Tensor v_current, Tensor v_delayed, Tensor conv0_weight, Tensor conv0_bias, "
+      "Tensor conv1_weight, Tensor conv1_bias, Tensor temperature, Tensor positions, Tensor cu_seqlens, "
+      "int num_q_heads, int num_kv_heads, int rotary_dim, float rope_theta, Tensor slot_mapping, "
+      "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? initial_conv_state=None, Tensor? initial_value_state=None, "
+      "Tensor? has_initial_state=None) "
+      "-> (Tensor q, Tensor k, Tensor v, Tensor final_conv_state, Tensor final_value_state)");
   // Decode: one token per row [B, C]; conv_state [slots, C, k0+k1-2] and value_state [slots, n_kv D/2] of slot
   // state_indices[b] are read and updated in place (negative index: padded row, zero output, states untouched).
+  // Optionally k and v also go into a paged KV cache at slot_mapping [B] (as cca_prepare_paged; padded rows and
+  // negative slots write nothing).
   m.def(
       "cca_prepare_decode(Tensor qk, Tensor v_current, Tensor v_delayed, Tensor conv0_weight, Tensor conv0_bias, "
       "Tensor conv1_weight, Tensor conv1_bias, Tensor temperature, Tensor positions, Tensor(a!) conv_state, "
       "Tensor(b!) value_state, Tensor state_indices, int num_q_heads, int num_kv_heads, int rotary_dim, "
-      "float rope_theta) -> (Tensor q, Tensor k, Tensor v)");
+      "float rope_theta, Tensor? slot_mapping=None, Tensor(c!)? k_cache=None, Tensor(d!)? v_cache=None) "
+      "-> (Tensor q, Tensor k, Tensor v)");
 
   // ---- CCA attention family (zaya_kernels/ops/attention.py; DESIGN.md 1.1 step 9) ----
   // Packed varlen GQA (q head h uses kv head h // (Hq/Hkv)): q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens int32 [B+1].

@@ -36,11 +36,18 @@
 //   phase 4 (kv heads, thread per (row, channel)): V and the value-state update (last, so that its pointers are not
 //     live across phases 1-2).
 // Registers (gpu_compile_check): no spills on gfx942 or sm_90 (the 32-byte sm_90 stack frame is sinf/cosf's
-// large-argument reduction, not a spill). gfx942 uses all 106 SGPRs: 64-bit offsets or more live uniform values
-// in phase 1 made it spill SGPRs, hence the 32-bit offsets and the phase order.
+// large-argument reduction, not a spill), the kWriteCache variants included (gfx942: the same 106 SGPRs and VGPRs
+// as without). gfx942 uses all 106 SGPRs: 64-bit offsets or more live uniform values in phase 1 made it spill SGPRs,
+// hence the 32-bit offsets and the phase order.
 // Sizes: D <= kCcaMaxHeadDim, D * k1 <= kCcaMaxConvLen (checked by the launcher). Shared memory ~40 KB. No atomics,
 // no host synchronisation. Control flow around __syncthreads and the warp shuffles is block-uniform, as the host
 // emulation of compat.cuh requires.
+// Paged KV cache (template flag kWriteCache; with false the `cache` argument is unused and the kernel is the one
+// without the feature): kv-head blocks also store k (phase 3) and v (phase 4) into k_cache / v_cache
+// [num_blocks, block_size, n_kv, D] (TA, last dim contiguous, 64-bit element strides) at slot c = slot_mapping[b]:
+// block c / block_size, offset c % block_size. Rows without a state slot, negative slots and slots >= num_blocks *
+// block_size write nothing. The setup step turns each row's slot into the row's k / v cache pointers in shared
+// memory, so that phases 3-4 need no further scalar registers (gfx942's SGPR file is full).
 #pragma once
 
 #include "compat.cuh"
@@ -201,7 +208,20 @@ ZAYA_DEVICE void grouped_conv(const TW* __restrict__ w1_head, const float* ys, i
 
 }  // namespace cca_detail
 
-template <typename TA, typename TW, typename TS>
+// The paged KV cache of cca_prepare_decode_kernel<..., kWriteCache = true> (ignored with false).
+template <typename TA>
+struct CcaPagedCache {
+  const void* slot_mapping = nullptr;  // [B] int32 or int64 (slot_int64): block * block_size + offset; < 0: skip
+  TA* k_cache = nullptr;               // [num_blocks, block_size, n_kv, D], last dim contiguous
+  TA* v_cache = nullptr;
+  int64_t k_stride_block = 0, k_stride_slot = 0, k_stride_head = 0;  // element strides of dims 0, 1, 2
+  int64_t v_stride_block = 0, v_stride_slot = 0, v_stride_head = 0;
+  int64_t num_cache_slots = 0;  // num_blocks * block_size
+  int block_size = 1;
+  int slot_int64 = 0;
+};
+
+template <typename TA, typename TW, typename TS, bool kWriteCache = false>
 __global__ void ZAYA_CCA_LAUNCH_BOUNDS cca_prepare_decode_kernel(
     const TA* __restrict__ qk, const TA* __restrict__ v_current, const TA* __restrict__ v_delayed,
     const TW* __restrict__ conv0_w, const TW* __restrict__ conv0_b, const TW* __restrict__ conv1_w,
@@ -209,10 +229,12 @@ __global__ void ZAYA_CCA_LAUNCH_BOUNDS cca_prepare_decode_kernel(
     const float* __restrict__ inv_freq, TS* __restrict__ conv_state, TS* __restrict__ value_state,
     const void* __restrict__ state_indices, TA* __restrict__ q_out, TA* __restrict__ k_out, TA* __restrict__ v_out,
     int B, int num_slots, int num_q, int num_kv, int D, int k0, int k1, int rotary_dim, int positions_int64,
-    int indices_int64) {
+    int indices_int64, CcaPagedCache<TA> cache) {
   __shared__ float ys[kCcaRows * kCcaMaxConvLen];  // [rows, D * k1]: Y taps, input-major like a W1 row
   __shared__ float zs[kCcaRows * kCcaMaxHeadDim];  // [rows, D]: Z + b1 + coupling residual
   __shared__ int s_slot[kCcaRows];                 // the row's slot; -1: padded row; -2: past the batch
+  __shared__ TA* s_k_cache[kCcaRows];  // kWriteCache: the row's k / v cache row of this kv head, or null (no write)
+  __shared__ TA* s_v_cache[kCcaRows];
   constexpr int kR = kCcaRows;
   const int heads = num_q + num_kv;
   const int head = blockIdx.x % heads;
@@ -234,6 +256,22 @@ __global__ void ZAYA_CCA_LAUNCH_BOUNDS cca_prepare_decode_kernel(
       slot = index < 0 || index >= num_slots ? -1 : static_cast<int>(index);
     }
     s_slot[tid] = slot;
+    if constexpr (kWriteCache) {
+      TA* k_row = nullptr;
+      TA* v_row = nullptr;
+      if (slot >= 0 && !is_q) {
+        const int64_t c = cca_detail::load_index(cache.slot_mapping, cache.slot_int64 != 0, row);
+        if (c >= 0 && c < cache.num_cache_slots) {  // negative: vLLM's padding; >= the pool: skipped (unchecked)
+          const int64_t block = c / cache.block_size;
+          const int64_t offset = c - block * cache.block_size;
+          const int64_t j = head - num_q;
+          k_row = cache.k_cache + block * cache.k_stride_block + offset * cache.k_stride_slot + j * cache.k_stride_head;
+          v_row = cache.v_cache + block * cache.v_stride_block + offset * cache.v_stride_slot + j * cache.v_stride_head;
+        }
+      }
+      s_k_cache[tid] = k_row;
+      s_v_cache[tid] = v_row;
+    }
   }
   __syncthreads();
 
@@ -317,15 +355,38 @@ __global__ void ZAYA_CCA_LAUNCH_BOUNDS cca_prepare_decode_kernel(
       const float scale = head_scale / fmaxf(sqrtf(sum_sq), cca_detail::Eps<TA>::value);
       const float pos = static_cast<float>(cca_detail::load_index(positions, positions_int64 != 0, row));
       const float* z = zs + r * D;
-      for (int i = lane; i < half; i += dev::kWarpSize) {
-        const float lo = z[i] * scale * temp;
-        const float hi = z[i + half] * scale * temp;
-        const float angle = pos * inv_freq[i];
-        const float cs = cosf(angle), sn = sinf(angle);
-        out[i] = dev::from_float<TA>(lo * cs - hi * sn);
-        out[i + half] = dev::from_float<TA>(hi * cs + lo * sn);
+      if constexpr (kWriteCache) {  // the same values, also into the k cache row (null: q head or no write)
+        TA* const cache_out = s_k_cache[r];
+        for (int i = lane; i < half; i += dev::kWarpSize) {
+          const float lo = z[i] * scale * temp;
+          const float hi = z[i + half] * scale * temp;
+          const float angle = pos * inv_freq[i];
+          const float cs = cosf(angle), sn = sinf(angle);
+          const TA a = dev::from_float<TA>(lo * cs - hi * sn);
+          const TA b = dev::from_float<TA>(hi * cs + lo * sn);
+          out[i] = a;
+          out[i + half] = b;
+          if (cache_out != nullptr) {
+            cache_out[i] = a;
+            cache_out[i + half] = b;
+          }
+        }
+        for (int o = rotary_dim + lane; o < D; o += dev::kWarpSize) {
+          const TA a = dev::from_float<TA>(z[o] * scale * temp);
+          out[o] = a;
+          if (cache_out != nullptr) cache_out[o] = a;
+        }
+      } else {
+        for (int i = lane; i < half; i += dev::kWarpSize) {
+          const float lo = z[i] * scale * temp;
+          const float hi = z[i + half] * scale * temp;
+          const float angle = pos * inv_freq[i];
+          const float cs = cosf(angle), sn = sinf(angle);
+          out[i] = dev::from_float<TA>(lo * cs - hi * sn);
+          out[i + half] = dev::from_float<TA>(hi * cs + lo * sn);
+        }
+        for (int o = rotary_dim + lane; o < D; o += dev::kWarpSize) out[o] = dev::from_float<TA>(z[o] * scale * temp);
       }
-      for (int o = rotary_dim + lane; o < D; o += dev::kWarpSize) out[o] = dev::from_float<TA>(z[o] * scale * temp);
     }
   }
 
@@ -352,6 +413,10 @@ __global__ void ZAYA_CCA_LAUNCH_BOUNDS cca_prepare_decode_kernel(
         }
       }
       v_out[(row * num_kv + j) * D + d] = dev::from_float<TA>(val);
+      if constexpr (kWriteCache) {
+        TA* const cache_row = s_v_cache[r];  // null: padded row or no write
+        if (cache_row != nullptr) cache_row[d] = dev::from_float<TA>(val);
+      }
     }
   }
 }
@@ -362,19 +427,22 @@ __global__ void ZAYA_CCA_LAUNCH_BOUNDS cca_prepare_decode_kernel(
 #if defined(ZAYA_INSTANTIATE_CCA)
 namespace zaya {
 namespace kernels {
-#define ZAYA_CCA_INST(TA, TW, TS)                                                                                  \
-  template __global__ void cca_prepare_decode_kernel<TA, TW, TS>(                                                  \
+#define ZAYA_CCA_INST(TA, TW, TS, PAGED)                                                                           \
+  template __global__ void cca_prepare_decode_kernel<TA, TW, TS, PAGED>(                                           \
       const TA*, const TA*, const TA*, const TW*, const TW*, const TW*, const TW*, const TW*, const void*,         \
-      const float*, TS*, TS*, const void*, TA*, TA*, TA*, int, int, int, int, int, int, int, int, int, int);
-ZAYA_CCA_INST(float, float, float)
-ZAYA_CCA_INST(half_t, half_t, half_t)
-ZAYA_CCA_INST(half_t, half_t, float)
-ZAYA_CCA_INST(half_t, float, half_t)
-ZAYA_CCA_INST(half_t, float, float)
-ZAYA_CCA_INST(bf16_t, bf16_t, bf16_t)
-ZAYA_CCA_INST(bf16_t, bf16_t, float)
-ZAYA_CCA_INST(bf16_t, float, bf16_t)
-ZAYA_CCA_INST(bf16_t, float, float)
+      const float*, TS*, TS*, const void*, TA*, TA*, TA*, int, int, int, int, int, int, int, int, int, int,        \
+      CcaPagedCache<TA>);
+#define ZAYA_CCA_INST_BOTH(TA, TW, TS) ZAYA_CCA_INST(TA, TW, TS, false) ZAYA_CCA_INST(TA, TW, TS, true)
+ZAYA_CCA_INST_BOTH(float, float, float)
+ZAYA_CCA_INST_BOTH(half_t, half_t, half_t)
+ZAYA_CCA_INST_BOTH(half_t, half_t, float)
+ZAYA_CCA_INST_BOTH(half_t, float, half_t)
+ZAYA_CCA_INST_BOTH(half_t, float, float)
+ZAYA_CCA_INST_BOTH(bf16_t, bf16_t, bf16_t)
+ZAYA_CCA_INST_BOTH(bf16_t, bf16_t, float)
+ZAYA_CCA_INST_BOTH(bf16_t, float, bf16_t)
+ZAYA_CCA_INST_BOTH(bf16_t, float, float)
+#undef ZAYA_CCA_INST_BOTH
 #undef ZAYA_CCA_INST
 }  // namespace kernels
 }  // namespace zaya

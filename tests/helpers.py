@@ -88,3 +88,15 @@ def perturb_zaya_parameters(model):
             layer.mlp.gate.balancing_biases.uniform_(-0.2, 0.2)
             layer.mlp.gate.balancing_biases[-1] = 0.3 if i % 2 else -0.2
     return model
+
+
+def random_paged_caches(num_blocks, block_size, num_kv, head_dim, dtype, layout, gen, device="cpu"):
+    """Random k / v caches [num_blocks, block_size, n_kv, D] in vLLM's layout: "nhd" contiguous, or "hnd" allocated
+    [num_blocks, n_kv, block_size, D] and transposed (other strides, the last dim still contiguous)."""
+    def one():
+        if layout == "hnd":
+            hnd = torch.randn(num_blocks, num_kv, block_size, head_dim, generator=gen)
+            return hnd.to(dtype).to(device).transpose(1, 2)
+        return torch.randn(num_blocks, block_size, num_kv, head_dim, generator=gen).to(dtype).to(device)
+
+    return one(), one()

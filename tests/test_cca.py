@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import zaya_kernels
 from zaya_kernels.reference import cca as ref
 
-from helpers import assert_close
+from helpers import assert_close, random_paged_caches
 
 THETA = 10_000.0
 
@@ -514,6 +514,261 @@ def test_decode_bad_input_raises_clear_error(index, value, exc, message):
             torch.ops.zaya.cca_prepare_decode(*args)
 
 
+# ---------------------------------------------------------------- paged KV-cache write (cca_prepare_paged, decode)
+def _slots(count, pool, gen, skip_every=0, dtype=torch.int64, device="cpu"):
+    """`count` distinct random slots out of `pool` (a random permutation: not in token order), every
+    `skip_every`-th one -1 (vLLM's padding)."""
+    slots = torch.randperm(pool, generator=gen)[:count]
+    if skip_every:
+        slots[::skip_every] = -1
+    return slots.to(dtype).to(device)
+
+
+def assert_cache_written(k_cache, v_cache, before, slots, k, v, rows_valid=None, what=""):
+    """Cache rows at the kept slots equal the returned k / v rows exactly; every other element is unchanged."""
+    block_size = k_cache.shape[1]
+    expected_k, expected_v = before[0].clone(), before[1].clone()
+    for t, s in enumerate(slots.tolist()):
+        if s >= 0 and (rows_valid is None or bool(rows_valid[t])):
+            expected_k[s // block_size, s % block_size] = k[t]
+            expected_v[s // block_size, s % block_size] = v[t]
+    assert torch.equal(k_cache, expected_k), f"{what}: k cache"
+    assert torch.equal(v_cache, expected_v), f"{what}: v cache"
+
+
+def paged_prefill(case, slots, k_cache, v_cache, backend="reference"):
+    args = case.prefill_args()
+    with zaya_kernels.use_backend(backend):
+        return torch.ops.zaya.cca_prepare_paged(*args[:14], slots, k_cache, v_cache, *args[14:])
+
+
+@settings(max_examples=25)
+@given(heads=head_configs, kernels=kernel_sizes, lengths=seq_lengths, block_size=st.sampled_from([1, 3, 5, 16]),
+       layout=st.sampled_from(["nhd", "hnd"]), slot_dtype=st.sampled_from([torch.int32, torch.int64]),
+       skip_every=st.sampled_from([0, 2, 3]), with_init=st.booleans(), seed=st.integers(0, 2**16))
+def test_reference_paged_prefill_writes_the_cache(heads, kernels, lengths, block_size, layout, slot_dtype, skip_every,
+                                                  with_init, seed):
+    case = Case(*heads, 8, *kernels, lengths, seed=seed, with_init=with_init)
+    gen = torch.Generator().manual_seed(seed)
+    tokens = sum(lengths)
+    num_blocks = (tokens + 2) // block_size + 2
+    k_cache, v_cache = random_paged_caches(num_blocks, block_size, case.num_kv, 8, case.dtype, layout, gen)
+    before = (k_cache.clone(), v_cache.clone())
+    slots = _slots(tokens, num_blocks * block_size, gen, skip_every, slot_dtype)
+    outputs = paged_prefill(case, slots, k_cache, v_cache)
+    for name, a, e in zip(("q", "k", "v", "conv state", "value state"), outputs, prefill(case)):
+        assert torch.equal(a, e), f"paged prefill {name} differs from cca_prepare"
+    assert_cache_written(k_cache, v_cache, before, slots, outputs[1], outputs[2], what="reference prefill")
+
+
+@settings(max_examples=6)
+@given(heads=st.sampled_from([(2, 1), (4, 2), (2, 2)]), kernels=kernel_sizes,
+       lengths=st.lists(st.sampled_from([0, 1, 2, 5, 19]), min_size=1, max_size=3),
+       block_size=st.sampled_from([1, 3, 16]), layout=st.sampled_from(["nhd", "hnd"]),
+       slot_dtype=st.sampled_from([torch.int32, torch.int64]), with_init=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 2**16))
+def test_triton_paged_prefill_matches_reference(heads, kernels, lengths, block_size, layout, slot_dtype, with_init,
+                                                dtype, seed):
+    case = Case(*heads, 16, *kernels, lengths, dtype=dtype, seed=seed, with_init=with_init)
+    gen = torch.Generator().manual_seed(seed)
+    tokens = sum(lengths)
+    num_blocks = tokens // block_size + 2
+    k_cache, v_cache = random_paged_caches(num_blocks, block_size, case.num_kv, 16, dtype, layout, gen)
+    before = (k_cache.clone(), v_cache.clone())
+    slots = _slots(tokens, num_blocks * block_size, gen, 3, slot_dtype)
+    actual = paged_prefill(case, slots, k_cache, v_cache, "triton")
+    assert zaya_kernels.last_backend("cca_prepare_paged") == "triton"
+    assert_cache_written(k_cache, v_cache, before, slots, actual[1], actual[2], what="triton prefill")
+    assert_outputs_close(actual, prefill(case), case, "triton paged prefill")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("block_size,layout,slot_dtype", [(1, "nhd", torch.int64), (3, "hnd", torch.int32),
+                                                          (16, "nhd", torch.int32)])
+def test_paged_decode_writes_the_cache(backend, block_size, layout, slot_dtype):
+    """Rows with a negative state index (padded) and rows with a negative slot write nothing; the others write their
+    k / v exactly; the q / k / v outputs and the states are those of the decode without a cache."""
+    case = Case(4, 2, 16, 2, 2, [6], seed=block_size)
+    gen = torch.Generator().manual_seed(block_size)
+    rows = 6
+    conv_state = torch.randn(8, case.channels, case.state_len, generator=gen)
+    value_state = torch.randn(8, case.value_dim, generator=gen)
+    indices = torch.randperm(8, generator=gen)[:rows].to(torch.int32)
+    indices[1] = -1  # a padded row (its slot is valid: still no write)
+    indices[4] = -3
+    num_blocks = max(3, rows // block_size + 2)
+    slots = _slots(rows, num_blocks * block_size, gen, 0, slot_dtype)
+    slots[3] = -1  # vLLM's padding slot
+    k_cache, v_cache = random_paged_caches(num_blocks, block_size, 2, 16, torch.float32, layout, gen)
+    before = (k_cache.clone(), v_cache.clone())
+    plain_states = (conv_state.clone(), value_state.clone())
+    expected = decode(case, torch.arange(rows), *plain_states, indices, backend)
+    with zaya_kernels.use_backend(backend):
+        actual = torch.ops.zaya.cca_prepare_decode(case.qk, case.v_current, case.v_delayed, *case.weights(),
+                                                   case.positions, conv_state, value_state, indices, *case.heads(),
+                                                   slots, k_cache, v_cache)
+    assert zaya_kernels.last_backend("cca_prepare_decode") == backend
+    for name, a, e in zip("qkv", actual, expected):
+        assert torch.equal(a, e), f"{backend} decode {name} differs from the decode without a cache"
+    assert torch.equal(conv_state, plain_states[0]) and torch.equal(value_state, plain_states[1])
+    assert_cache_written(k_cache, v_cache, before, slots, actual[1], actual[2], rows_valid=indices >= 0,
+                         what=f"{backend} decode")
+
+
+def test_triton_paged_decode_skips_out_of_range_slots_on_gpu_style_call():
+    """The kernel itself (as on GPU, where values are not checked) skips a slot >= num_blocks * block_size."""
+    from zaya_kernels.triton import cca as tri
+
+    case = Case(2, 1, 16, 2, 2, [3], seed=1)
+    conv_state, value_state = torch.randn(3, case.channels, 2), torch.randn(3, case.value_dim)
+    k_cache, v_cache = torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16)
+    before = (k_cache.clone(), v_cache.clone())
+    slots = torch.tensor([4, 1, 400])
+    q, k, v = (torch.empty(3, h, 16) for h in (2, 1, 1))
+    tri.cca_prepare_decode(case.qk, case.v_current, case.v_delayed, *case.weights(), case.positions, conv_state,
+                           value_state, torch.tensor([0, 1, 2], dtype=torch.int32), *case.heads(), q, k, v,
+                           cache=(slots, k_cache, v_cache))
+    assert_cache_written(k_cache, v_cache, before, torch.tensor([-1, 1, -1]), k, v, what="out-of-range slots")
+
+
+def test_reference_paged_decode_token_by_token_fills_the_cache_as_paged_prefill():
+    """Serving flow: a prompt prefilled into the cache then continued by decode steps leaves the same cache as the
+    whole sequence prefilled (slots of one sequence consecutive within blocks of 4, as vLLM lays them out)."""
+    case = Case(4, 2, 8, 2, 2, [7], seed=4)
+    block_table = [5, 2]  # the sequence's blocks
+    slots = torch.tensor([block_table[t // 4] * 4 + t % 4 for t in range(7)])
+    whole_k, whole_v = torch.zeros(6, 4, 2, 8), torch.zeros(6, 4, 2, 8)
+    paged_prefill(case, slots, whole_k, whole_v)
+    k_cache, v_cache = torch.zeros(6, 4, 2, 8), torch.zeros(6, 4, 2, 8)
+    args = list(case.prefill_args())
+    for i in (0, 1, 2, 8):
+        args[i] = args[i][:3]
+    args[9] = torch.tensor([0, 3], dtype=torch.int32)
+    _, _, _, conv, value = torch.ops.zaya.cca_prepare_paged(*args[:14], slots[:3], k_cache, v_cache, *args[14:])
+    conv_state, value_state = conv.clone(), value.clone()
+    for t in range(3, 7):
+        zaya_kernels.ops.cca_prepare_decode(case.qk[t:t + 1], case.v_current[t:t + 1], case.v_delayed[t:t + 1],
+                                            *case.weights(), case.positions[t:t + 1], conv_state, value_state,
+                                            torch.tensor([0]), *case.heads(), slot_mapping=slots[t:t + 1],
+                                            k_cache=k_cache, v_cache=v_cache)
+    assert_close(k_cache, whole_k, reduction=case.reduction(), what="k cache")
+    assert_close(v_cache, whole_v, what="v cache")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_opcheck_paged(backend):
+    case = Case(2, 1, 16, 2, 2, [3, 2], seed=0, with_init=True)
+    gen = torch.Generator().manual_seed(0)
+    k_cache, v_cache = random_paged_caches(3, 2, 1, 16, torch.float32, "hnd", gen)
+    args = case.prefill_args()
+    paged_args = (*args[:14], torch.tensor([5, 0, -1, 2, 3]), k_cache, v_cache, *args[14:])
+    decode_args = (case.qk[:2], case.v_current[:2], case.v_delayed[:2], *case.weights(), case.positions[:2],
+                   torch.randn(3, case.channels, 2), torch.randn(3, case.value_dim),
+                   torch.tensor([2, -1], dtype=torch.int32), *case.heads(), torch.tensor([1, 4], dtype=torch.int32),
+                   k_cache, v_cache)
+    with zaya_kernels.use_backend(backend):
+        torch.library.opcheck(torch.ops.zaya.cca_prepare_paged.default, paged_args)
+        torch.library.opcheck(torch.ops.zaya.cca_prepare_decode.default, decode_args)
+
+
+def test_typed_wrapper_routes_a_cache_to_the_paged_op():
+    case = Case(4, 2, 8, 2, 2, [3, 2], seed=0)
+    k_cache, v_cache = torch.zeros(2, 4, 2, 8), torch.zeros(2, 4, 2, 8)
+    slots = torch.tensor([7, 6, 5, 0, 1])
+    q, k, v, _, _ = zaya_kernels.ops.cca_prepare(*case.prefill_args(), slot_mapping=slots, k_cache=k_cache,
+                                                 v_cache=v_cache)
+    assert zaya_kernels.last_backend("cca_prepare_paged") == "reference"
+    assert torch.equal(k_cache[1, 3], k[0]) and torch.equal(v_cache[0, 1], v[4])
+    with pytest.raises(ValueError, match="slot_mapping, k_cache given but v_cache missing"):
+        zaya_kernels.ops.cca_prepare(*case.prefill_args(), slot_mapping=slots, k_cache=k_cache)
+
+
+def test_paged_ops_compile_fullgraph():
+    """The fake kernels and the mutable cache arguments (optional ones for decode) under torch.compile
+    (functionalised, then written back)."""
+    case = Case(2, 1, 8, 2, 2, [3, 2], seed=0)
+    args = case.prefill_args()
+    slots = torch.tensor([3, 0, 1, -1, 6])
+
+    def step(qk, k_cache, v_cache):
+        q, k, v, _, _ = torch.ops.zaya.cca_prepare_paged(qk, *args[1:14], slots, k_cache, v_cache, *args[14:])
+        return q.sum()
+
+    caches = [torch.zeros(4, 2, 1, 8), torch.zeros(4, 2, 1, 8)]
+    expected_caches = [torch.zeros(4, 2, 1, 8), torch.zeros(4, 2, 1, 8)]
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(case.qk, *caches), step(case.qk, *expected_caches))
+    assert torch.equal(caches[0], expected_caches[0]) and torch.equal(caches[1], expected_caches[1])
+    assert caches[0].abs().sum() > 0
+
+    def decode_step(qk, conv_state, value_state, k_cache, v_cache):
+        q, k, v = torch.ops.zaya.cca_prepare_decode(qk, *args[1:9], conv_state, value_state,
+                                                    torch.tensor([1, -1, 0, 2, 3]), *case.heads(), slots, k_cache,
+                                                    v_cache)
+        return k.sum()
+
+    inputs = [torch.randn(4, case.channels, 2), torch.randn(4, case.value_dim), *caches]
+    expected_inputs = [t.clone() for t in inputs]
+    compiled = torch.compile(decode_step, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(case.qk, *inputs), decode_step(case.qk, *expected_inputs))
+    for a, e in zip(inputs, expected_inputs):
+        assert torch.equal(a, e)
+
+
+def _bad_cache_args(index, value):
+    """cca_prepare_paged arguments with argument `index` replaced (14 slot_mapping, 15 k_cache, 16 v_cache)."""
+    case = Case(4, 2, 8, 2, 2, [3, 2])
+    args = list(case.prefill_args())
+    args = args[:14] + [torch.tensor([0, 1, 2, 9, -1]), torch.zeros(3, 4, 2, 8), torch.zeros(3, 4, 2, 8)] + args[14:]
+    args[index] = value(args) if callable(value) else value
+    return args
+
+
+@pytest.mark.parametrize(
+    "index, value, exc, message",
+    [
+        (14, torch.tensor([0, 1, 2, 3]), ValueError, r"`slot_mapping` must have one slot per token \(shape \(5,\)\)"),
+        (14, torch.tensor([0, 1, 2, 3, 4.0]), TypeError, "`slot_mapping` must have dtype"),
+        (14, torch.tensor([0, 1, 2, 12, -1]), ValueError, "`slot_mapping` has slot 12 but the cache holds only "
+                                                          r"num_blocks \* block_size = 3 \* 4 = 12 slots"),
+        (14, torch.tensor([0, 1, 2, 1, -1]), ValueError, "maps two tokens to one cache slot"),
+        (15, torch.zeros(3, 4, 2, 8, dtype=torch.float16), TypeError, "`k_cache` must have qk's dtype float32"),
+        (15, torch.zeros(3, 4, 1, 8), ValueError, r"`k_cache` must have shape \[num_blocks, block_size, "
+                                                  r"num_kv_heads, head_dim\] = \[3, 4, 2, 8\]"),
+        (15, torch.zeros(3, 4, 8), ValueError, "`k_cache` must have 4 dimensions"),
+        (15, torch.zeros(3, 4, 2, 16)[..., ::2], ValueError, "`k_cache` must have a contiguous last dim"),
+        (16, torch.zeros(3, 2, 2, 8), ValueError, r"`v_cache` must have shape \(3, 4, 2, 8\)"),
+        (16, lambda a: a[15], ValueError, "`k_cache` and `v_cache` are the same memory"),
+        (16, torch.zeros(3, 4, 2, 8, device="meta"), ValueError, "`v_cache` is on meta"),
+    ],
+)
+def test_paged_bad_input_raises_clear_error(index, value, exc, message):
+    args = _bad_cache_args(index, value)
+    for backend in ("reference", "triton"):
+        with zaya_kernels.use_backend(backend), pytest.raises(exc, match=message):
+            torch.ops.zaya.cca_prepare_paged(*args)
+
+
+@pytest.mark.parametrize(
+    "index, value, exc, message",
+    [
+        (18, None, ValueError, "slot_mapping, k_cache given but v_cache missing"),
+        (17, None, ValueError, "slot_mapping, v_cache given but k_cache missing"),
+        (16, None, ValueError, "k_cache, v_cache given but slot_mapping missing"),
+        (16, torch.tensor([0]), ValueError, r"`slot_mapping` must have one slot per row \(shape \(2,\)\)"),
+        (16, torch.tensor([12, 0]), ValueError, "`slot_mapping` has slot 12"),  # row 1 is padded: not checked
+        (17, torch.zeros(3, 4, 2, 4), ValueError, "`k_cache` must have shape"),
+    ],
+)
+def test_paged_decode_bad_input_raises_clear_error(index, value, exc, message):
+    """Decode arguments 16-18: slot_mapping, k_cache, v_cache."""
+    args = _bad_decode(0, lambda a: a[0]) + [torch.tensor([0, 5]), torch.zeros(3, 4, 2, 8), torch.zeros(3, 4, 2, 8)]
+    args[index] = value
+    for backend in ("reference", "triton"):
+        with zaya_kernels.use_backend(backend), pytest.raises(exc, match=message):
+            torch.ops.zaya.cca_prepare_decode(*args)
+
+
 # ---------------------------------------------------------------- GPU: Triton at ZAYA1-8B shapes (n_q 8, n_kv 2, D 128)
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -559,3 +814,58 @@ def test_gpu_decode_equals_prefill_and_is_graph_capturable():
         decode(case, rows, conv_state, value_state, indices, "triton")
     graph.replay()
     torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("block_size,layout", [(16, "nhd"), (1, "hnd")])
+def test_gpu_triton_paged_prefill_and_decode_write_the_cache(dtype, block_size, layout):
+    """ZAYA1-8B shapes: chunked paged prefill (initial states) then a decode step with a cache, on CUDA tensors:
+    outputs as the reference, cache rows equal the returned k / v exactly, nothing else touched; the decode launch
+    graph-captured."""
+    case = Case(8, 2, 128, 2, 2, [3, 0, 300, 64], dtype=dtype, seed=block_size, rotary_dim=64, with_init=True,
+                device="cuda")
+    gen = torch.Generator().manual_seed(block_size)
+    tokens = sum(case.lengths)
+    num_blocks = tokens // block_size + 4
+    k_cache, v_cache = random_paged_caches(num_blocks, block_size, 2, 128, dtype, layout, gen, device="cuda")
+    before = (k_cache.clone(), v_cache.clone())
+    slots = _slots(tokens, num_blocks * block_size, gen, 7, device="cuda")
+    actual = paged_prefill(case, slots, k_cache, v_cache, "triton")
+    assert_outputs_close(actual, prefill(case), case, "gpu triton paged prefill")
+    assert_cache_written(k_cache, v_cache, before, slots, actual[1], actual[2], what="gpu triton paged prefill")
+
+    rows = 4
+    conv_state = torch.randn(6, case.channels, 2, device="cuda")
+    value_state = torch.randn(6, case.value_dim, device="cuda")
+    indices = torch.tensor([4, -1, 0, 2], dtype=torch.int32, device="cuda")
+    step_slots = torch.tensor([num_blocks * block_size - 1, 0, -1, 1], device="cuda")
+    before = (k_cache.clone(), v_cache.clone())
+    states = (conv_state.clone(), value_state.clone())
+    expected = decode(case, torch.arange(rows, device="cuda"), states[0].clone(), states[1].clone(), indices)
+    out = None
+    for replay in (False, True):
+        k_cache.copy_(before[0])
+        v_cache.copy_(before[1])
+        conv_state.copy_(states[0])
+        value_state.copy_(states[1])
+        args = (case.qk[:rows], case.v_current[:rows], case.v_delayed[:rows], *case.weights(), case.positions[:rows],
+                conv_state, value_state, indices, *case.heads(), step_slots, k_cache, v_cache)
+        with zaya_kernels.use_backend("triton"):
+            if replay:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = torch.ops.zaya.cca_prepare_decode(*args)
+                k_cache.copy_(before[0])
+                v_cache.copy_(before[1])
+                conv_state.copy_(states[0])
+                value_state.copy_(states[1])
+                graph.replay()
+                torch.cuda.synchronize()
+            else:
+                out = torch.ops.zaya.cca_prepare_decode(*args)
+        for name, a, e in zip("qkv", out, expected):
+            assert_close(a, e, dtype=dtype, reduction=case.reduction(), what=f"gpu triton paged decode {name}")
+        assert_cache_written(k_cache, v_cache, before, step_slots, out[1], out[2], rows_valid=indices >= 0,
+                             what=f"gpu triton paged decode (graph replay: {replay})")
+

@@ -16,38 +16,68 @@ from hypothesis import strategies as st
 import zaya_kernels
 from zaya_kernels.reference import cca as ref
 
-from helpers import assert_close, compile_host_emulation
+from helpers import assert_close, compile_host_emulation, random_paged_caches
 
 THETA = 10_000.0
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 _EMU_DRIVER = r"""
 #define ZAYA_HOST_EMULATION 1
+#include <type_traits>
 #include "cca.cuh"
 using namespace zaya::kernels;
 using zaya::dev::bf16_t;
 using zaya::dev::half_t;
 
+// The paged KV cache (cca.cuh's kWriteCache instantiation when slot_mapping is not null).
+struct EmuCache {
+  const void* slot_mapping;
+  void* k_cache;
+  void* v_cache;
+  const long long* strides;  // k: block, slot, head; v: block, slot, head (elements)
+  long long num_cache_slots;
+  int block_size, slot64;
+};
+
 template <typename TA, typename TW, typename TS>
 static void run(const void* qk, const void* vc, const void* vd, const void* w0, const void* b0, const void* w1,
                 const void* b1, const void* temp, const void* pos, const float* inv_freq, void* conv_state,
                 void* value_state, const void* idx, void* q, void* k, void* v, int B, int slots, int nq, int nkv,
-                int D, int k0, int k1, int rot, int pos64, int idx64, int threads) {
+                int D, int k0, int k1, int rot, int pos64, int idx64, int threads, const EmuCache& ec) {
   const int tiles = (B + kCcaRows - 1) / kCcaRows;
-  zaya_emu_launch((nq + nkv) * tiles, threads, [&] {
-    cca_prepare_decode_kernel<TA, TW, TS>((const TA*)qk, (const TA*)vc, (const TA*)vd, (const TW*)w0,
-        (const TW*)b0, (const TW*)w1, (const TW*)b1, (const TW*)temp, pos, inv_freq, (TS*)conv_state,
-        (TS*)value_state, idx, (TA*)q, (TA*)k, (TA*)v, B, slots, nq, nkv, D, k0, k1, rot, pos64, idx64); });
+  CcaPagedCache<TA> cache;
+  if (ec.slot_mapping != nullptr) {
+    cache.slot_mapping = ec.slot_mapping;
+    cache.k_cache = (TA*)ec.k_cache;
+    cache.v_cache = (TA*)ec.v_cache;
+    cache.k_stride_block = ec.strides[0], cache.k_stride_slot = ec.strides[1], cache.k_stride_head = ec.strides[2];
+    cache.v_stride_block = ec.strides[3], cache.v_stride_slot = ec.strides[4], cache.v_stride_head = ec.strides[5];
+    cache.num_cache_slots = ec.num_cache_slots;
+    cache.block_size = ec.block_size;
+    cache.slot_int64 = ec.slot64;
+  }
+  auto launch = [&](auto paged) {
+    zaya_emu_launch((nq + nkv) * tiles, threads, [&] {
+      cca_prepare_decode_kernel<TA, TW, TS, decltype(paged)::value>((const TA*)qk, (const TA*)vc, (const TA*)vd,
+          (const TW*)w0, (const TW*)b0, (const TW*)w1, (const TW*)b1, (const TW*)temp, pos, inv_freq,
+          (TS*)conv_state, (TS*)value_state, idx, (TA*)q, (TA*)k, (TA*)v, B, slots, nq, nkv, D, k0, k1, rot, pos64,
+          idx64, cache); });
+  };
+  if (ec.slot_mapping != nullptr) launch(std::true_type{});
+  else launch(std::false_type{});
 }
 
 // dt: activation dtype code (0 fp32, 1 fp16, 2 bf16); wf / sf: weights / states in fp32 (1) or in the activation
-// dtype (0).
+// dtype (0). slot_mapping null: no cache (the kernel without kWriteCache).
 extern "C" int zaya_emu_cca_decode(int dt, int wf, int sf, const void* qk, const void* vc, const void* vd,
     const void* w0, const void* b0, const void* w1, const void* b1, const void* temp, const void* pos,
     const float* inv_freq, void* conv_state, void* value_state, const void* idx, void* q, void* k, void* v, int B,
-    int slots, int nq, int nkv, int D, int k0, int k1, int rot, int pos64, int idx64, int threads) {
+    int slots, int nq, int nkv, int D, int k0, int k1, int rot, int pos64, int idx64, int threads,
+    const void* slot_mapping, void* k_cache, void* v_cache, const long long* cache_strides,
+    long long num_cache_slots, int block_size, int slot64) {
+  const EmuCache ec{slot_mapping, k_cache, v_cache, cache_strides, num_cache_slots, block_size, slot64};
 #define ZAYA_EMU_RUN(TA, TW, TS) run<TA, TW, TS>(qk, vc, vd, w0, b0, w1, b1, temp, pos, inv_freq, conv_state, \
-    value_state, idx, q, k, v, B, slots, nq, nkv, D, k0, k1, rot, pos64, idx64, threads)
+    value_state, idx, q, k, v, B, slots, nq, nkv, D, k0, k1, rot, pos64, idx64, threads, ec)
   if (dt == 0) { ZAYA_EMU_RUN(float, float, float); return 0; }
   if (dt == 1) {
     if (wf && sf) ZAYA_EMU_RUN(half_t, float, float);
@@ -116,9 +146,21 @@ def _ptr(t):
     return ctypes.c_void_p(t.data_ptr())
 
 
+def _cache_args(cache):
+    """The driver's trailing paged-cache arguments for cache = (slot_mapping, k_cache, v_cache) or None."""
+    if cache is None:
+        return (None, None, None, None, ctypes.c_longlong(0), 0, 0)
+    slot_mapping, k_cache, v_cache = cache
+    strides = (ctypes.c_longlong * 6)(*k_cache.stride()[:3], *v_cache.stride()[:3])
+    return (_ptr(slot_mapping), _ptr(k_cache), _ptr(v_cache), strides,
+            ctypes.c_longlong(k_cache.shape[0] * k_cache.shape[1]), k_cache.shape[1],
+            int(slot_mapping.dtype == torch.int64))
+
+
 def emulated_decode(lib, w, qk, v_current, v_delayed, positions, conv_state, value_state, state_indices,
-                    threads=256):
-    """One decode step through the emulated kernel; updates the states in place, returns (q, k, v)."""
+                    threads=256, cache=None):
+    """One decode step through the emulated kernel; updates the states (and the paged caches of
+    cache = (slot_mapping, k_cache, v_cache)) in place, returns (q, k, v)."""
     rows = qk.shape[0]
     act = qk.dtype
     q = torch.full((rows, w.num_q, w.head_dim), 7.0, dtype=act)  # garbage: the kernel must write every element
@@ -133,7 +175,7 @@ def emulated_decode(lib, w, qk, v_current, v_delayed, positions, conv_state, val
         _ptr(qk), _ptr(v_current), _ptr(v_delayed), *[_ptr(t) for t in weights], _ptr(positions), _ptr(inv_freq),
         _ptr(conv_state), _ptr(value_state), _ptr(state_indices), _ptr(q), _ptr(k), _ptr(v), rows,
         conv_state.shape[0], w.num_q, w.num_kv, w.head_dim, w.k0, w.k1, w.rotary_dim,
-        int(positions.dtype == torch.int64), int(state_indices.dtype == torch.int64), threads)
+        int(positions.dtype == torch.int64), int(state_indices.dtype == torch.int64), threads, *_cache_args(cache))
     assert rc == 0
     return q, k, v
 
@@ -250,7 +292,7 @@ class _EmulatedLauncher:
 
     def cca_prepare_decode(self, qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias,
                            temperature, positions, inv_freq, conv_state, value_state, state_indices, num_q_heads,
-                           num_kv_heads, rotary_dim, q, k, v):
+                           num_kv_heads, rotary_dim, q, k, v, slot_mapping=None, k_cache=None, v_cache=None):
         weights = (conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature)
         act = qk.dtype
         assert v_current.dtype == v_delayed.dtype == q.dtype == k.dtype == v.dtype == act
@@ -259,12 +301,17 @@ class _EmulatedLauncher:
         assert inv_freq.dtype == torch.float32 and inv_freq.numel() == max(1, rotary_dim // 2)
         rows, head_dim = qk.shape[0], conv1_weight.shape[1]
         assert q.shape == (rows, num_q_heads, head_dim) and k.shape == v.shape == (rows, num_kv_heads, head_dim)
+        assert (slot_mapping is None) == (k_cache is None) == (v_cache is None)
+        if k_cache is not None:
+            assert k_cache.dtype == v_cache.dtype == act and slot_mapping.dtype in (torch.int32, torch.int64)
+            assert k_cache.stride(-1) == v_cache.stride(-1) == 1 and slot_mapping.shape == (rows,)
         rc = self.lib.zaya_emu_cca_decode(
             _DTYPE_CODES[act], int(conv1_weight.dtype == torch.float32), int(conv_state.dtype == torch.float32),
             _ptr(qk), _ptr(v_current), _ptr(v_delayed), *[_ptr(t) for t in weights], _ptr(positions), _ptr(inv_freq),
             _ptr(conv_state), _ptr(value_state), _ptr(state_indices), _ptr(q), _ptr(k), _ptr(v), rows,
             conv_state.shape[0], num_q_heads, num_kv_heads, head_dim, conv0_weight.shape[1], conv1_weight.shape[2],
-            rotary_dim, int(positions.dtype == torch.int64), int(state_indices.dtype == torch.int64), 256)
+            rotary_dim, int(positions.dtype == torch.int64), int(state_indices.dtype == torch.int64), 256,
+            *_cache_args(None if k_cache is None else (slot_mapping, k_cache, v_cache)))
         assert rc == 0
 
 
@@ -307,6 +354,80 @@ def test_hip_impl_rejects_dtypes_the_kernel_lacks(monkeypatch):
     with pytest.raises(ValueError, match="conv_state"):
         cca_ops._hip_decode(qk, v_current, v_delayed, *w.tuple(), torch.arange(2), state[0].half(), state[1].half(),
                             *tail[3:])
+
+
+# ---------------------------------------------------------------- the paged KV-cache write (kWriteCache), emulated
+def _expected_caches(before, slots, rows_valid, k, v):
+    """The caches after writing k / v rows at the kept slots (slot >= 0, row valid, slot inside the pool)."""
+    k_cache, v_cache = before[0].clone(), before[1].clone()
+    num_blocks, block_size = k_cache.shape[:2]
+    for t, s in enumerate(slots.tolist()):
+        if 0 <= s < num_blocks * block_size and bool(rows_valid[t]):
+            k_cache[s // block_size, s % block_size] = k[t]
+            v_cache[s // block_size, s % block_size] = v[t]
+    return k_cache, v_cache
+
+
+@pytest.mark.parametrize("act,wdt,sdt,block_size,layout,slot_dtype", [
+    (torch.float32, torch.float32, torch.float32, 1, "nhd", torch.int64),
+    (torch.float16, torch.float16, torch.float32, 3, "hnd", torch.int32),
+    (torch.bfloat16, torch.float32, torch.bfloat16, 16, "nhd", torch.int64),
+])
+def test_emulated_decode_writes_paged_cache(cca_emulation, act, wdt, sdt, block_size, layout, slot_dtype):
+    """The kWriteCache kernel: the same outputs and states as the kernel without it, and k / v rows in the caches
+    at their slots exactly, nothing else touched: padded rows (negative state index), negative slots and slots past
+    the pool (not checked on GPU: the kernel skips them) write nothing. 11 rows: two row tiles."""
+    w = Weights(4, 2, 16, 2, 2, 8, dtype=wdt, seed=block_size)
+    gen = torch.Generator().manual_seed(block_size)
+    rows, slots = 11, 14
+    conv_state = torch.randn(slots, w.channels, w.state_len, generator=gen).to(sdt)
+    value_state = torch.randn(slots, w.value_dim, generator=gen).to(sdt)
+    states = (conv_state.clone(), value_state.clone())
+    indices = torch.randperm(slots, generator=gen)[:rows].to(torch.int32)
+    indices[2] = -1
+    indices[9] = -4
+    num_blocks = rows // block_size + 2
+    slot_mapping = torch.randperm(num_blocks * block_size, generator=gen)[:rows].to(slot_dtype)
+    slot_mapping[5] = -1
+    slot_mapping[7] = num_blocks * block_size + 3  # past the pool
+    k_cache, v_cache = random_paged_caches(num_blocks, block_size, 2, 16, act, layout, gen)
+    before = (k_cache.clone(), v_cache.clone())
+    qk, v_current, v_delayed = w.tokens(rows, act)
+    positions = torch.arange(rows) * 11
+    expected = emulated_decode(cca_emulation, w, qk, v_current, v_delayed, positions, *states, indices, threads=64)
+    actual = emulated_decode(cca_emulation, w, qk, v_current, v_delayed, positions, conv_state, value_state, indices,
+                             threads=64, cache=(slot_mapping, k_cache, v_cache))
+    for name, a, e in zip("qkv", actual, expected):
+        assert torch.equal(a, e), f"{name} differs from the kernel without a cache"
+    assert torch.equal(conv_state, states[0]) and torch.equal(value_state, states[1])
+    expected_k, expected_v = _expected_caches(before, slot_mapping, indices >= 0, actual[1], actual[2])
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    assert not torch.equal(k_cache, before[0])  # something was written
+
+
+def test_hip_impl_passes_the_cache_to_the_launcher(cca_emulation, monkeypatch):
+    """ops/cca.py's _hip_decode with a cache: the launcher gets slot_mapping, k_cache, v_cache as its trailing
+    arguments; the result equals the reference decode with the same cache."""
+    from zaya_kernels.ops import cca as cca_ops
+
+    monkeypatch.setattr(zaya_kernels, "_C", _EmulatedLauncher(cca_emulation))
+    w = Weights(2, 1, 16, 2, 2, 8, dtype=torch.float32, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    conv_state = torch.randn(4, w.channels, w.state_len, generator=gen)
+    value_state = torch.randn(4, w.value_dim, generator=gen)
+    ref_states = (conv_state.clone(), value_state.clone())
+    k_cache, v_cache = random_paged_caches(3, 2, 1, 16, torch.float32, "hnd", gen)
+    ref_caches = (k_cache.clone(), v_cache.clone())
+    indices, slot_mapping = torch.tensor([3, -1, 0], dtype=torch.int32), torch.tensor([5, 0, 1])
+    qk, v_current, v_delayed = w.tokens(3, torch.float32)
+    args = (qk, v_current, v_delayed, *w.tuple(), torch.tensor([4, 0, 17]))
+    actual = cca_ops._hip_decode(*args, conv_state, value_state, indices, *w.heads(), slot_mapping, k_cache, v_cache)
+    expected = ref.cca_prepare_decode(*args, *ref_states, indices, *w.heads(), slot_mapping, *ref_caches)
+    for name, a, e in zip("qkv", actual, expected):
+        assert_close(a, e, reduction=w.reduction(), what=name)
+    assert_close(k_cache, ref_caches[0], reduction=w.reduction(), what="k cache")
+    assert torch.equal(v_cache, ref_caches[1])
+    assert torch.equal(k_cache[2, 1], actual[1][0]) and torch.equal(k_cache[0, 1], actual[1][2])
 
 
 # ---------------------------------------------------------------- the op with backend "hip" (needs a GPU build)
@@ -364,3 +485,52 @@ def test_gpu_hip_decode_is_graph_capturable():
                                       *w.heads())
     for name, a, e in zip("qkv", outs, expected):
         assert_close(a, e, dtype=torch.bfloat16, reduction=w.reduction(), what=f"graph replay {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act,sdt", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32)])
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_gpu_hip_decode_writes_paged_cache(act, sdt, block_size):
+    """ZAYA1-8B shapes with vLLM-style caches: outputs as the reference, cache rows equal the returned k / v exactly
+    (padded rows, negative and past-the-pool slots untouched), and the same launch graph-captured."""
+    w = Weights(8, 2, 128, 2, 2, 64, dtype=act, seed=block_size, device="cuda")
+    gen = torch.Generator().manual_seed(block_size)
+    rows, slots = 37, 40
+    conv_state = torch.randn(slots, w.channels, 2, generator=gen).to(sdt).cuda()
+    value_state = torch.randn(slots, w.value_dim, generator=gen).to(sdt).cuda()
+    states = (conv_state.clone(), value_state.clone())
+    indices = torch.randperm(slots, generator=gen)[:rows].to(torch.int32)
+    indices[3] = -1
+    num_blocks = rows // block_size + 3
+    slot_mapping = torch.randperm(num_blocks * block_size, generator=gen)[:rows]
+    slot_mapping[5] = -1
+    slot_mapping[8] = num_blocks * block_size  # past the pool: skipped by the kernel (not checked on GPU)
+    k_cache, v_cache = random_paged_caches(num_blocks, block_size, 2, 128, act, "nhd", gen, device="cuda")
+    before = (k_cache.clone(), v_cache.clone())
+    qk, v_current, v_delayed = w.tokens(rows, act)
+    positions = torch.randint(0, 100_000, (rows,), generator=gen).cuda()
+    indices, slot_mapping = indices.cuda(), slot_mapping.cuda()
+    args = (qk, v_current, v_delayed, *w.tuple(), positions)
+    with zaya_kernels.use_backend("hip"):
+        actual = torch.ops.zaya.cca_prepare_decode(*args, conv_state, value_state, indices, *w.heads(), slot_mapping,
+                                                   k_cache, v_cache)
+    assert zaya_kernels.last_backend("cca_prepare_decode") == "hip"
+    ref_slots = torch.where(slot_mapping >= num_blocks * block_size, -1, slot_mapping)
+    expected = ref.cca_prepare_decode(*args, states[0].clone(), states[1].clone(), indices, *w.heads())
+    for name, a, e in zip("qkv", actual, expected):
+        assert_close(a, e, dtype=act, reduction=w.reduction(), what=f"gpu hip paged decode {name}")
+    expected_k, expected_v = _expected_caches((before[0].cpu(), before[1].cpu()), ref_slots.cpu(),
+                                              indices.cpu() >= 0, actual[1].cpu(), actual[2].cpu())
+    assert torch.equal(k_cache.cpu(), expected_k) and torch.equal(v_cache.cpu(), expected_v)
+
+    k_cache.copy_(before[0])
+    v_cache.copy_(before[1])
+    conv_state.copy_(states[0])
+    value_state.copy_(states[1])
+    graph = torch.cuda.CUDAGraph()
+    with zaya_kernels.use_backend("hip"), torch.cuda.graph(graph):
+        torch.ops.zaya.cca_prepare_decode(*args, conv_state, value_state, indices, *w.heads(), slot_mapping,
+                                          k_cache, v_cache)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(k_cache.cpu(), expected_k) and torch.equal(v_cache.cpu(), expected_v)

@@ -7,9 +7,13 @@ Ops (schemas in csrc/zaya_ops.cpp):
       -> (q, k, v, final_conv_state, final_value_state)                         packed varlen / chunked prefill
   zaya::cca_prepare_backward(grad_q?, grad_k?, grad_v?, grad_final_conv_state?, grad_final_value_state?, <forward
                     arguments>) -> gradients of the 8 differentiable forward inputs
+  zaya::cca_prepare_paged(<cca_prepare's arguments up to rope_theta>, slot_mapping, k_cache!, v_cache!,
+                    initial_conv_state?, initial_value_state?, has_initial_state?) -> as cca_prepare
+      cca_prepare that also writes k and v into a paged KV cache (vLLM layout), so attention reads them from there
   zaya::cca_prepare_decode(qk, v_current, v_delayed, conv weights/biases, temperature, positions, conv_state!,
-                    value_state!, state_indices, num_q_heads, num_kv_heads, rotary_dim, rope_theta) -> (q, k, v)
-Backends: reference (zaya_kernels.reference.cca) and triton (zaya_kernels.triton.cca) for all three;
+                    value_state!, state_indices, num_q_heads, num_kv_heads, rotary_dim, rope_theta,
+                    slot_mapping?, k_cache!?, v_cache!?) -> (q, k, v)
+Backends: reference (zaya_kernels.reference.cca) and triton (zaya_kernels.triton.cca) for all four;
 cca_prepare_decode also has hip (kernels/cca.cuh via csrc/cca.cu: the whole decode step in one launch; available
 when the extension was built with GPU kernels, as zaya_kernels.backend checks; needs qk, v_current and v_delayed
 in one dtype, the states in fp32 or that dtype; it runs when asked for, `auto` picks triton until the two have been
@@ -18,8 +22,20 @@ The reference backward is autograd through the reference forward. The autograd o
 cca_prepare_backward under the backend that was requested when the forward ran (kept on the autograd context, as
 the backward runs outside any use_backend block): a triton forward gets the triton backward, `auto` picks triton on
 GPU and the reference on CPU for both.
+
+Paged KV-cache write: k_cache, v_cache [num_blocks, block_size, n_kv, D] (qk's dtype, last dim contiguous, any other
+strides), slot_mapping [T] / [B] int64 or int32; token t goes to block slot // block_size, offset slot % block_size;
+a negative slot (vLLM's padding) and a padded decode row write nothing. The kernels store k and v into the cache
+where they store the outputs (a WRITE_CACHE constexpr / template flag: without a cache the kernels are the same as
+before). Why prefill has an op of its own: torch.library.register_autograd refuses a schema with mutable arguments
+(torch 2.13: "Cannot register autograd formula for non-functional operator"), so optional caches on cca_prepare
+itself would cost it its autograd (training). cca_prepare_paged shares the launcher and kernel and has no autograd
+(serving only); cca_prepare_decode has no autograd and takes the caches as optional arguments. The typed wrapper
+`cca_prepare` picks cca_prepare_paged when it is given a cache.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -30,6 +46,7 @@ from zaya_kernels.reference import cca as ref
 
 _OP = "cca_prepare"
 _DECODE_OP = "cca_prepare_decode"
+_PAGED_OP = "cca_prepare_paged"
 MAX_KERNEL_SIZE = 4
 INDEX_DTYPES = (torch.int32, torch.int64)
 FLAG_DTYPES = (torch.bool, torch.int32, torch.int64)
@@ -39,6 +56,16 @@ def _has_values(t: torch.Tensor) -> bool:
     """True for a plain CPU tensor, whose values can be checked for free (never for fake/meta/GPU tensors:
     reading GPU values would synchronise the host, which decode under CUDA/HIP graphs must not do)."""
     return type(t) is torch.Tensor and t.device.type == "cpu"
+
+
+def _values_readable(t: torch.Tensor) -> bool:
+    """Whether the values of `t` may be read now without a device sync: CPU tensors, or any real tensor when
+    ZAYA_KERNELS_CHECK_VALUES=1 (as ops/attention.py); never fake / meta tensors."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(t) or t.device.type == "meta":
+        return False
+    return t.device.type == "cpu" or os.environ.get("ZAYA_KERNELS_CHECK_VALUES", "0") == "1"
 
 
 # ---------------------------------------------------------------- validation
@@ -138,7 +165,7 @@ def _validate_bwd(grad_q, grad_k, grad_v, grad_conv, grad_value, *fwd_args):
 
 def _validate_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature,
                      positions, conv_state, value_state, state_indices, num_q_heads, num_kv_heads, rotary_dim,
-                     rope_theta):
+                     rope_theta, slot_mapping=None, k_cache=None, v_cache=None):
     op = _DECODE_OP
     _, channels, _, k0, k1, value_dim = _validate_common(
         op, qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature, positions,
@@ -153,6 +180,63 @@ def _validate_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_w
     if _has_values(state_indices) and state_indices.numel() and int(state_indices.max()) >= slots:
         raise ValueError(f"zaya::{op}: `state_indices` has index {int(state_indices.max())} but the states have only "
                          f"{slots} slots (negative indices mark padded rows)")
+    check.optional_together(op, "the paged KV-cache write needs slot_mapping, k_cache and v_cache",
+                            [("slot_mapping", slot_mapping), ("k_cache", k_cache), ("v_cache", v_cache)])
+    if k_cache is not None:
+        writing = state_indices >= 0 if _has_values(state_indices) else None
+        _validate_cache(op, "row", qk, num_kv_heads, conv1_weight.shape[1], slot_mapping, k_cache, v_cache, writing)
+
+
+def _validate_cache(op, rows_name, qk, num_kv_heads, head_dim, slot_mapping, k_cache, v_cache, writing=None):
+    """The optional paged KV-cache arguments: all three or none (checked by the caller), then shapes, dtypes,
+    devices, and (where reading them is free) the slot values of the rows that write (`writing` [rows] bool or
+    None: all; decode's padded rows write nothing, whatever their slot)."""
+    rows = qk.shape[0]
+    check.tensor(op, "slot_mapping", slot_mapping, ndim=1, dtypes=INDEX_DTYPES, device=qk.device, contiguous=True)
+    if slot_mapping.shape[0] != rows:
+        raise ValueError(f"zaya::{op}: `slot_mapping` must have one slot per {rows_name} (shape ({rows},)), got "
+                         f"shape {tuple(slot_mapping.shape)}")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check.tensor(op, name, cache, ndim=4, device=qk.device)
+        if cache.dtype != qk.dtype:
+            raise TypeError(f"zaya::{op}: `{name}` must have qk's dtype {str(qk.dtype).replace('torch.', '')} (the "
+                            f"dtype of the k / v outputs), got {str(cache.dtype).replace('torch.', '')}")
+    num_blocks, block_size = k_cache.shape[:2]
+    expected = (num_blocks, block_size, num_kv_heads, head_dim)
+    if tuple(k_cache.shape) != expected:
+        raise ValueError(f"zaya::{op}: `k_cache` must have shape [num_blocks, block_size, num_kv_heads, head_dim] = "
+                         f"[{num_blocks}, {block_size}, {num_kv_heads}, {head_dim}], got {tuple(k_cache.shape)}")
+    if block_size < 1:
+        raise ValueError(f"zaya::{op}: `k_cache` must have block_size >= 1, got shape {tuple(k_cache.shape)}")
+    if num_blocks * block_size >= 2**31:  # the kernels split slots into block and offset in 32 bits
+        raise ValueError(f"zaya::{op}: the cache must have num_blocks * block_size < 2^31 slots, got "
+                         f"{num_blocks} * {block_size}")
+    check.tensor(op, "v_cache", v_cache, shape=expected)
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if head_dim > 1 and cache.stride(-1) != 1:
+            raise ValueError(f"zaya::{op}: `{name}` must have a contiguous last dim (stride 1), got strides "
+                             f"{cache.stride()}")
+    if (type(k_cache) is torch.Tensor and type(v_cache) is torch.Tensor and k_cache.numel()
+            and k_cache.data_ptr() == v_cache.data_ptr()):
+        raise ValueError(f"zaya::{op}: `k_cache` and `v_cache` are the same memory; they must be separate tensors")
+    if _values_readable(slot_mapping) and rows:
+        used = slot_mapping[(slot_mapping >= 0) if writing is None else (slot_mapping >= 0) & writing]
+        capacity = num_blocks * block_size
+        if used.numel() and int(used.max()) >= capacity:
+            raise ValueError(f"zaya::{op}: `slot_mapping` has slot {int(used.max())} but the cache holds only "
+                             f"num_blocks * block_size = {num_blocks} * {block_size} = {capacity} slots (negative "
+                             "slots are skipped)")
+        if used.numel() != used.unique().numel():
+            raise ValueError(f"zaya::{op}: `slot_mapping` maps two tokens to one cache slot")
+
+
+def _validate_paged(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature,
+                    positions, cu_seqlens, num_q_heads, num_kv_heads, rotary_dim, rope_theta, slot_mapping, k_cache,
+                    v_cache, initial_conv_state=None, initial_value_state=None, has_initial_state=None):
+    _validate_prefill_args(_PAGED_OP, qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias,
+                           temperature, positions, cu_seqlens, num_q_heads, num_kv_heads, rotary_dim, rope_theta,
+                           initial_conv_state, initial_value_state, has_initial_state)
+    _validate_cache(_PAGED_OP, "token", qk, num_kv_heads, conv1_weight.shape[1], slot_mapping, k_cache, v_cache)
 
 
 # ---------------------------------------------------------------- fake kernels (shapes only)
@@ -172,19 +256,27 @@ def _fake_fwd(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, 
         qk.new_empty(num_seqs, v_current.shape[1], dtype=torch.float32))
 
 
+def _fake_paged(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature, positions,
+                cu_seqlens, num_q_heads, num_kv_heads, rotary_dim, rope_theta, slot_mapping, k_cache, v_cache,
+                initial_conv_state=None, initial_value_state=None, has_initial_state=None):
+    return _fake_fwd(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature,
+                     positions, cu_seqlens, num_q_heads, num_kv_heads, rotary_dim, rope_theta)
+
+
 def _fake_bwd(grad_q, grad_k, grad_v, grad_conv, grad_value, *fwd_args):
     return tuple(torch.empty_like(t) for t in fwd_args[:8])
 
 
 def _fake_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature, positions,
-                 conv_state, value_state, state_indices, num_q_heads, num_kv_heads, rotary_dim, rope_theta):
+                 conv_state, value_state, state_indices, num_q_heads, num_kv_heads, rotary_dim, rope_theta,
+                 slot_mapping=None, k_cache=None, v_cache=None):
     return _fake_outputs(qk, conv1_weight, num_q_heads, num_kv_heads)
 
 
 # ---------------------------------------------------------------- Triton implementations
 def _triton_fwd(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature, positions,
                 cu_seqlens, num_q_heads, num_kv_heads, rotary_dim, rope_theta, initial_conv_state=None,
-                initial_value_state=None, has_initial_state=None):
+                initial_value_state=None, has_initial_state=None, cache=None):
     from zaya_kernels.triton import cca as tri
 
     q, k, v = _fake_outputs(qk, conv1_weight, num_q_heads, num_kv_heads)
@@ -193,19 +285,29 @@ def _triton_fwd(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight
                                                     num_kv_heads, rotary_dim, rope_theta)[3:]
     tri.cca_prepare_fwd(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature,
                         positions, cu_seqlens, num_q_heads, num_kv_heads, rotary_dim, rope_theta, initial_conv_state,
-                        initial_value_state, has_initial_state, q, k, v, final_conv_state, final_value_state)
+                        initial_value_state, has_initial_state, q, k, v, final_conv_state, final_value_state,
+                        cache=cache)
     return q, k, v, final_conv_state, final_value_state
+
+
+def _triton_paged(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature,
+                  positions, cu_seqlens, num_q_heads, num_kv_heads, rotary_dim, rope_theta, slot_mapping, k_cache,
+                  v_cache, initial_conv_state=None, initial_value_state=None, has_initial_state=None):
+    return _triton_fwd(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature,
+                       positions, cu_seqlens, num_q_heads, num_kv_heads, rotary_dim, rope_theta, initial_conv_state,
+                       initial_value_state, has_initial_state, cache=(slot_mapping, k_cache, v_cache))
 
 
 def _triton_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature,
                    positions, conv_state, value_state, state_indices, num_q_heads, num_kv_heads, rotary_dim,
-                   rope_theta):
+                   rope_theta, slot_mapping=None, k_cache=None, v_cache=None):
     from zaya_kernels.triton import cca as tri
 
     q, k, v = _fake_outputs(qk, conv1_weight, num_q_heads, num_kv_heads)
+    cache = None if k_cache is None else (slot_mapping, k_cache, v_cache)
     tri.cca_prepare_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature,
                            positions, conv_state, value_state, state_indices, num_q_heads, num_kv_heads, rotary_dim,
-                           rope_theta, q, k, v)
+                           rope_theta, q, k, v, cache=cache)
     return q, k, v
 
 
@@ -231,7 +333,7 @@ def _hip_inv_freq(rotary_dim: int, theta: float, device: torch.device) -> torch.
 
 def _hip_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature,
                 positions, conv_state, value_state, state_indices, num_q_heads, num_kv_heads, rotary_dim,
-                rope_theta):
+                rope_theta, slot_mapping=None, k_cache=None, v_cache=None):
     from zaya_kernels import _C
 
     act = qk.dtype
@@ -247,9 +349,10 @@ def _hip_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight
     if conv1_weight.dtype not in (torch.float32, act) or any(w.dtype != conv1_weight.dtype for w in weights):
         weights = tuple(w.float() for w in weights)  # lossless; the kernel rounds conv1_weight to A as the reference
     q, k, v = _fake_outputs(qk, conv1_weight, num_q_heads, num_kv_heads)
+    cache = () if k_cache is None else (slot_mapping, k_cache, v_cache)  # the launcher's optional trailing arguments
     _C.cca_prepare_decode(qk, v_current, v_delayed, *weights, positions,
                           _hip_inv_freq(rotary_dim, rope_theta, qk.device), conv_state, value_state, state_indices,
-                          num_q_heads, num_kv_heads, rotary_dim, q, k, v)
+                          num_q_heads, num_kv_heads, rotary_dim, q, k, v, *cache)
     return q, k, v
 
 
@@ -282,6 +385,9 @@ register_op(_OP + "_backward", impls={"reference": ref.cca_prepare_backward, "tr
             validate=_validate_bwd, auto_order=("triton",))
 register_op(_DECODE_OP, impls={"reference": ref.cca_prepare_decode, "triton": _triton_decode, "hip": _hip_decode},
             fake=_fake_decode, validate=_validate_decode, auto_order=("triton", "hip"))
+# No autograd: torch.library refuses it on a schema with mutable arguments (the caches); serving only.
+register_op(_PAGED_OP, impls={"reference": ref.cca_prepare_paged, "triton": _triton_paged}, fake=_fake_paged,
+            validate=_validate_paged, auto_order=("triton",))
 
 
 # ---------------------------------------------------------------- typed wrappers
@@ -303,6 +409,9 @@ def cca_prepare(
     initial_conv_state: torch.Tensor | None = None,
     initial_value_state: torch.Tensor | None = None,
     has_initial_state: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
+    k_cache: torch.Tensor | None = None,
+    v_cache: torch.Tensor | None = None,
 ):
     """ZAYA's CCA projection for packed variable-length sequences (prefill, or one chunk of a chunked prefill).
 
@@ -330,6 +439,12 @@ def cca_prepare(
     initial_conv_state : [B, C, k0 + k1 - 2] float or None   last raw X columns before this chunk (oldest first)
     initial_value_state : [B, num_kv_heads * D / 2] float or None   Vd of the token before this chunk
     has_initial_state : [B] bool / int or None   0: a fresh sequence, the state rows are ignored
+    slot_mapping : [T] int64 / int32 or None   paged KV-cache slot of every token (block * block_size + offset);
+        negative: the token is not written (vLLM's padding). Given with k_cache and v_cache or not at all.
+    k_cache, v_cache : [num_blocks, block_size, num_kv_heads, D] A or None, written in place
+        The last dim contiguous, any other strides (vLLM's layout). With them the op is zaya::cca_prepare_paged:
+        k and v are also stored at their slots (every other cache element is untouched), and there is no autograd
+        (torch.library has none for ops with mutable arguments): serving only.
 
     Returns
     -------
@@ -339,10 +454,64 @@ def cca_prepare(
     final_conv_state : [B, C, k0 + k1 - 2] float32
     final_value_state : [B, num_kv_heads * D / 2] float32
     """
+    check.optional_together(_OP, "the paged KV-cache write needs slot_mapping, k_cache and v_cache",
+                            [("slot_mapping", slot_mapping), ("k_cache", k_cache), ("v_cache", v_cache)])
+    if k_cache is not None:
+        return cca_prepare_paged(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias,
+                                 temperature, positions, cu_seqlens, num_q_heads, num_kv_heads, rotary_dim, rope_theta,
+                                 slot_mapping, k_cache, v_cache, initial_conv_state, initial_value_state,
+                                 has_initial_state)
     return torch.ops.zaya.cca_prepare(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias,
                                       temperature, positions, cu_seqlens, int(num_q_heads), int(num_kv_heads),
                                       int(rotary_dim), float(rope_theta), initial_conv_state, initial_value_state,
                                       has_initial_state)
+
+
+def cca_prepare_paged(
+    qk: torch.Tensor,
+    v_current: torch.Tensor,
+    v_delayed: torch.Tensor,
+    conv0_weight: torch.Tensor,
+    conv0_bias: torch.Tensor,
+    conv1_weight: torch.Tensor,
+    conv1_bias: torch.Tensor,
+    temperature: torch.Tensor,
+    positions: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    rotary_dim: int,
+    rope_theta: float,
+    slot_mapping: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    initial_conv_state: torch.Tensor | None = None,
+    initial_value_state: torch.Tensor | None = None,
+    has_initial_state: torch.Tensor | None = None,
+):
+    """`cca_prepare` that also writes k and v into a paged KV cache (zaya::cca_prepare_paged; no autograd).
+
+    A separate op, not optional arguments of zaya::cca_prepare: torch.library.register_autograd refuses schemas with
+    mutable arguments, and cca_prepare keeps its autograd for training. Same kernel and launcher as cca_prepare.
+
+    Parameters
+    ----------
+    qk ... rope_theta, initial_conv_state, initial_value_state, has_initial_state : as in `cca_prepare`
+    slot_mapping : [T] int64 / int32   cache slot of token t = block * block_size + offset; negative: not written.
+        Two tokens must not share a slot (checked on CPU tensors, with the range, where reading values is free).
+    k_cache, v_cache : [num_blocks, block_size, num_kv_heads, D] in qk's dtype, last dim contiguous, updated in
+        place: k_cache[s // block_size, s % block_size] = k[t] (v likewise) for s = slot_mapping[t] >= 0; every
+        other element is untouched. On GPU a slot >= num_blocks * block_size is skipped, not checked.
+
+    Returns
+    -------
+    q, k, v, final_conv_state, final_value_state : as in `cca_prepare`
+    """
+    return torch.ops.zaya.cca_prepare_paged(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight,
+                                            conv1_bias, temperature, positions, cu_seqlens, int(num_q_heads),
+                                            int(num_kv_heads), int(rotary_dim), float(rope_theta), slot_mapping,
+                                            k_cache, v_cache, initial_conv_state, initial_value_state,
+                                            has_initial_state)
 
 
 def cca_prepare_decode(
@@ -362,6 +531,9 @@ def cca_prepare_decode(
     num_kv_heads: int,
     rotary_dim: int,
     rope_theta: float,
+    slot_mapping: torch.Tensor | None = None,
+    k_cache: torch.Tensor | None = None,
+    v_cache: torch.Tensor | None = None,
 ):
     """ZAYA's CCA projection for one new token of each of B sequences, with per-slot states updated in place.
 
@@ -381,6 +553,11 @@ def cca_prepare_decode(
     state_indices : [B] int32 / int64   slot of each row; negative = padded row (zero outputs, no state change).
         Two rows must not share a slot.
     num_q_heads, num_kv_heads, rotary_dim, rope_theta : as in `cca_prepare`
+    slot_mapping : [B] int64 / int32 or None   paged KV-cache slot of each row (block * block_size + offset);
+        negative: not written. Given with k_cache and v_cache or not at all.
+    k_cache, v_cache : [num_blocks, block_size, num_kv_heads, D] A or None, updated in place (last dim contiguous):
+        row b's k and v go to slot slot_mapping[b] unless it is negative or the row is padded (negative
+        state index); every other element is untouched. All backends (reference, triton, hip).
 
     Returns
     -------
@@ -391,7 +568,7 @@ def cca_prepare_decode(
     return torch.ops.zaya.cca_prepare_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight,
                                              conv1_bias, temperature, positions, conv_state, value_state,
                                              state_indices, int(num_q_heads), int(num_kv_heads), int(rotary_dim),
-                                             float(rope_theta))
+                                             float(rope_theta), slot_mapping, k_cache, v_cache)
 
 
 def cca_prepare_batched(

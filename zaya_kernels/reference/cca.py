@@ -29,6 +29,10 @@ States: the conv state of a sequence is its last K raw X columns [C, K] (oldest 
 Vd row [n_kv D / 2]; both are zero for a fresh sequence. Final states are returned in fp32 (they are copies of
 inputs: lossless). With attention_bias=True a fresh sequence's Vd_{-1} is v_proj_delayed's bias, not 0: pass it
 as an initial value state with zero conv state and has_initial_state = 1.
+
+Paged KV cache (optional, vLLM's layout): k_cache, v_cache [num_blocks, block_size, n_kv, D] in A receive the
+returned k and v rows: token t goes to block slot_mapping[t] // block_size, offset slot_mapping[t] % block_size;
+a negative slot (vLLM's padding) is not written, nor is a padded decode row. Every other cache element is untouched.
 """
 from __future__ import annotations
 
@@ -163,14 +167,43 @@ def cca_prepare(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight
     return q, k, v, final_conv_state, final_value_state
 
 
+def write_paged_cache(k, v, slot_mapping, k_cache, v_cache, rows_valid=None):
+    """k_cache[s // bs, s % bs] = k[t] and v_cache[...] = v[t] for s = slot_mapping[t] >= 0 (and rows_valid[t]).
+
+    k, v [N, n_kv, D]; slot_mapping [N] int; caches [num_blocks, bs, n_kv, D] (any strides: indexed by block and
+    offset, not viewed as rows); rows_valid [N] bool or None. Two kept tokens must not share a slot.
+    """
+    keep = slot_mapping >= 0
+    if rows_valid is not None:
+        keep = keep & rows_valid
+    slots = slot_mapping[keep].long()
+    block_size = k_cache.shape[1]
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, offsets] = k[keep].to(k_cache.dtype)
+    v_cache[blocks, offsets] = v[keep].to(v_cache.dtype)
+
+
+def cca_prepare_paged(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature,
+                      positions, cu_seqlens, num_q_heads, num_kv_heads, rotary_dim, rope_theta, slot_mapping, k_cache,
+                      v_cache, initial_conv_state=None, initial_value_state=None, has_initial_state=None):
+    """`cca_prepare`, then k and v written into the paged caches at slot_mapping [T] (negative: not written)."""
+    outputs = cca_prepare(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature,
+                          positions, cu_seqlens, num_q_heads, num_kv_heads, rotary_dim, rope_theta,
+                          initial_conv_state, initial_value_state, has_initial_state)
+    write_paged_cache(outputs[1], outputs[2], slot_mapping, k_cache, v_cache)
+    return outputs
+
+
 def cca_prepare_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature,
                        positions, conv_state, value_state, state_indices, num_q_heads, num_kv_heads, rotary_dim,
-                       rope_theta):
+                       rope_theta, slot_mapping=None, k_cache=None, v_cache=None):
     """One new token for each of B sequences; the states of slot state_indices[b] are read and updated in place.
 
     qk [B, C] A; v_current, v_delayed [B, n_kv D / 2] A; positions [B] int; conv_state [slots, C, K] and
     value_state [slots, n_kv D / 2] (fp32 or A); state_indices [B] int32 (negative = padded row: zero outputs,
     no state touched). Returns q [B, n_q, D], k [B, n_kv, D], v [B, n_kv, D] in A.
+    With slot_mapping [B] and k_cache, v_cache [num_blocks, block_size, n_kv, D]: row b's k and v also go to cache
+    slot slot_mapping[b], unless that slot is negative or the row is padded.
     """
     act_dtype = qk.dtype
     num_rows = qk.shape[0]
@@ -188,6 +221,8 @@ def cca_prepare_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1
         q[b], k[b], v[b] = qs[0].to(act_dtype), ks[0].to(act_dtype), vs[0].to(act_dtype)
         conv_state[slot] = new_conv.to(conv_state.dtype)
         value_state[slot] = new_value.to(value_state.dtype)
+    if k_cache is not None:
+        write_paged_cache(k, v, slot_mapping, k_cache, v_cache, rows_valid=state_indices >= 0)
     return q, k, v
 
 

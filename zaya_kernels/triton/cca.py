@@ -24,6 +24,11 @@ Z_block += Y @ W1[block, chunk, j1]^T with tl.dot (MFMA / wgmma for bf16; IEEE f
 b1 + the mean-coupling residual; the epilogue normalises, applies the key temperature and RoPE, and stores.
 kv-head programs write the shifted values before the conv (what only they need is then not held across the conv
 loop: on AMD the scalar register file is the limit of these kernels).
+Paged KV cache (WRITE_CACHE, a constexpr: without it every cache argument is None and the kernels are the ones
+without the feature): kv-head programs also store their k rows (epilogue) and v rows (_value_rows) into
+k_cache / v_cache [num_blocks, block_size, n_kv, D] at slot_mapping[row] (block slot // CACHE_BLOCK, offset
+slot % CACHE_BLOCK; element strides passed in, last dim contiguous). Rows with a negative or >= CACHE_SLOTS slot,
+and padded decode rows, write nothing.
 
 cca_final_states_kernel, grid (B, cdiv(C, BLOCK_C)): every sequence's final conv state (its last K raw X columns)
 and value state after a prefill.
@@ -119,15 +124,43 @@ def _shifted_x(qk_ptr, conv_state_ptr, tokens, token_mask, seq, seq_start, has_s
 
 
 @triton.jit
+def _cache_rows(slot_ptr, rows, row_valid, CACHE_SLOTS, CACHE_BLOCK, STRIDE_BLOCK, STRIDE_SLOT):
+    """(int64 element offset of each row's cache slot [block, offset, 0, 0] in a [num_blocks, block_size, n_kv, D]
+    cache, whether the row is written: row_valid and 0 <= slot_mapping[row] < CACHE_SLOTS). CACHE_SLOTS < 2^31
+    (checked by the launcher), so the block / offset split is a 32-bit division (a 64-bit one costs registers)."""
+    # the address of a masked row clamped to row 0: not the rows' own offsets, which the kernels already compute for
+    # other loads (sharing them kept one live across the conv loop: ptxas spilled it on sm_90)
+    slot = tl.load(slot_ptr + tl.where(row_valid, rows, 0), mask=row_valid, other=-1)
+    keep = row_valid & (slot >= 0) & (slot < CACHE_SLOTS)
+    slot = tl.where(keep, slot, 0).to(tl.int32)
+    block = slot // CACHE_BLOCK
+    return block.to(tl.int64) * STRIDE_BLOCK + (slot - block * CACHE_BLOCK).to(tl.int64) * STRIDE_SLOT, keep
+
+
+@triton.jit
+def _store_cache(out, dims, dmask, cache_rows, keep, cache_ptr):
+    """Store out [R, O] at dims `dims` of the cache rows `cache_rows` (element offsets of one head) that `keep`."""
+    offs = cache_rows[:, None] + dims[None, :]
+    tl.store(cache_ptr + offs, out.to(cache_ptr.dtype.element_ty), mask=keep[:, None] & dmask[None, :])
+
+
+@triton.jit
 def _value_rows(vc_ptr, vd_ptr, value_state_ptr, v_ptr, head, tokens, token_mask, row_valid, seq, seq_start,
-                has_state, NUM_Q, NUM_KV, HEAD_DIM, HAS_STATE: tl.constexpr, DECODE: tl.constexpr):
+                has_state, slot_ptr, v_cache_ptr, CACHE_SLOTS, CACHE_BLOCK, V_STRIDE_BLOCK, V_STRIDE_SLOT,
+                V_STRIDE_HEAD, NUM_Q, NUM_KV, HEAD_DIM, HAS_STATE: tl.constexpr, DECODE: tl.constexpr,
+                WRITE_CACHE: tl.constexpr):
     """v rows [BLOCK_T, D] of kv head j = head - n_q. Flat value index f = j D + d (value_dim = n_kv D / 2):
     f < value_dim is Vc_t[f]; the rest is Vd_{t-1}[f - value_dim] of the previous token of the sequence, else of
     the sequence's value state seq, else 0. Rows that are not row_valid get zeros.
     DECODE (every row its own sequence, seq = its slot): the delayed part is the slot's value state, which the
-    row's Vd_t then replaces, after a barrier (other threads of the program may still be reading it)."""
+    row's Vd_t then replaces, after a barrier (other threads of the program may still be reading it).
+    WRITE_CACHE: the rows also go to v_cache at slot_mapping (valid rows with a slot in range only)."""
     value_dim = NUM_KV * HEAD_DIM // 2
     state_rows = seq.to(tl.int64)[:, None] * value_dim
+    if WRITE_CACHE:
+        cache_rows, cache_keep = _cache_rows(slot_ptr, tokens, row_valid, CACHE_SLOTS, CACHE_BLOCK, V_STRIDE_BLOCK,
+                                             V_STRIDE_SLOT)
+        cache_head = v_cache_ptr + (head - NUM_Q) * V_STRIDE_HEAD
     # 32 dims at a time: a [BLOCK_T, 128] tile can give each wave 8 whole rows, and every such row's masks and
     # offsets then take scalar registers of their own (past AMD's SGPR file); a [BLOCK_T, 32] one spreads the rows
     # over the lanes.
@@ -158,6 +191,8 @@ def _value_rows(vc_ptr, vd_ptr, value_state_ptr, v_ptr, head, tokens, token_mask
         value = tl.where(is_current[None, :] & row_valid[:, None], current, delayed)
         offs = tokens.to(tl.int64)[:, None] * (NUM_KV * HEAD_DIM) + flat[None, :]
         tl.store(v_ptr + offs, value.to(v_ptr.dtype.element_ty), mask=mask)
+        if WRITE_CACHE:
+            _store_cache(value, dims, dims < HEAD_DIM, cache_rows, cache_keep, cache_head)
         if DECODE:
             tl.debug_barrier()
             tl.store(value_state_ptr + state_offs, newest.to(value_state_ptr.dtype.element_ty), mask=from_state)
@@ -203,15 +238,17 @@ def _pre_norm_head(qk_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, state_ptr, head, toke
 
 @triton.jit
 def _project_head(qk_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, conv_state_ptr, temp_ptr, pos_ptr, inv_freq_ptr, q_ptr,
-                  k_ptr, head, tokens, token_mask, row_valid, seq, seq_start, has_state, EPS: tl.constexpr,
+                  k_ptr, head, tokens, token_mask, row_valid, seq, seq_start, has_state, slot_ptr, k_cache_ptr,
+                  CACHE_SLOTS, CACHE_BLOCK, K_STRIDE_BLOCK, K_STRIDE_SLOT, K_STRIDE_HEAD, EPS: tl.constexpr,
                   HEAD_SCALE: tl.constexpr, NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
                   ROTARY_DIM: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, HAS_STATE: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr,
-                  IEEE_DOT: tl.constexpr):
+                  IEEE_DOT: tl.constexpr, WRITE_CACHE: tl.constexpr):
     """Q rows (head < n_q, into q [T, n_q, D]) or K rows (into k [T, n_kv, D]) [BLOCK_T, D] of head `head`:
     Z = b1 + coupling residual + sum_j1 Y_{t - (k1 - 1 - j1)} @ W1[head, :, :, j1]^T, the Y computed from the X
     halo of _shifted_x (conv state row `seq`); then QK norm (keys times their temperature) and NeoX RoPE. Rows that
-    are not row_valid get zeros."""
+    are not row_valid get zeros. WRITE_CACHE: K rows also go to k_cache at slot_mapping (valid rows, slot in
+    range)."""
     STATE_LEN: tl.constexpr = K0 + K1 - 2
     C: tl.constexpr = (NUM_Q + NUM_KV) * HEAD_DIM
     GROUP: tl.constexpr = NUM_Q // NUM_KV
@@ -242,10 +279,20 @@ def _project_head(qk_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, conv_state_ptr, temp_p
     is_q = head < NUM_Q
     out_ptr = tl.where(is_q, q_ptr + head * HEAD_DIM, k_ptr + (head - NUM_Q) * HEAD_DIM)
     row_stride = tl.where(is_q, NUM_Q * HEAD_DIM, NUM_KV * HEAD_DIM)
-    _store_head((z_lo * cos - z_hi * sin) * scale[:, None], lo, lo_mask, tokens, token_mask, out_ptr, row_stride)
-    _store_head((z_hi * cos + z_lo * sin) * scale[:, None], lo + half, lo_mask, tokens, token_mask, out_ptr,
-                row_stride)
-    _store_head(z_rest * scale[:, None], rest, rest_mask, tokens, token_mask, out_ptr, row_stride)
+    out_lo = (z_lo * cos - z_hi * sin) * scale[:, None]
+    out_hi = (z_hi * cos + z_lo * sin) * scale[:, None]
+    out_rest = z_rest * scale[:, None]
+    _store_head(out_lo, lo, lo_mask, tokens, token_mask, out_ptr, row_stride)
+    _store_head(out_hi, lo + half, lo_mask, tokens, token_mask, out_ptr, row_stride)
+    _store_head(out_rest, rest, rest_mask, tokens, token_mask, out_ptr, row_stride)
+    if WRITE_CACHE:
+        if head >= NUM_Q:
+            cache_rows, keep = _cache_rows(slot_ptr, tokens, row_valid, CACHE_SLOTS, CACHE_BLOCK, K_STRIDE_BLOCK,
+                                           K_STRIDE_SLOT)
+            cache_head = k_cache_ptr + (head - NUM_Q) * K_STRIDE_HEAD
+            _store_cache(out_lo, lo, lo_mask, cache_rows, keep, cache_head)
+            _store_cache(out_hi, lo + half, lo_mask, cache_rows, keep, cache_head)
+            _store_cache(out_rest, rest, rest_mask, cache_rows, keep, cache_head)
 
 
 @triton.jit
@@ -266,14 +313,16 @@ def _prefill_rows(cu_ptr, has_init_ptr, T, NUM_SEQS, SEARCH_STEPS, HAS_INIT: tl.
 @triton.jit
 def cca_prepare_kernel(
     qk_ptr, vc_ptr, vd_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, temp_ptr, pos_ptr, cu_ptr, inv_freq_ptr,
-    init_conv_ptr, init_value_ptr, has_init_ptr, q_ptr, k_ptr, v_ptr,
-    T, NUM_SEQS, SEARCH_STEPS, EPS: tl.constexpr, HEAD_SCALE: tl.constexpr,
+    init_conv_ptr, init_value_ptr, has_init_ptr, q_ptr, k_ptr, v_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
+    T, NUM_SEQS, SEARCH_STEPS, CACHE_SLOTS, CACHE_BLOCK, K_STRIDE_BLOCK, K_STRIDE_SLOT, K_STRIDE_HEAD,
+    V_STRIDE_BLOCK, V_STRIDE_SLOT, V_STRIDE_HEAD, EPS: tl.constexpr, HEAD_SCALE: tl.constexpr,
     NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, K0: tl.constexpr,
     K1: tl.constexpr, HAS_INIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr,
-    BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr, IEEE_DOT: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr, IEEE_DOT: tl.constexpr, WRITE_CACHE: tl.constexpr,
 ):
     """Prefill of BLOCK_T packed tokens for one head (a tile may span several sequences). The initial-state
-    pointers are None without HAS_INIT."""
+    pointers are None without HAS_INIT; the paged-cache arguments (slot_ptr .. V_STRIDE_HEAD) None without
+    WRITE_CACHE."""
     # Model sizes are constexpr (one specialisation per model: fewer scalar registers, constant index arithmetic).
     # Values first: what only they use is then dead before the conv loop instead of held across it. Each part
     # finds its rows' sequences itself (a few cached loads of cu_seqlens): with one shared set, ptxas capped the
@@ -283,12 +332,15 @@ def cca_prepare_kernel(
         tokens, token_mask, seq, seq_start, has_init = _prefill_rows(cu_ptr, has_init_ptr, T, NUM_SEQS, SEARCH_STEPS,
                                                                      HAS_INIT, BLOCK_T)
         _value_rows(vc_ptr, vd_ptr, init_value_ptr, v_ptr, head, tokens, token_mask, token_mask, seq, seq_start,
-                    has_init, NUM_Q, NUM_KV, HEAD_DIM, HAS_INIT, False)
+                    has_init, slot_ptr, v_cache_ptr, CACHE_SLOTS, CACHE_BLOCK, V_STRIDE_BLOCK, V_STRIDE_SLOT,
+                    V_STRIDE_HEAD, NUM_Q, NUM_KV, HEAD_DIM, HAS_INIT, False, WRITE_CACHE)
     tokens, token_mask, seq, seq_start, has_init = _prefill_rows(cu_ptr, has_init_ptr, T, NUM_SEQS, SEARCH_STEPS,
                                                                  HAS_INIT, BLOCK_T)
     _project_head(qk_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, init_conv_ptr, temp_ptr, pos_ptr, inv_freq_ptr, q_ptr, k_ptr,
-                  head, tokens, token_mask, token_mask, seq, seq_start, has_init, EPS, HEAD_SCALE, NUM_Q, NUM_KV,
-                  HEAD_DIM, ROTARY_DIM, K0, K1, HAS_INIT, BLOCK_T, BLOCK_I, BLOCK_HALF, BLOCK_REST, IEEE_DOT)
+                  head, tokens, token_mask, token_mask, seq, seq_start, has_init, slot_ptr, k_cache_ptr, CACHE_SLOTS,
+                  CACHE_BLOCK, K_STRIDE_BLOCK, K_STRIDE_SLOT, K_STRIDE_HEAD, EPS, HEAD_SCALE, NUM_Q, NUM_KV,
+                  HEAD_DIM, ROTARY_DIM, K0, K1, HAS_INIT, BLOCK_T, BLOCK_I, BLOCK_HALF, BLOCK_REST, IEEE_DOT,
+                  WRITE_CACHE)
 
 
 @triton.jit
@@ -336,27 +388,32 @@ def _shift_conv_state(qk_ptr, conv_state_ptr, rows, row_valid, slot, head, C: tl
 @triton.jit
 def cca_decode_kernel(
     qk_ptr, vc_ptr, vd_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, temp_ptr, pos_ptr, inv_freq_ptr,
-    conv_state_ptr, value_state_ptr, state_index_ptr, q_ptr, k_ptr, v_ptr,
-    ROWS, NUM_SLOTS, EPS: tl.constexpr, HEAD_SCALE: tl.constexpr,
+    conv_state_ptr, value_state_ptr, state_index_ptr, q_ptr, k_ptr, v_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
+    ROWS, NUM_SLOTS, CACHE_SLOTS, CACHE_BLOCK, K_STRIDE_BLOCK, K_STRIDE_SLOT, K_STRIDE_HEAD, V_STRIDE_BLOCK,
+    V_STRIDE_SLOT, V_STRIDE_HEAD, EPS: tl.constexpr, HEAD_SCALE: tl.constexpr,
     NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, K0: tl.constexpr,
     K1: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr, BLOCK_K: tl.constexpr, IEEE_DOT: tl.constexpr,
+    WRITE_CACHE: tl.constexpr,
 ):
     """Decode of BLOCK_T rows for one head: row t is a one-token sequence whose history is slot state_index[t] of
     conv_state [slots, C, K] and value_state [slots, n_kv D / 2]; this program then updates its own head's
-    elements of those slots in place."""
+    elements of those slots in place. WRITE_CACHE: kv heads also store k / v of the rows that have a state slot
+    into the paged caches (the cache arguments are None without it)."""
     head = tl.program_id(1)
     # Each part loads its row values itself rather than keeping one set: where a tile gives a wave whole rows they
     # are scalars, one set per row, and kept they would be held across the conv loop (gfx942: 89 SGPRs, not 76).
     if head >= NUM_Q:
         rows, row_mask, row_valid, slot = _decode_rows(state_index_ptr, ROWS, NUM_SLOTS, BLOCK_T)
         _value_rows(vc_ptr, vd_ptr, value_state_ptr, v_ptr, head, rows, row_mask, row_valid, slot, rows,
-                    row_valid, NUM_Q, NUM_KV, HEAD_DIM, True, True)
+                    row_valid, slot_ptr, v_cache_ptr, CACHE_SLOTS, CACHE_BLOCK, V_STRIDE_BLOCK, V_STRIDE_SLOT,
+                    V_STRIDE_HEAD, NUM_Q, NUM_KV, HEAD_DIM, True, True, WRITE_CACHE)
     # seq_start = the row itself: the conv halo before it comes from the slot's conv state
     rows, row_mask, row_valid, slot = _decode_rows(state_index_ptr, ROWS, NUM_SLOTS, BLOCK_T)
     _project_head(qk_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, conv_state_ptr, temp_ptr, pos_ptr, inv_freq_ptr, q_ptr,
-                  k_ptr, head, rows, row_mask, row_valid, slot, rows, row_valid, EPS, HEAD_SCALE, NUM_Q, NUM_KV,
-                  HEAD_DIM, ROTARY_DIM, K0, K1, True, BLOCK_T, BLOCK_I, BLOCK_HALF, BLOCK_REST, IEEE_DOT)
+                  k_ptr, head, rows, row_mask, row_valid, slot, rows, row_valid, slot_ptr, k_cache_ptr, CACHE_SLOTS,
+                  CACHE_BLOCK, K_STRIDE_BLOCK, K_STRIDE_SLOT, K_STRIDE_HEAD, EPS, HEAD_SCALE, NUM_Q, NUM_KV,
+                  HEAD_DIM, ROTARY_DIM, K0, K1, True, BLOCK_T, BLOCK_I, BLOCK_HALF, BLOCK_REST, IEEE_DOT, WRITE_CACHE)
     rows, row_mask, row_valid, slot = _decode_rows(state_index_ptr, ROWS, NUM_SLOTS, BLOCK_T)
     _shift_conv_state(qk_ptr, conv_state_ptr, rows, row_valid, slot, head, (NUM_Q + NUM_KV) * HEAD_DIM, HEAD_DIM,
                       K0 + K1 - 2, BLOCK_D, BLOCK_K)
@@ -439,10 +496,29 @@ def _fp32(t):
     return t if t.dtype == torch.float32 else t.float()
 
 
+CACHE_ARG_NAMES = ("slot_ptr", "k_cache_ptr", "v_cache_ptr", "CACHE_SLOTS", "CACHE_BLOCK", "K_STRIDE_BLOCK",
+                   "K_STRIDE_SLOT", "K_STRIDE_HEAD", "V_STRIDE_BLOCK", "V_STRIDE_SLOT", "V_STRIDE_HEAD")
+
+
+def _cache_args(cache) -> dict:
+    """The kernels' paged-cache arguments for cache = (slot_mapping, k_cache, v_cache) or None (then all None, and
+    WRITE_CACHE False: the kernel without the feature)."""
+    if cache is None:
+        return {**dict.fromkeys(CACHE_ARG_NAMES), "WRITE_CACHE": False}
+    slot_mapping, k_cache, v_cache = cache
+    num_blocks, block_size = k_cache.shape[:2]
+    return {"slot_ptr": slot_mapping, "k_cache_ptr": k_cache, "v_cache_ptr": v_cache,
+            "CACHE_SLOTS": num_blocks * block_size, "CACHE_BLOCK": block_size,
+            "K_STRIDE_BLOCK": k_cache.stride(0), "K_STRIDE_SLOT": k_cache.stride(1), "K_STRIDE_HEAD": k_cache.stride(2),
+            "V_STRIDE_BLOCK": v_cache.stride(0), "V_STRIDE_SLOT": v_cache.stride(1), "V_STRIDE_HEAD": v_cache.stride(2),
+            "WRITE_CACHE": True}
+
+
 def cca_prepare_fwd(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature,
                     positions, cu_seqlens, num_q_heads, num_kv_heads, rotary_dim, rope_theta, initial_conv_state,
-                    initial_value_state, has_initial_state, q, k, v, final_conv_state, final_value_state):
-    """Launch the prefill into preallocated outputs (shapes as in zaya_kernels.ops.cca.cca_prepare)."""
+                    initial_value_state, has_initial_state, q, k, v, final_conv_state, final_value_state, cache=None):
+    """Launch the prefill into preallocated outputs (shapes as in zaya_kernels.ops.cca.cca_prepare); with
+    cache = (slot_mapping [T], k_cache, v_cache [num_blocks, block_size, n_kv, D]) k and v also go to the cache."""
     tokens, channels = qk.shape
     head_dim, k1 = conv1_weight.shape[1], conv1_weight.shape[2]
     k0 = conv0_weight.shape[1]
@@ -456,8 +532,8 @@ def cca_prepare_fwd(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_we
     if tokens > 0:
         cca_prepare_kernel[(triton.cdiv(tokens, BLOCK_T), num_q_heads + num_kv_heads)](
             qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature, positions,
-            cu_seqlens, inv_freq, *init_args, q, k, v,
-            tokens, num_seqs, max(1, num_seqs).bit_length(), EPS=eps, HEAD_SCALE=head_dim**0.5,
+            cu_seqlens, inv_freq, *init_args, q, k, v, T=tokens, NUM_SEQS=num_seqs,
+            SEARCH_STEPS=max(1, num_seqs).bit_length(), **_cache_args(cache), EPS=eps, HEAD_SCALE=head_dim**0.5,
             NUM_Q=num_q_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, K0=k0, K1=k1,
             HAS_INIT=has_init, BLOCK_T=BLOCK_T, **_blocks(head_dim, rotary_dim, decode=False),
             IEEE_DOT=qk.dtype == torch.float32, num_warps=NUM_WARPS,
@@ -473,8 +549,9 @@ def cca_prepare_fwd(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_we
 
 def cca_prepare_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature,
                        positions, conv_state, value_state, state_indices, num_q_heads, num_kv_heads, rotary_dim,
-                       rope_theta, q, k, v):
-    """Launch the decode step (one kernel) into preallocated q, k, v; updates conv_state and value_state in place."""
+                       rope_theta, q, k, v, cache=None):
+    """Launch the decode step (one kernel) into preallocated q, k, v; updates conv_state and value_state in place;
+    with cache = (slot_mapping [B], k_cache, v_cache) k and v of the rows with a state slot also go to the cache."""
     rows = qk.shape[0]
     if rows == 0:
         return
@@ -483,7 +560,8 @@ def cca_prepare_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1
     cca_decode_kernel[(triton.cdiv(rows, DECODE_BLOCK_ROWS), num_q_heads + num_kv_heads)](
         qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature, positions,
         _inv_freq(rotary_dim, rope_theta, qk.device), conv_state, value_state, state_indices, q, k, v,
-        rows, conv_state.shape[0], EPS=torch.finfo(qk.dtype).eps, HEAD_SCALE=head_dim**0.5,
+        ROWS=rows, NUM_SLOTS=conv_state.shape[0], **_cache_args(cache), EPS=torch.finfo(qk.dtype).eps,
+        HEAD_SCALE=head_dim**0.5,
         NUM_Q=num_q_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, K0=k0, K1=k1,
         BLOCK_T=DECODE_BLOCK_ROWS, **_blocks(head_dim, rotary_dim, decode=True, k0=k0, k1=k1),
         IEEE_DOT=qk.dtype == torch.float32, num_warps=NUM_WARPS,
@@ -492,20 +570,25 @@ def cca_prepare_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1
 
 def _aot_configs():
     """The configurations ZAYA1 runs: D = 128 (BLOCK_D 128), k0 = k1 = 2, bf16 activations (and fp32 for the IEEE
-    prefill path), prefill with and without initial states, decode with fp32 and bf16 states."""
+    prefill path), prefill with and without initial states, decode with fp32 and bf16 states; the paged KV-cache
+    write (WRITE_CACHE) once per kernel: bf16 chunked prefill (initial states) and bf16 decode with fp32 states,
+    int64 slot_mapping as vLLM passes it."""
     head_dim, rotary_dim, k0, k1 = 128, 64, 2, 2
     state_len = k0 + k1 - 2
     prefill_args = ("qk_ptr", "vc_ptr", "vd_ptr", "w0_ptr", "b0_ptr", "w1_ptr", "b1_ptr", "temp_ptr", "pos_ptr",
                     "cu_ptr", "inv_freq_ptr", "init_conv_ptr", "init_value_ptr", "has_init_ptr", "q_ptr", "k_ptr",
-                    "v_ptr", "T", "NUM_SEQS", "SEARCH_STEPS")
+                    "v_ptr", "slot_ptr", "k_cache_ptr", "v_cache_ptr", "T", "NUM_SEQS", "SEARCH_STEPS",
+                    *CACHE_ARG_NAMES[3:])
     decode_args = ("qk_ptr", "vc_ptr", "vd_ptr", "w0_ptr", "b0_ptr", "w1_ptr", "b1_ptr", "temp_ptr", "pos_ptr",
                    "inv_freq_ptr", "conv_state_ptr", "value_state_ptr", "state_index_ptr", "q_ptr", "k_ptr", "v_ptr",
-                   "ROWS", "NUM_SLOTS")
-    # (activation dtype, state dtype, HAS_INIT, DECODE)
-    variants = (("bf16", "fp32", False, False), ("bf16", "fp32", True, False), ("fp32", "fp32", False, False),
-                ("bf16", "fp32", True, True), ("bf16", "bf16", True, True))
+                   "slot_ptr", "k_cache_ptr", "v_cache_ptr", "ROWS", "NUM_SLOTS", *CACHE_ARG_NAMES[3:])
+    # (activation dtype, state dtype, HAS_INIT, DECODE, WRITE_CACHE)
+    variants = (("bf16", "fp32", False, False, False), ("bf16", "fp32", True, False, False),
+                ("fp32", "fp32", False, False, False), ("bf16", "fp32", True, True, False),
+                ("bf16", "bf16", True, True, False), ("bf16", "fp32", True, False, True),
+                ("bf16", "fp32", True, True, True))
     prefill, decode_configs, final = [], [], []
-    for act, state, has_init, decode in variants:
+    for act, state, has_init, decode, write_cache in variants:
         types = {name: f"*{act}" for name in ("qk_ptr", "vc_ptr", "vd_ptr", "q_ptr", "k_ptr", "v_ptr")}
         types.update({name: "*bf16" if act == "bf16" else "*fp32"
                       for name in ("w0_ptr", "b0_ptr", "w1_ptr", "b1_ptr", "temp_ptr")})
@@ -513,12 +596,16 @@ def _aot_configs():
                                                       "value_state_ptr")})
         types.update({"inv_freq_ptr": "*fp32", "pos_ptr": "*i64", "cu_ptr": "*i32", "has_init_ptr": "*i32",
                       "state_index_ptr": "*i32", "T": "i32", "NUM_SEQS": "i32", "SEARCH_STEPS": "i32", "ROWS": "i32",
-                      "NUM_SLOTS": "i32"})
+                      "NUM_SLOTS": "i32", "slot_ptr": "*i64", "k_cache_ptr": f"*{act}", "v_cache_ptr": f"*{act}"})
+        types.update({name: "i32" for name in CACHE_ARG_NAMES[3:]})
         block_t = DECODE_BLOCK_ROWS if decode else BLOCK_T
         consts = {"EPS": torch.finfo(torch.bfloat16 if act == "bf16" else torch.float32).eps,
                   "HEAD_SCALE": head_dim**0.5, "NUM_Q": 8, "NUM_KV": 2, "HEAD_DIM": head_dim,
                   "ROTARY_DIM": rotary_dim, "K0": k0, "K1": k1, "BLOCK_T": block_t,
-                  **_blocks(head_dim, rotary_dim, decode, k0, k1), "IEEE_DOT": act == "fp32"}
+                  **_blocks(head_dim, rotary_dim, decode, k0, k1), "IEEE_DOT": act == "fp32",
+                  "WRITE_CACHE": write_cache}
+        if not write_cache:  # passed as None
+            consts.update(dict.fromkeys(CACHE_ARG_NAMES))
         if not decode:
             consts["HAS_INIT"] = has_init
             if not has_init:  # passed as None
@@ -527,11 +614,12 @@ def _aot_configs():
                      for name in (decode_args if decode else prefill_args)}
         signature.update({name: "constexpr" for name in consts})
         mode = f"decode,state={state}" if decode else f"prefill,init={int(has_init)}"
-        label = f"{mode},{act},D={head_dim},R={rotary_dim},k0={k0},k1={k1},BLOCK_T={block_t}"
+        label = (f"{mode},{act},D={head_dim},R={rotary_dim},k0={k0},k1={k1},BLOCK_T={block_t}"
+                 + (",paged_cache" if write_cache else ""))
         (decode_configs if decode else prefill).append(
             AotConfig(label=label, signature=signature, constexprs=consts, num_warps=NUM_WARPS,
                       matrix_expected=act == "bf16"))
-        if not decode:
+        if not decode and not write_cache:  # the final-states kernel has no cache variant
             final_consts = {"STATE_LEN": state_len, "HAS_INIT": has_init, "BLOCK_C": FINAL_BLOCK_C, "BLOCK_K": 2}
             final_sig = {"qk_ptr": f"*{act}", "vd_ptr": f"*{act}", "cu_ptr": "*i32", "init_conv_ptr": "*fp32",
                          "init_value_ptr": "*fp32", "has_init_ptr": "*i32", "final_conv_ptr": "*fp32",
