@@ -88,6 +88,26 @@ def test_decode_step_kernel_launches():
     assert launches == expected
 
 
+def test_cache_written_by_the_kernels_equals_the_autograd_path():
+    """In inference cca_prepare(_paged/_decode) write k / v straight into the cache (paged-pool view); a forward
+    with autograd copies them afterwards: both give the same cache and logits, prefill and decode."""
+    _, ours = pair("gqa2")
+    ids = random_ids(2, 6)
+    results = []
+    for grad in (False, True):
+        cache = ours.new_cache(2, 12)
+        with torch.set_grad_enabled(grad):
+            prefill = ours(ids[:, :5], cache=cache)
+            step = ours(ids[:, 5:], cache=cache)
+        results.append((prefill.detach(), step.detach(), [k.clone() for k in cache.k_cache + cache.v_cache]))
+    (p0, s0, c0), (p1, s1, c1) = results
+    assert_close(p0, p1, dtype=torch.float32, reduction=64)
+    assert_close(s0, s1, dtype=torch.float32, reduction=64)
+    for a, b in zip(c0, c1):
+        assert_close(a, b, dtype=torch.float32, reduction=64)
+    assert any(k[:, :6].abs().sum() > 0 for k in c0)
+
+
 def test_inference_projection_follows_weight_updates():
     """Inference runs the four CCA projections as one GEMM over a stacked copy of their weights: the copy follows
     in-place updates and replaced parameters, and equals the training path (four GEMMs)."""

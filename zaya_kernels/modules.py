@@ -83,7 +83,8 @@ class ForwardBatch:
     cu_seqlens : [B+1] int32, boundaries of the packed new tokens
     positions : [T] int32, position of every token in its sequence (start_lens[b] + i)
     seq_lens_after : [B] int32, cached tokens per sequence after this forward (None without a cache)
-    cache_rows : [T] int64, row of each token in a [B * S_max] view of the KV cache (None without a cache)
+    cache_rows : [T] int32 (int64 on the device-driven path), the row of each token in a [B * S_max] view of the
+        KV cache, i.e. its slot when the cache is read as a paged pool of B blocks of S_max (None without a cache)
     max_total : int, an upper bound of seq_lens_after (sizes the decode attention's splits)
     state_slots : [B] int32, the cache's conv/value state slot of each sequence (slot b = sequence b)
     has_state : [B] int32, 1 where the sequence has cached tokens (its states are read), else 0
@@ -138,7 +139,7 @@ class ForwardBatch:
                 rows.extend(range(b * cache.max_seq_len + start, b * cache.max_seq_len + start + n))
 
         # every index tensor in one host buffer and one host-to-device copy (six separate copies cost more than the
-        # decode step's small kernels on a GPU); the int64 cache rows index_copy_ wants are one cast of a slice
+        # decode step's small kernels on a GPU)
         fields = {"cu_seqlens": bounds, "positions": positions,
                   "seq_lens_after": [s + n for s, n in zip(start_lens, new_lens)],
                   "state_slots": list(range(len(new_lens))), "has_state": [int(s > 0) for s in start_lens],
@@ -152,7 +153,7 @@ class ForwardBatch:
         return ForwardBatch(
             new_lens=new_lens, start_lens=start_lens, cu_seqlens=views["cu_seqlens"], positions=views["positions"],
             seq_lens_after=None if cache is None else views["seq_lens_after"],
-            cache_rows=None if cache is None else views["cache_rows"].long(),
+            cache_rows=None if cache is None else views["cache_rows"],
             max_total=max((s + n for s, n in zip(start_lens, new_lens)), default=0),
             state_slots=views["state_slots"], has_state=views["has_state"])
 
@@ -325,17 +326,27 @@ class CCAAttention(nn.Module):
         qk, v_current, v_delayed = proj.project(x)
         heads = (self.num_heads, self.num_kv_heads, self.rotary_dim, self.rope_theta)
         layer = self.layer_idx
+        kv_write = {}
+        if cache is not None:
+            k_cache, v_cache = cache.k_cache[layer], cache.v_cache[layer]
+            # The preparation kernels store k / v straight into the cache, read as a paged pool of B blocks of S_max
+            # slots (slot = cache row). Autograd (a training forward with a cache) and a cache of another dtype copy
+            # them afterwards instead: the paged write has no autograd formula.
+            if not torch.is_grad_enabled() and k_cache.dtype == qk.dtype:
+                kv_write = dict(slot_mapping=batch.cache_rows, k_cache=k_cache, v_cache=v_cache)
         if cache is not None and batch.decode:
             # one token per sequence: states read and updated in place, slot b = sequence b
             q, k, v = zaya_ops.cca_prepare_decode(qk, v_current, v_delayed, *self._conv_args(), batch.positions,
                                                   cache.conv_state[layer], cache.value_state[layer],
-                                                  batch.state_slots, *heads)
+                                                  batch.state_slots, *heads, **kv_write)
         else:
-            states = ()
+            states = {}
             if cache is not None:
-                states = (cache.conv_state[layer], cache.value_state[layer], batch.has_state)
+                states = dict(initial_conv_state=cache.conv_state[layer], initial_value_state=cache.value_state[layer],
+                              has_initial_state=batch.has_state)
             q, k, v, final_conv, final_value = zaya_ops.cca_prepare(
-                qk, v_current, v_delayed, *self._conv_args(), batch.positions, batch.cu_seqlens, *heads, *states)
+                qk, v_current, v_delayed, *self._conv_args(), batch.positions, batch.cu_seqlens, *heads, **states,
+                **kv_write)
             if cache is not None:
                 cache.conv_state[layer].copy_(final_conv)
                 cache.value_state[layer].copy_(final_value)
@@ -343,9 +354,10 @@ class CCAAttention(nn.Module):
         if not attend_cache:  # no cache, or a prefill of fresh sequences: varlen attention over the new tokens
             out = zaya_ops.cca_attention(q, k, v, batch.cu_seqlens, batch.max_new, window=self.window)
         if cache is not None:
-            k_cache, v_cache = cache.k_cache[layer], cache.v_cache[layer]
-            k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, batch.cache_rows, k.to(k_cache.dtype))
-            v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, batch.cache_rows, v.to(v_cache.dtype))
+            if not kv_write:
+                rows = batch.cache_rows.long()
+                k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, rows, k.to(k_cache.dtype))
+                v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, rows, v.to(v_cache.dtype))
             if attend_cache:
                 out = self._attend_cache(q, k_cache, v_cache, batch)
         return self.o_proj(out.reshape(x.shape[0], -1).to(x.dtype))
