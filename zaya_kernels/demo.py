@@ -222,8 +222,9 @@ def run_model_demo(model_path=None, new_tokens=None, batch=1) -> int:
     for label, prefill, decode in rows:
         print(f"{label:<13} {batch * prompt_len / prefill:14.1f} {batch / decode:13.1f} "
               f"{base_prefill / prefill:9.2f}x {base_decode / decode:8.2f}x")
-    print(f"(kernelized: transformers' model with the residual/norm chain, CCA projection, router and experts on zaya "
-          f"ops; zaya modules: attention too, and a ZayaCache; backend {_backend.last_backend('zaya_router')})")
+    print(f"(kernelized: transformers' model and caches with the residual/norm chain, CCA projection, attention, router "
+          f"and experts on zaya ops; zaya modules: the model on zaya ops with a preallocated ZayaCache; backend "
+          f"{_backend.last_backend('zaya_router')})")
     print("decode time per op family (zaya modules, profiler): "
           + ", ".join(f"{family} {share:.0%}" for family, share in shares))
     dtype_ok = 5e-5 if next(model.parameters()).dtype == torch.float32 else 5e-2
