@@ -219,3 +219,28 @@ def test_training_updates_balancing_biases_toward_equal_load():
         # AdamW's first step moves every class by ~lr against the sign of its load error
         overloaded, underloaded = load > 1 / 5, load < 1 / 5
         assert (step[overloaded] < 0).all() and (step[underloaded] > 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("padded", [False, True])
+def test_gpu_kernelized_model_matches_transformers(padded):
+    """On a GPU with the auto backend (HIP / Triton kernels, fp32): the kernelized model's logits and greedy tokens
+    equal the unmodified model's, unpadded (zaya attention for prefill and decode) and left-padded (zaya decode
+    attention with seq_starts), a sliding-window layer included."""
+    sliding = dict(layer_types=["hybrid", "hybrid_sliding", "hybrid"], sliding_window=4)
+    model = tiny_model("gqa2", **sliding).cuda()
+    ids, mask = left_padded_batch()
+    if not padded:
+        mask = torch.ones_like(mask)
+    ids, mask = ids.cuda(), mask.cuda()
+    with torch.no_grad():
+        expected_logits = model(input_ids=ids, attention_mask=mask).logits
+        expected_tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                         eos_token_id=None)
+        kernelize(model)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                eos_token_id=None)
+        assert attention_paths(model) == ["zaya::cca_attention_decode"] * 3
+    assert relative_error(logits, expected_logits) < 5e-5
+    assert torch.equal(tokens, expected_tokens)
