@@ -126,7 +126,9 @@ def cases(device: str):
 def main():
     """Prefill TFLOP/s and decode GB/s, with the fraction of peak, for every case."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from run import peak_bandwidth, time_call
+    from run import peak_bandwidth
+
+    from zaya_kernels.tools.timing import median_seconds as time_call
 
     import zaya_kernels  # noqa: F401  (registers the ops)
 

@@ -66,7 +66,12 @@ def cases(device: str):
     channels = (num_q + num_kv) * head_dim
     value_dim = num_kv * head_dim // 2
     state_len = k0 + k1 - 2
-    zaya_backends = [b for b in ("hip", "triton") if backend.unavailable_reason(b, device, ("triton",)) is None]
+    from zaya_kernels.ops._registry import OPS
+
+    def zaya_backends_of(op):  # the GPU backends this op has and that can run here (prefill: Triton; decode: + HIP)
+        have = tuple(OPS[op].impls)
+        return [b for b in ("hip", "triton") if backend.unavailable_reason(b, device, have) is None]
+
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape, scale=1.0):
@@ -90,7 +95,7 @@ def cases(device: str):
                      "transformers-ops": lambda a=hf_args: _transformers_ops(*a)}
         if compiled is not None:
             providers["transformers-ops.compile"] = lambda a=hf_args: compiled(*a)
-        for name in zaya_backends:
+        for name in zaya_backends_of("cca_prepare"):
             def run(a=args, name=name):
                 with zaya_kernels.use_backend(name):
                     return torch.ops.zaya.cca_prepare(*a)
@@ -122,7 +127,7 @@ def cases(device: str):
                      "transformers-ops": transformers_decode}
         if compiled is not None:
             providers["transformers-ops.compile"] = lambda: transformers_decode(fn=compiled)
-        for name in zaya_backends:
+        for name in zaya_backends_of("cca_prepare_decode"):
             def run_decode(a=args, name=name):
                 with zaya_kernels.use_backend(name):
                     return torch.ops.zaya.cca_prepare_decode(*a)

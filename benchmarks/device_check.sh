@@ -1,23 +1,50 @@
 #!/usr/bin/env bash
-# One GPU session's checks (under 10 minutes, each step with its own time limit): build the extension for this GPU,
-# run the GPU tests, the demo (end-to-end prefill/decode of ZAYA1-8B shapes: transformers, kernelized, modules,
-# modules + CUDA graph) and the op benchmarks; everything lands under $OUT (default ./device_out). The AOT compile
-# report needs no GPU: CI runs it.
+# One GPU session's checks in one device call, in priority order under one deadline (DEADLINE seconds from the
+# start, default 540: a call may run 600 s): build the extension for this GPU, the GPU tests, the whole-model benchmark
+# (prefill 1k/8k, decode batch 1/32: transformers vs kernelized vs modules vs graphed modules), the demo, then the op
+# benchmarks one family at a time. Each step has its own limit, cut to what is left of the deadline; a step cut short
+# keeps what it wrote (pytest gets SIGINT and still writes its XML; run.py writes JSON after every family). Everything
+# lands under $OUT (default ./device_out). The AOT compile report needs no GPU: CI runs it.
+#
+# Before the call, on the machine with the network: `bash benchmarks/fetch_device_wheels.sh` puts the transformers
+# wheel this repository is tested with into .whl/ (the GPU image's own transformers is older); carry ".whl".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device_out}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/device_check.log") 2>&1
-date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || rocm-smi || true
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, 'hip', torch.version.hip)"
-export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 start=$(date +%s)
-python -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { echo "BUILD FAILED"; tail -n 40 "$OUT/build.log"; exit 1; }
+DEADLINE=${DEADLINE:-540}
+PY=${PY:-python3}  # the GPU image's python3 holds torch; a plain `python` may not exist there
+
+# step LIMIT CMD...: run CMD with at most LIMIT seconds, or what is left before the deadline (10 s kept in reserve)
+step() {
+  local limit=$1 left
+  shift
+  left=$(( DEADLINE - ($(date +%s) - start) - 10 ))
+  if (( left < 5 )); then echo "== skipped (deadline): $*"; return 124; fi
+  (( left < limit )) && limit=$left
+  echo "== $* (limit ${limit} s, at $(( $(date +%s) - start )) s)"
+  timeout -s INT -k 15 "$limit" "$@"
+}
+
+date -u
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || rocm-smi || true
+if ls .whl/*.whl > /dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+"$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'cuda', torch.version.cuda, 'hip', torch.version.hip)"
+export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+step 240 "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
+  || { echo "BUILD FAILED"; tail -n 40 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - start )) s"
-python -m zaya_kernels info | tee "$OUT/info.txt"
-timeout 150 python -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" 2>&1 | tail -n 30
-timeout 90 python -m zaya_kernels demo | tee "$OUT/demo.txt"
-ops=$(ls benchmarks/bench_*.py | sed 's|benchmarks/bench_||; s|\.py||' | grep -v '^model$' | sed 's/^/--only /' | tr '\n' ' ')
-timeout 90 python benchmarks/run.py $ops --out "$OUT/results/ops" | tee "$OUT/bench_ops.txt"
-timeout 120 python benchmarks/run.py --only model --out "$OUT/results/model" | tee "$OUT/bench_model.txt"
+"$PY" -m zaya_kernels info | tee "$OUT/info.txt"
+# 8 workers: the time is mostly Triton compiling the kernels, on the CPU cores
+step 150 "$PY" -m pytest -q -m gpu tests -n 8 -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" 2>&1 | tail -n 40
+step 110 "$PY" benchmarks/run.py --only model --out "$OUT/results/model" | tee "$OUT/bench_model.txt"
+step 70 "$PY" -m zaya_kernels demo | tee "$OUT/demo.txt"
+for family in attention moe cca router residual_rmsnorm; do
+  step 45 "$PY" benchmarks/run.py --only "$family" --out "$OUT/results/$family" | tee "$OUT/bench_$family.txt"
+done
 echo "total: $(( $(date +%s) - start )) s"
