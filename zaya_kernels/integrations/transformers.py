@@ -242,8 +242,9 @@ def model_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
         makers = {"hybrid": mz.create_causal_mask, "hybrid_sliding": mz.create_sliding_window_causal_mask}
         mask_mapping = {kind: makers[kind](**mask_kwargs) for kind in set(self.config.layer_types)}
         mask_mapping["conv"] = mz.create_recurrent_attention_mask(**mask_kwargs)
-    position_embeddings = {kind: self.rotary_emb(inputs_embeds, position_ids, kind)
-                           for kind in set(self.config.layer_types)}
+    # transformers' rotary tables: only its own CCA projection reads them (cca_prepare computes RoPE in-kernel)
+    position_embeddings = {} if self._zaya_cca else {kind: self.rotary_emb(inputs_embeds, position_ids, kind)
+                                                     for kind in set(self.config.layer_types)}
 
     with use_backend(self._zaya_backend):
         layers = self.layers
