@@ -221,6 +221,15 @@ def test_emulated_decode_steps_match_reference(cca_emulation, heads, head_dim, k
         assert torch.equal(value_state, expected_states[1]), f"step {step}: value state"
 
 
+def _slot_states(w, state_dtype, rows, gen, padded=(), slots=14):
+    """Random conv / value states of `slots` slots and `rows` distinct random state indices, -1 at `padded` rows."""
+    conv_state = torch.randn(slots, w.channels, w.state_len, generator=gen).to(state_dtype)
+    value_state = torch.randn(slots, w.value_dim, generator=gen).to(state_dtype)
+    indices = torch.randperm(slots, generator=gen)[:rows].to(torch.int32)
+    indices[list(padded)] = -1
+    return conv_state, value_state, indices
+
+
 @pytest.mark.parametrize("act,wdt,sdt,threads", [(torch.float16, torch.float16, torch.float16, 256),
                                                   (torch.bfloat16, torch.float32, torch.bfloat16, 64),
                                                   (torch.bfloat16, torch.bfloat16, torch.float32, 128),
@@ -230,12 +239,9 @@ def test_emulated_decode_other_dtypes_and_block_sizes(cca_emulation, act, wdt, s
     whatever blockDim it gets); more rows than one tile (kCcaRows = 8)."""
     w = Weights(4, 2, 16, 2, 3, 8, dtype=wdt, seed=threads)
     gen = torch.Generator().manual_seed(3)
-    rows, slots = 11, 14
-    conv_state = torch.randn(slots, w.channels, w.state_len, generator=gen).to(sdt)
-    value_state = torch.randn(slots, w.value_dim, generator=gen).to(sdt)
+    rows = 11
+    conv_state, value_state, indices = _slot_states(w, sdt, rows, gen, padded=(4,))
     expected_states = (conv_state.clone(), value_state.clone())
-    indices = torch.randperm(slots, generator=gen)[:rows].to(torch.int32)
-    indices[4] = -1
     qk, v_current, v_delayed = w.tokens(rows, act)
     positions = torch.arange(rows) * 37
     actual = emulated_decode(cca_emulation, w, qk, v_current, v_delayed, positions, conv_state, value_state, indices,
@@ -379,13 +385,10 @@ def test_emulated_decode_writes_paged_cache(cca_emulation, act, wdt, sdt, block_
     the pool (not checked on GPU: the kernel skips them) write nothing. 11 rows: two row tiles."""
     w = Weights(4, 2, 16, 2, 2, 8, dtype=wdt, seed=block_size)
     gen = torch.Generator().manual_seed(block_size)
-    rows, slots = 11, 14
-    conv_state = torch.randn(slots, w.channels, w.state_len, generator=gen).to(sdt)
-    value_state = torch.randn(slots, w.value_dim, generator=gen).to(sdt)
+    rows = 11
+    conv_state, value_state, indices = _slot_states(w, sdt, rows, gen, padded=(2, 9))
+    indices[9] = -4  # any negative index is a padded row
     states = (conv_state.clone(), value_state.clone())
-    indices = torch.randperm(slots, generator=gen)[:rows].to(torch.int32)
-    indices[2] = -1
-    indices[9] = -4
     num_blocks = rows // block_size + 2
     slot_mapping = torch.randperm(num_blocks * block_size, generator=gen)[:rows].to(slot_dtype)
     slot_mapping[5] = -1
