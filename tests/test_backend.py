@@ -46,3 +46,24 @@ def test_auto_on_cpu_is_the_reference():
     with pytest.raises(backend.BackendUnavailableError, match="no GPU backend"):
         with zaya_kernels.use_backend("auto"):
             backend.select("some_op", "cuda", ("reference",), ())
+
+
+@pytest.mark.parametrize("hip, arch, expected", [(None, "NVIDIA H200", "sm_90"), ("6.4", "gfx942:sramecc+:xnack-",
+                                                  "gfx942"), ("6.4", "gfx950", "gfx950"), ("6.4", "", "gfx942")])
+def test_device_target_reads_the_vendor_from_the_torch_build(monkeypatch, hip, arch, expected):
+    """Every Triton family picks its launch table through one device_target: CUDA builds of torch fill gcnArchName
+    with the device name, so an H200 must get sm_90 (the MoE once read that field and took the gfx942 table)."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from zaya_kernels.triton import _target, attention, moe
+
+    monkeypatch.setattr(torch.version, "hip", hip)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(gcnArchName=arch))
+    _target.device_target.cache_clear()
+    try:
+        assert _target.device_target(torch.device("cuda", 0)) == expected
+        assert attention.device_target is moe.device_target is _target.device_target
+    finally:
+        _target.device_target.cache_clear()
+    assert _target.device_target(torch.device("cpu")) == "interpreter"

@@ -414,7 +414,7 @@ def moe_block_m(num_tokens: int, device: torch.device | str = "cpu") -> int:
     """BLOCK_M (rows per tile of the dispatch map) the tuned table gives `num_tokens` tokens on `device`."""
     from zaya_kernels.triton import moe as tri
 
-    return tri.pick_block_m(num_tokens, tri.target_of(torch.device(device)))
+    return tri.pick_block_m(num_tokens, tri.device_target(torch.device(device)))
 
 
 def moe_dispatch(expert_index: torch.Tensor, num_experts: int, block_m: int | None = None):

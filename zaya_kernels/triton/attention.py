@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from zaya_kernels.triton._aot import AotConfig, register_aot
+from zaya_kernels.triton._target import device_target
 
 LOG2E = 1.4426950408889634
 CONFIG_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "attention.json")
@@ -494,18 +495,6 @@ def load_config_table() -> dict:
     with open(CONFIG_PATH) as f:
         table = json.load(f)
     return table["targets"]
-
-
-@functools.lru_cache(maxsize=None)
-def device_target(device: torch.device) -> str:
-    """The config table key for tensors on `device`: gfx942, gfx950, sm_90 or interpreter."""
-    if device.type != "cuda":
-        return "interpreter"
-    props = torch.cuda.get_device_properties(device)
-    if torch.version.hip is not None:
-        arch = getattr(props, "gcnArchName", "gfx942").split(":")[0]
-        return arch if arch in load_config_table() else "gfx942"
-    return "sm_90"  # other NVIDIA GPUs use the Hopper table (no Hopper-only features are requested)
 
 
 def block_d_for(head_dim: int) -> int:

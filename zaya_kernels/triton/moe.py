@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from zaya_kernels.triton._aot import AotConfig, register_aot
+from zaya_kernels.triton._target import device_target
 
 CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "moe.json"
 # fp32 inputs multiply in full fp32 (not TF32) so they match the reference; bf16/fp16 inputs are unaffected.
@@ -535,18 +536,6 @@ def load_config_table() -> dict:
         return json.load(f)
 
 
-def target_of(device: torch.device) -> str:
-    """Config table key of `device`: 'gfx942', 'gfx950', 'sm_90' or 'interpreter' (CPU tensors); other GPUs take
-    the nearest shipped target of their vendor."""
-    if device.type != "cuda":
-        return "interpreter"
-    props = torch.cuda.get_device_properties(device)
-    arch = getattr(props, "gcnArchName", "") or ""
-    if arch:
-        return "gfx950" if arch.startswith("gfx95") else "gfx942"
-    return "sm_90"
-
-
 def pick_block_m(num_tokens: int, target: str) -> int:
     """BLOCK_M of the dispatch tile map for `num_tokens` tokens on `target` (the T bucket of the table)."""
     entry = load_config_table()["targets"][target]
@@ -635,7 +624,7 @@ def moe_experts(x, gate_up, down, routing_weight, sorted_token_ids, offsets, til
     if T == 0 or tiles == 0:
         return
     check_index_range("moe_experts", T, H, I)
-    target = target_of(x.device)
+    target = device_target(x.device)
     act = torch.empty(T, I, dtype=x.dtype, device=x.device)  # SiLU(g) * u at sorted rows
     cfg1 = gemm_config(target, block_m, "gate_up")
     moe_gate_up_kernel[(tiles, triton.cdiv(I, cfg1["BLOCK_N"]))](
@@ -667,7 +656,7 @@ def moe_experts_backward(grad_y, x, gate_up, down, routing_weight, sorted_token_
     if T == 0:
         return grad_x, grad_gate_up.zero_(), grad_down.zero_(), torch.empty_like(routing_weight)
     check_index_range("moe_experts_backward", T, H, I)
-    target = target_of(x.device)
+    target = device_target(x.device)
     cfg_act = gemm_config(target, block_m, "bwd_act")
     cfg_dx = gemm_config(target, block_m, "bwd_dx")
     cfg_w = gemm_config(target, block_m, "wgrad")
