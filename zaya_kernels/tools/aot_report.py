@@ -142,14 +142,28 @@ def _find_ptxas(capability: int = 90) -> str:
     raise RuntimeError("ptxas not found (Triton's bundled one, PATH, /usr/local/cuda/bin)")
 
 
+def _triton_ptxas_flags() -> list[str]:
+    """The register-allocation flag Triton adds to its ptxas call: 3.9 passes --regAllocOptLevel=2 (a ptxas 13
+    workaround), 3.6 does not; the flag moves register counts and spills, so follow the installed Triton."""
+    try:
+        import inspect
+
+        from triton.backends.nvidia.compiler import CUDABackend
+
+        source = inspect.getsource(CUDABackend.make_cubin)
+    except Exception:  # noqa: BLE001 - no NVIDIA backend source: assume the newer behaviour
+        return ["--regAllocOptLevel=2"]
+    return ["--regAllocOptLevel=2"] if "--regAllocOptLevel=2" in source else []
+
+
 def _ptxas_usage(ptx: str, gpu_name: str = "sm_90a") -> tuple[int, int]:
     """(registers per thread, spill store + spill load bytes) from `ptxas -v` on `ptx`."""
     with tempfile.TemporaryDirectory(prefix="zaya_aot_") as tmp:
         src = os.path.join(tmp, "kernel.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        # Same flags as Triton's own cubin step, so the counts match what ships.
-        cmd = [_find_ptxas(), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu_name}", src,
+        # Same flags as the installed Triton's own cubin step, so the counts match what ships.
+        cmd = [_find_ptxas(), "-lineinfo", "-v", *_triton_ptxas_flags(), f"--gpu-name={gpu_name}", src,
                "-o", os.path.join(tmp, "kernel.cubin")]
         proc = subprocess.run(cmd, capture_output=True, text=True)
     log = proc.stdout + proc.stderr
