@@ -317,6 +317,41 @@ def test_tile_map_of_another_block_m_is_rejected():
         torch.ops.zaya.moe_experts(*args)
 
 
+def _offsets_not_ending_at_t(offsets):
+    offsets[-1] -= 1
+
+
+def _tile_of_another_class(tile_expert):
+    tile_expert[0] = (tile_expert[0] + 1) % 3
+
+
+def _token_out_of_range(sorted_token_ids):
+    sorted_token_ids[0] = 1000
+
+
+@pytest.mark.parametrize("position, corrupt, message", [
+    (4, _token_out_of_range, "`sorted_token_ids` has value 1000 >= T = 7"),
+    (5, _offsets_not_ending_at_t, "`offsets` must be the class offsets of moe_dispatch"),
+    (6, _tile_of_another_class, "not the tile map of `offsets` for block_m = 16"),
+])
+def test_experts_reject_dispatch_values_moe_dispatch_cannot_give(position, corrupt, message):
+    """The kernels index x and y through the dispatch arguments unchecked: values moe_dispatch cannot produce (an
+    out-of-range token would be an out-of-bounds store) raise, on every backend; dispatch outputs are read back only
+    once modified."""
+    args, index = _experts_args()
+    args = list(args)
+    args[4:8] = [torch.ops.zaya.moe_dispatch(index, 3, 16)[i] for i in (2, 1, 4, 5)]
+    for backend in ("reference", "triton"):
+        with zaya_kernels.use_backend(backend):
+            torch.ops.zaya.moe_experts(*args)  # unmodified: trusted
+    corrupt(args[position])
+    for backend in ("reference", "triton"):
+        with zaya_kernels.use_backend(backend), pytest.raises(ValueError, match=message):
+            torch.ops.zaya.moe_experts(*args)
+        with zaya_kernels.use_backend(backend), pytest.raises(ValueError, match=message):
+            torch.ops.zaya.moe_experts_backward(torch.randn(7, 12), *args)
+
+
 # ---------------------------------------------------------------- GPU: ZAYA1-8B-like shapes, bf16
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 8, 64, 700, 5000])

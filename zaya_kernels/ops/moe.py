@@ -38,21 +38,23 @@ BLOCK_M_CHOICES = (16, 32, 64, 128, 256)
 
 
 # ---------------------------------------------------------------- validation
+def _skip_value_check(t, what) -> bool:
+    """True where reading t's values back is not allowed or not needed: empty / meta / fake tensors, CUDA graph
+    capture (no synchronisation there), ZAYA_KERNELS_MOE_TRUST_INDEX=1, and tensors one of our ops produced valid by
+    construction and nobody modified since (check.remember_valid)."""
+    if t.numel() == 0 or t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor):
+        return True
+    if check.known_valid(t, what) or os.environ.get("ZAYA_KERNELS_MOE_TRUST_INDEX", "0") == "1":
+        return True
+    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _check_expert_values(expert_index, num_experts):
-    """Every index in 0..num_experts. Reads the values (one device->host copy on a GPU): skipped while a CUDA graph is
-    captured (no synchronisation is allowed there), when ZAYA_KERNELS_MOE_TRUST_INDEX=1, and for an unmodified
-    expert index the `zaya_router` wrapper returned for this many experts."""
-    if expert_index.numel() == 0 or expert_index.device.type == "meta":
+    """Every index in 0..num_experts. Reads the values (one device->host copy on a GPU), except as
+    `_skip_value_check` says (e.g. the unmodified expert index the `zaya_router` wrapper returned)."""
+    if _skip_value_check(expert_index, ("expert_index", num_experts)):
         return
-    if check.known_valid(expert_index, ("expert_index", num_experts)):
-        return
-    if os.environ.get("ZAYA_KERNELS_MOE_TRUST_INDEX", "0") == "1":
-        return
-    if expert_index.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return
-    if isinstance(expert_index, torch._subclasses.FakeTensor):
-        return
-    low, high = int(expert_index.min()), int(expert_index.max())
+    low, high = torch.stack([expert_index.min(), expert_index.max()]).tolist()  # one device->host copy
     if low < 0:
         raise ValueError(f"zaya::moe_dispatch: `expert_index` has a negative value ({low}); expected 0..{num_experts} "
                          f"({num_experts} = skip)")
@@ -101,6 +103,46 @@ def _validate_experts_args(op, x, gate_up, down, routing_weight, sorted_token_id
     if skip_mode not in (ref.SKIP_ZERO, ref.SKIP_SCALED_IDENTITY):
         raise ValueError(f"zaya::{op}: `skip_mode` must be 0 (skipped tokens give 0) or 1 (they give w * x), "
                          f"got {skip_mode!r}")
+    _check_dispatch_values(op, sorted_token_ids, offsets, tile_expert, tile_start, E, block_m)
+
+
+def _check_dispatch_values(op, sorted_token_ids, offsets, tile_expert, tile_start, num_experts, block_m):
+    """The dispatch arguments must be what `moe_dispatch` gives for some expert index: the kernels index x and y
+    through them unchecked, so anything else could read or write out of bounds. Reads the values (one or two
+    device->host copies on a GPU), except as `_skip_value_check` says: the outputs of zaya::moe_dispatch for this
+    E and block_m, unmodified, are not read again."""
+    what = ("dispatch", num_experts, block_m)
+    _check_permutation(op, sorted_token_ids)
+    if all(_skip_value_check(t, what) for t in (offsets, tile_expert, tile_start)):
+        return
+    T = sorted_token_ids.shape[0]
+    wide = offsets.long()
+    expected_expert, expected_start = ref.tile_map(wide, T, block_m)
+    offsets_ok, tiles_ok = torch.stack([
+        (wide[0] == 0) & (wide[-1] == T) & (wide[1:] >= wide[:-1]).all(),
+        (tile_expert.long() == expected_expert).all() & (tile_start.long() == expected_start).all(),
+    ]).tolist()  # one device->host copy
+    if not offsets_ok:
+        raise ValueError(f"zaya::{op}: `offsets` must be the class offsets of moe_dispatch: non-decreasing, from 0 "
+                         f"to T = {T}, got {offsets.tolist()}")
+    if not tiles_ok:
+        raise ValueError(f"zaya::{op}: `tile_expert` / `tile_start` are not the tile map of `offsets` for "
+                         f"block_m = {block_m}; pass moe_dispatch's outputs unchanged, with the same block_m")
+
+
+def _remember_dispatch(dispatch_impl):
+    """Wrap a dispatch implementation: its outputs are valid by construction, so moe_experts and the row ops need not
+    read them back (check.remember_valid: until modified)."""
+
+    def dispatch(expert_index, num_experts, block_m):
+        outputs = dispatch_impl(expert_index, num_experts, block_m)
+        counts, offsets, sorted_token_ids, inverse, tile_expert, tile_start = outputs
+        check.remember_valid(sorted_token_ids, "permutation")
+        for t in (offsets, tile_expert, tile_start):
+            check.remember_valid(t, ("dispatch", num_experts, block_m))
+        return outputs
+
+    return dispatch
 
 
 def _validate_experts(*args):
@@ -193,7 +235,8 @@ def _backward_experts(ctx, grad_y):
     return grad_x, grad_gate_up, grad_down, grad_w, None, None, None, None, None, None
 
 
-register_op("moe_dispatch", impls={"reference": ref.moe_dispatch, "triton": _triton_dispatch, "hip": _hip_dispatch},
+register_op("moe_dispatch", impls={name: _remember_dispatch(impl) for name, impl in
+                                   (("reference", ref.moe_dispatch), ("triton", _triton_dispatch), ("hip", _hip_dispatch))},
             fake=_fake_dispatch, validate=_validate_dispatch, auto_order=("triton", "hip"))
 register_op("moe_experts", impls={"reference": ref.moe_experts, "triton": _triton_experts},
             fake=_fake_experts, validate=_validate_experts, auto_order=("triton",),
@@ -208,17 +251,10 @@ _ROW_DTYPES = check.FLOAT_DTYPES + (torch.int32,)
 
 def _check_permutation(op, sorted_token_ids):
     """sorted_token_ids must be a permutation of 0..T-1 (every token once: the scatter writes each row of y exactly
-    once). Reads the values (one device->host copy on a GPU); skipped like the expert-index check (CUDA graph capture,
-    fake tensors, ZAYA_KERNELS_MOE_TRUST_INDEX=1) and for an unmodified permutation the `moe_dispatch` wrapper
-    returned."""
+    once). Reads the values (one device->host copy on a GPU), except as `_skip_value_check` says (e.g. an unmodified
+    permutation `moe_dispatch` returned)."""
     T = sorted_token_ids.shape[0]
-    if T == 0 or sorted_token_ids.device.type == "meta" or check.known_valid(sorted_token_ids, "permutation"):
-        return
-    if os.environ.get("ZAYA_KERNELS_MOE_TRUST_INDEX", "0") == "1":
-        return
-    if sorted_token_ids.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return
-    if isinstance(sorted_token_ids, torch._subclasses.FakeTensor):
+    if _skip_value_check(sorted_token_ids, "permutation"):
         return
     ids = sorted_token_ids.long()
     seen = torch.bincount(ids.clamp(0, T - 1), minlength=T)  # clamped: out-of-range values are reported below
@@ -443,9 +479,7 @@ def moe_dispatch(expert_index: torch.Tensor, num_experts: int, block_m: int | No
     """
     if block_m is None:
         block_m = moe_block_m(expert_index.shape[0], expert_index.device)
-    outputs = torch.ops.zaya.moe_dispatch(expert_index, num_experts, block_m)
-    check.remember_valid(outputs[2], "permutation")
-    return outputs
+    return torch.ops.zaya.moe_dispatch(expert_index, num_experts, block_m)
 
 
 def moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, expert_index: torch.Tensor,

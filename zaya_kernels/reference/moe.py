@@ -58,17 +58,25 @@ def moe_dispatch(expert_index: torch.Tensor, num_experts: int, block_m: int):
     sorted_token_ids = torch.sort(index, stable=True).indices
     inverse = torch.empty_like(sorted_token_ids)
     inverse[sorted_token_ids] = torch.arange(T, device=device)
-    class_tiles = (counts + block_m - 1) // block_m
-    tiles_end = torch.cumsum(class_tiles, 0)  # tiles of class c: tiles_end[c] - class_tiles[c] .. tiles_end[c] - 1
-    tile = torch.arange(num_tiles(T, E, block_m), device=device)
-    tile_class = torch.searchsorted(tiles_end, tile, right=True).clamp(max=E)
-    first_tile = tiles_end[tile_class] - class_tiles[tile_class]
-    used = tile < tiles_end[-1]
-    tile_expert = torch.where(used, tile_class, -1)
-    tile_start = torch.where(used, offsets[tile_class] + (tile - first_tile) * block_m, 0)
+    tile_expert, tile_start = tile_map(offsets, T, block_m)
     as_int = lambda t: t.to(torch.int32)  # noqa: E731
     return (as_int(counts), as_int(offsets), as_int(sorted_token_ids), as_int(inverse), as_int(tile_expert),
             as_int(tile_start))
+
+
+def tile_map(offsets: torch.Tensor, num_tokens: int, block_m: int):
+    """(tile_expert, tile_start) int64 [cdiv(T, block_m) + E] of the class offsets [E+2] of T = num_tokens tokens
+    (see the module docstring); no host synchronisation."""
+    E = offsets.shape[0] - 2
+    offsets = offsets.long()
+    counts = offsets[1:] - offsets[:-1]
+    class_tiles = (counts + block_m - 1) // block_m
+    tiles_end = torch.cumsum(class_tiles, 0)  # tiles of class c: tiles_end[c] - class_tiles[c] .. tiles_end[c] - 1
+    tile = torch.arange(num_tiles(num_tokens, E, block_m), device=offsets.device)
+    tile_class = torch.searchsorted(tiles_end, tile, right=True).clamp(max=E)
+    first_tile = tiles_end[tile_class] - class_tiles[tile_class]
+    used = tile < tiles_end[-1]
+    return torch.where(used, tile_class, -1), torch.where(used, offsets[tile_class] + (tile - first_tile) * block_m, 0)
 
 
 def _class_tokens(sorted_token_ids, offsets, c):
