@@ -1,4 +1,4 @@
-"""Command line: `python -m zaya_kernels {info,demo,aot-report,bench}`."""
+"""Command line: `python -m zaya_kernels {info,demo,aot-report}` (benchmarks: `python benchmarks/run.py`)."""
 from __future__ import annotations
 
 import argparse
@@ -55,6 +55,24 @@ def _demo(args) -> int:
                     new_tokens=args.new_tokens, batch=args.batch)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _checkpoint_dir(text: str) -> str:
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a directory (a ZAYA checkpoint directory with config.json)")
+    if not os.path.isfile(os.path.join(text, "config.json")):
+        raise argparse.ArgumentTypeError(f"{text!r} has no config.json (expected a ZAYA checkpoint directory)")
+    return text
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "aot-report":  # its own argparse, so `aot-report --help` shows its options
@@ -64,14 +82,15 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="versions, GPU, and the backend each op would use")
     demo = sub.add_parser("demo", help="run the ops and a kernelized ZAYA model on ZAYA1-8B shapes (GPU) or a tiny "
                                        "configuration (CPU), checked against the reference and transformers")
-    demo.add_argument("--model", default=None, help="a transformers ZAYA checkpoint directory (default: random weights)")
-    demo.add_argument("--tokens", type=int, default=None, dest="new_tokens",
+    demo.add_argument("--model", type=_checkpoint_dir, default=None,
+                      help="a ZAYA checkpoint directory, transformers' or Zyphra's legacy layout (default: random weights)")
+    demo.add_argument("--tokens", type=_positive_int, default=None, dest="new_tokens",
                       help="tokens to generate (default 32 on GPU, 8 on CPU)")
-    demo.add_argument("--batch", type=int, default=1, help="sequences generated together (default 1)")
-    demo.add_argument("--op-tokens", type=int, default=None, dest="tokens",
+    demo.add_argument("--batch", type=_positive_int, default=1, help="sequences generated together (default 1)")
+    demo.add_argument("--op-tokens", type=_positive_int, default=None, dest="tokens",
                       help="tokens in the op check (default 4096 on GPU, 64 on CPU)")
-    demo.add_argument("--layers", type=int, default=None, help="layers in the op check (default 40 on GPU, 3 on CPU)")
-    demo.add_argument("--repeats", type=int, default=None, help="timed repeats in the op check (default 20 GPU, 2 CPU)")
+    demo.add_argument("--layers", type=_positive_int, default=None, help="layers in the op check (default 40 on GPU, 3 on CPU)")
+    demo.add_argument("--repeats", type=_positive_int, default=None, help="timed repeats in the op check (default 20 GPU, 2 CPU)")
     sub.add_parser("aot-report", help="compile every Triton kernel config for gfx942/gfx950/sm_90 (see --help)")
     args = parser.parse_args(argv)
     if args.command == "info":

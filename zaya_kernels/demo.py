@@ -174,10 +174,11 @@ def run_model_demo(model_path=None, new_tokens=None, batch=1) -> int:
 
     try:
         from transformers import ZayaConfig, ZayaForCausalLM
-    except ImportError as exc:
-        print(f"model demo skipped: transformers with ZAYA support is not installed ({exc})")
-        return 0
-    from zaya_kernels.integrations.transformers import kernelize
+    except ImportError as exc:  # the main job cannot run: a failure, not a skip
+        print(f"model demo FAILED: transformers with ZAYA support (>= 5.8) is not installed ({exc}); "
+              "pip install 'zaya-kernels[demo]'")
+        return 1
+    from zaya_kernels.integrations.transformers import attention_paths, kernelize
 
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
@@ -189,10 +190,15 @@ def run_model_demo(model_path=None, new_tokens=None, batch=1) -> int:
         from zaya_kernels.checkpoint import load_checkpoint, load_config
 
         dtype = torch.bfloat16 if on_gpu else torch.float32
+        loaded = load_config(model_path, with_report=True)
         with torch.device(device):
-            model = ZayaForCausalLM(load_config(model_path)).to(dtype)
+            model = ZayaForCausalLM(loaded.config).to(dtype)
         load_checkpoint(model, model_path)
         what = model_path
+        if loaded.legacy:
+            print("note: a legacy Zyphra checkpoint. Zyphra's original code passed a skipped token through as w * x "
+                  "(skip_mode 1); transformers' ZAYA, and so both models compared here, output 0 for it (skip_mode "
+                  "0). zaya_kernels.modules.ZayaForCausalLM(config, skip_mode=1) reproduces the original.")
     elif on_gpu:
         with torch.device(device):
             model = ZayaForCausalLM(ZayaConfig(max_position_embeddings=4096)).to(torch.bfloat16)
@@ -210,6 +216,9 @@ def run_model_demo(model_path=None, new_tokens=None, batch=1) -> int:
     base_logits, base_tokens, base_prefill, base_decode = _generate(model, ids, new_tokens, device, "transformers")
     kernelized = kernelize(copy.deepcopy(model) if not on_gpu or model_path is None else model, backend="auto")
     k_logits, k_tokens, k_prefill, k_decode = _generate(kernelized, ids, new_tokens, device, "kernelized")
+    k_backends = {op: _backend.last_backend(op) for op in ("cca_prepare", "cca_attention_decode", "zaya_router",
+                                                            "moe_experts", "residual_scale_rmsnorm")}
+    k_paths = sorted(set(attention_paths(kernelized)))
     m_logits, m_tokens, m_prefill, m_decode, shares = _generate_modules(model, ids, new_tokens, device)
     rows = [("transformers", base_prefill, base_decode), ("kernelized", k_prefill, k_decode),
             ("zaya modules", m_prefill, m_decode)]
@@ -222,9 +231,10 @@ def run_model_demo(model_path=None, new_tokens=None, batch=1) -> int:
     for label, prefill, decode in rows:
         print(f"{label:<13} {batch * prompt_len / prefill:14.1f} {batch / decode:13.1f} "
               f"{base_prefill / prefill:9.2f}x {base_decode / decode:8.2f}x")
-    print(f"(kernelized: transformers' model and caches with the residual/norm chain, CCA projection, attention, router "
-          f"and experts on zaya ops; zaya modules: the model on zaya ops with a preallocated ZayaCache; backend "
-          f"{_backend.last_backend('zaya_router')})")
+    print("(kernelized: transformers' model and caches with the residual/norm chain, CCA projection, attention, router "
+          "and experts on zaya ops; zaya modules: the model on zaya ops with a preallocated ZayaCache)")
+    print("kernelized backends: " + ", ".join(f"{op} {name}" for op, name in k_backends.items())
+          + f"; attention (last step): {', '.join(str(p) for p in k_paths)}")
     print("decode time per op family (zaya modules, profiler): "
           + ", ".join(f"{family} {share:.0%}" for family, share in shares))
     dtype_ok = 5e-5 if next(model.parameters()).dtype == torch.float32 else 5e-2
