@@ -29,10 +29,6 @@ _BAL = "router_balance_update"
 BALANCE_MODES = {"adamw": ref.BALANCE_ADAMW, "pid": ref.BALANCE_PID}
 
 
-def _fp32(param):
-    return None if param is None else param.float().contiguous()
-
-
 def _vec(param):
     return None if param is None else param.contiguous()
 
@@ -172,8 +168,10 @@ def _hip_fwd(x, r_prev, gamma, down_w, down_b, norm_w, fc1_w, fc1_b, fc2_w, fc2_
         raise ValueError(f"zaya::{_OP}: the HIP kernel needs x and the weights in one dtype, got x {x.dtype} and "
                          f"weights {down_w.dtype}; use the triton or reference backend")
     index, weight, r, logits = _outputs(x, down_w, out_w, return_logits)
-    _C.zaya_router_decode(x, r_prev, _fp32(gamma), down_w, _fp32(down_b), _fp32(norm_w), fc1_w, _fp32(fc1_b), fc2_w,
-                          _fp32(fc2_b), out_w, balance_bias.contiguous(), eps, index, weight, r, logits)
+    # [R] vectors go in their own dtype (fp32 / fp16 / bf16: the kernel reads each as it is), as on the Triton path:
+    # the decode router stays one launch when a bf16 model keeps its biases and norm weight in bf16
+    _C.zaya_router_decode(x, r_prev, _vec(gamma), down_w, _vec(down_b), _vec(norm_w), fc1_w, _vec(fc1_b), fc2_w,
+                          _vec(fc2_b), out_w, balance_bias.contiguous(), eps, index, weight, r, logits)
     return index, weight, r, logits
 
 
