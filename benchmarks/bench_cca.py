@@ -1,10 +1,13 @@
 """Benchmark cases for the CCA projection: ZAYA1-8B shapes (n_q 8, n_kv 2, D 128, C 1280, k0 = k1 = 2, RoPE on 64 dims)
 on GPU: prefill T = 1k, 8k, 32k (one sequence) and decode batch 1, 8, 64, 256; tiny shapes on CPU.
 
-Providers: the reference (zaya_kernels.reference: a Python loop over sequences), "transformers-ops" (the op sequence
-of transformers' ZayaCCAProjection + ZayaQKNorm + apply_rotary_pos_emb after the q/k/v linear layers, batched
-[1, T] for prefill and with per-row cached states for decode; its torch.compile on GPU), and every zaya backend
-available. Bytes are the minimum traffic: read X, both value projections, the conv weights and (decode) both
+Providers: the reference (zaya_kernels.reference: a Python loop over sequences), "transformers" (transformers' own
+modules on the same random weights: ZayaCCAProjection (its q/k/v linear layers stand-ins that return the projections
+computed before the timing, as the op starts after them) + ZayaQKNorm + apply_rotary_pos_emb, with the cos/sin tables
+of ZayaRotaryEmbedding computed once outside the timing, as the model does once per forward for every layer; batched
+[1, T] for prefill, and a DynamicCache holding the rows' conv and value states for decode), "transformers-ops" (a local
+rewrite of the same op sequence, with per-row cached states gathered and scattered by slot for decode; its
+torch.compile on GPU), and every zaya backend available. Bytes are the minimum traffic: read X, both value projections, the conv weights and (decode) both
 states; write q, k, v and (decode) the states.
 """
 from __future__ import annotations
@@ -54,6 +57,59 @@ def _transformers_ops(qk, v_current, v_delayed, w0, b0, w1, b1, temp, positions,
     return q, k, v
 
 
+class _Given(torch.nn.Module):
+    """Stands in for one of ZayaCCAProjection's bias-free linear layers: returns `value`, the projection computed before
+    the timing; the projection of zeros (the module asks for it as the first token's delayed value) gives zeros."""
+
+    def __init__(self):
+        super().__init__()
+        self.value = None
+
+    def forward(self, hidden):
+        if hidden.shape[:-1] == self.value.shape[:-1]:
+            return self.value
+        return hidden.new_zeros(*hidden.shape[:-1], self.value.shape[-1])
+
+
+def _transformers_modules(num_q, num_kv, head_dim, k0, k1, weights, dtype, device):
+    """(config, projection, norm, rotary) of transformers' ZAYA holding `weights`, or None without transformers."""
+    try:
+        from transformers.models.zaya.configuration_zaya import ZayaConfig
+        from transformers.models.zaya.modeling_zaya import ZayaCCAProjection, ZayaQKNorm, ZayaRotaryEmbedding
+    except ImportError:
+        return None
+    config = ZayaConfig(hidden_size=8, num_attention_heads=num_q, num_key_value_heads=num_kv, head_dim=head_dim,
+                        cca_time0=k0, cca_time1=k1, num_hidden_layers=1)
+    assert config.rope_parameters["hybrid"]["rope_theta"] == THETA
+    projection, norm, rotary = ZayaCCAProjection(config, 0), ZayaQKNorm(config), ZayaRotaryEmbedding(config)
+    for name in ("q_proj", "k_proj", "v_proj_current", "v_proj_delayed"):
+        setattr(projection, name, _Given())
+    w0, b0, w1, b1, temp = weights
+    projection.to(device=device, dtype=dtype)
+    norm.to(device=device, dtype=dtype)
+    with torch.no_grad():
+        projection.conv_qk_depthwise.weight.copy_(w0[:, None, :])
+        projection.conv_qk_depthwise.bias.copy_(b0)
+        projection.conv_qk_grouped.weight.copy_(w1)
+        projection.conv_qk_grouped.bias.copy_(b1)
+        norm.temp.copy_(temp)
+    return config, projection, norm, rotary.to(device)
+
+
+def _transformers_step(projection, norm, given, hidden, cache, cos, sin):
+    """ZayaAttention.forward up to the RoPE'd q, k and v (no KV-cache append, no attention): `given` are the q, k,
+    v_current, v_delayed projections [N, S, *]."""
+    from transformers.models.zaya.modeling_zaya import apply_rotary_pos_emb
+
+    for name, value in zip(("q_proj", "k_proj", "v_proj_current", "v_proj_delayed"), given):
+        getattr(projection, name).value = value
+    with torch.no_grad():
+        q, k, v = projection(hidden, cache)
+        q, k = norm(q, k)
+        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    return q, k, v.transpose(1, 2)
+
+
 def cases(device: str):
     """Yield (name, shape dict, bytes moved, {provider: callable})."""
     import zaya_kernels
@@ -84,6 +140,10 @@ def cases(device: str):
     heads = (num_q, num_kv, rotary_dim, THETA)
     size = torch.tensor([], dtype=dtype).element_size()
     compiled = torch.compile(_transformers_ops) if on_gpu else None
+    hf = _transformers_modules(num_q, num_kv, head_dim, k0, k1, weights, dtype, device)
+
+    def hf_given(qk, v_current, v_delayed):  # [N, S, *] projections, each contiguous as a linear layer writes it
+        return (qk[..., :num_q * head_dim].contiguous(), qk[..., num_q * head_dim:].contiguous(), v_current, v_delayed)
 
     for tokens in ((1024, 8192, 32768) if on_gpu else (16, 64)):
         qk, v_current, v_delayed = rand(tokens, channels), rand(tokens, value_dim), rand(tokens, value_dim)
@@ -93,6 +153,13 @@ def cases(device: str):
         hf_args = (qk[None], v_current[None], v_delayed[None], *weights, positions, num_q, num_kv, rotary_dim)
         providers = {"reference": lambda a=args: ref.cca_prepare(*a),
                      "transformers-ops": lambda a=hf_args: _transformers_ops(*a)}
+        if hf is not None:
+            config, projection, norm, rotary = hf
+            hidden = torch.empty(1, tokens, config.hidden_size, device=device, dtype=dtype)  # shapes only
+            cos, sin = rotary(hidden, positions[None], "hybrid")
+            given = hf_given(qk[None], v_current[None], v_delayed[None])
+            providers["transformers"] = lambda g=given, h=hidden, cs=(cos, sin): _transformers_step(
+                projection, norm, g, h, None, *cs)
         if compiled is not None:
             providers["transformers-ops.compile"] = lambda a=hf_args: compiled(*a)
         for name in zaya_backends_of("cca_prepare"):
@@ -125,6 +192,17 @@ def cases(device: str):
 
         providers = {"reference": lambda a=args: ref.cca_prepare_decode(*a),
                      "transformers-ops": transformers_decode}
+        if hf is not None:
+            from transformers.cache_utils import DynamicCache
+
+            config, projection, norm, rotary = hf
+            hidden = torch.empty(rows, 1, config.hidden_size, device=device, dtype=dtype)  # shapes only
+            cos, sin = rotary(hidden, positions[:, None], "hybrid")
+            given = hf_given(qk[:, None], v_current[:, None], v_delayed[:, None])
+            hf_cache = DynamicCache(config=config)
+            _transformers_step(projection, norm, given, hidden, hf_cache, cos, sin)  # a first token: states exist
+            providers["transformers"] = lambda g=given, h=hidden, c=hf_cache, cs=(cos, sin): _transformers_step(
+                projection, norm, g, h, c, *cs)
         if compiled is not None:
             providers["transformers-ops.compile"] = lambda: transformers_decode(fn=compiled)
         for name in zaya_backends_of("cca_prepare_decode"):

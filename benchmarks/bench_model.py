@@ -8,12 +8,20 @@ ZAYA1-8B shapes with random bf16 weights on a GPU (prefill of 1k and 8k tokens; 
 routing) and, for decode, the KV cache; a prefill is compute-bound, so its GB/s is only a lower bound of traffic.
 Decode steps extend their caches on every timed call (the timer decides how many calls), so the context grows a
 little past the prompt during a measurement.
+
+Throughput: the shape dicts carry "tokens_per_call" (the prompt for a prefill, the batch for a decode step), so
+run.py writes tokens/s for every provider: prefill tokens/s at 1k and 8k prompts, decode tokens/s at batch 1 and 32,
+kernelized and zaya modules against unmodified transformers. The kernelized model's and the modules' decode records
+also carry "decode_time_shares": the fraction of one profiled decode step's time per op family (attention, CCA
+preparation, router, experts, norms, linear layers, other; zaya_kernels.demo._decode_shares: device time on a GPU).
 """
 from __future__ import annotations
 
 import copy
 
 import torch
+
+from run import with_probe
 
 REPEATS = 10  # whole-model steps: fewer timed calls than the per-op cases
 
@@ -71,6 +79,11 @@ def cases(device: str):
         return
     from transformers.models.zaya.modeling_zaya import DynamicCache
 
+    try:
+        from zaya_kernels.demo import _decode_shares
+    except ImportError:  # demo.py's helper renamed: time the steps without the shares
+        _decode_shares = None
+
     on_gpu = device == "cuda"
     hf, kernelized, modules = _models(device)
     vocab = hf.config.vocab_size
@@ -82,7 +95,8 @@ def cases(device: str):
         providers = {"transformers": inference(lambda ids=ids: hf(input_ids=ids, use_cache=False)),
                      "kernelized": inference(lambda ids=ids: kernelized(input_ids=ids, use_cache=False)),
                      "zaya-modules": inference(lambda ids=ids: modules(ids))}
-        yield "model_prefill", {"batch": 1, "tokens": prompt}, _weight_bytes(hf, prompt), providers
+        shape = {"batch": 1, "tokens": prompt, "tokens_per_call": prompt}
+        yield "model_prefill", shape, _weight_bytes(hf, prompt), providers
 
     context = 1024 if on_gpu else 16
     room = 4096 if on_gpu else 256  # the timer's calls each add a token
@@ -99,9 +113,12 @@ def cases(device: str):
             zaya_cache = modules.new_cache(batch, context + room)
             modules(ids, cache=zaya_cache)
             providers["zaya-modules"] = inference(lambda cache=zaya_cache: modules(token, cache=cache))
+            for label in ("kernelized", "zaya-modules") if _decode_shares else ():  # one profiled step each
+                providers[label] = with_probe(providers[label], lambda step=providers[label]: {
+                    "decode_time_shares": dict(_decode_shares(step, device))})
             if on_gpu:  # the decode step as one captured graph
                 graph_cache = modules.new_cache(batch, context + room)
                 modules(ids, cache=graph_cache)
                 providers["zaya-modules+graph"] = _graph_step(modules, graph_cache, token)
         moved = _weight_bytes(hf, batch) + _kv_bytes(hf, batch, context)
-        yield "model_decode_step", {"batch": batch, "context": context}, moved, providers
+        yield "model_decode_step", {"batch": batch, "context": context, "tokens_per_call": batch}, moved, providers

@@ -1,14 +1,21 @@
 """Benchmark cases for the ZAYA router: decode latency (T = 1, 8, 64) and prefill (8k, 64k tokens) at ZAYA1-8B shapes
 (H 2048, R 256, 16 experts + skip) on GPU, tiny shapes on CPU.
 
-Providers: the reference (op by op in torch), transformers' ZayaRouter (same weights), and every zaya backend
-available; forward, and forward + backward (`zaya_router_train`: gradients to x and every weight through w and r).
-Bytes are the weights read once plus x and the outputs: decode is a weight-streaming problem.
+Providers: the reference (op by op in torch), transformers' ZayaRouter (same weights; forward under no_grad), and
+every zaya backend available; forward, and forward + backward (`zaya_router_train`: gradients to x and every weight
+through w and r; transformers' module too, its parameters and inputs requiring gradients).
+Bytes are the weights read once plus x and the outputs: decode is a weight-streaming problem. FLOPs ("flop": run.py
+reports TFLOP/s) are the four GEMMs, 2 (H R + 2 R^2 + R (E + 1)) per token forward, 3x that forward + backward.
+
+Decode cases (T <= 64) also time the launch-latency floor the same way (benchmarks/launch_floor.py: an empty Triton
+kernel and a 1-element torch add); run.py reports each provider as a multiple of the floor ("vs_launch_floor"). The
+target: the decode router in one launch at no more than 2x that floor on the same GPU.
 """
 from __future__ import annotations
 
 import torch
 
+from launch_floor import floor_providers
 from zaya_kernels.reference import router as ref
 
 EPS = 1e-5
@@ -68,7 +75,10 @@ def cases(device: str):
                 w["fc2_b"], w["out_w"], w["balance_bias"], EPS)
         providers = {"reference": lambda a=args: ref.zaya_router(*a)}
         if hf_router is not None:
-            providers["transformers"] = lambda: hf_router(x[None], r_prev[None])
+            def hf_forward(x=x, r=r_prev):
+                with torch.no_grad():
+                    return hf_router(x[None], r[None])
+            providers["transformers"] = hf_forward
         for name in zaya_backends:
             if name == "hip" and tokens > 64:
                 continue  # the HIP kernel is the decode path
@@ -76,9 +86,13 @@ def cases(device: str):
                 with zaya_kernels.use_backend(name):
                     return torch.ops.zaya.zaya_router(*a)
             providers[f"zaya-{name}"] = run
+        decode = tokens <= 64
+        if decode:
+            providers.update(floor_providers(device))
         io_bytes = tokens * (hidden + 2 * router_hidden) * x.element_size() + tokens * 8
+        flop = 2 * tokens * (hidden * router_hidden + 2 * router_hidden**2 + router_hidden * (experts + 1))
         shape = {"tokens": tokens, "hidden": hidden, "router_hidden": router_hidden, "experts": experts}
-        yield "zaya_router", shape, weight_bytes + io_bytes, providers
+        yield "zaya_router", {**shape, "flop": flop}, weight_bytes + io_bytes, providers
 
         # training step: forward + backward through the routing weight and the EDA state
         train_args = tuple(a.detach().requires_grad_(a.is_floating_point() and a is not w["balance_bias"])
@@ -90,7 +104,14 @@ def cases(device: str):
             (weight.sum() + r.float().sum()).backward()
 
         train_providers = {"reference": lambda: train("reference")}
+        if hf_router is not None:
+            hf_inputs = (x.detach()[None].requires_grad_(), r_prev.detach()[None].requires_grad_())
+
+            def hf_train(a=hf_inputs):  # the same loss: the routing weight of the chosen class and the next EDA state
+                _, probs, _, r_next = hf_router(*a)
+                (probs.float().sum() + r_next.float().sum()).backward()
+            train_providers["transformers"] = hf_train
         for name in zaya_backends:
             if name == "triton":
                 train_providers["zaya-triton"] = lambda: train("triton")
-        yield "zaya_router_train", shape, 2 * weight_bytes + 2 * io_bytes, train_providers
+        yield "zaya_router_train", {**shape, "flop": 3 * flop}, 2 * weight_bytes + 2 * io_bytes, train_providers
