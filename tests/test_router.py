@@ -403,6 +403,32 @@ def test_balance_step_without_tokens_changes_nothing():
     assert torch.equal(bias, before) and step.item() == 0 and counts.sum() == 0 and loads.abs().max() == 0
 
 
+@pytest.mark.parametrize("mode", ["adamw", "pid"])
+def test_balance_from_accumulated_counts_equals_from_the_choices(mode):
+    """Counts summed over micro-batches with expert_class_counts (what training keeps instead of every choice) give
+    the update of the concatenated choices; exactly one of expert_index / counts is accepted."""
+    from zaya_kernels.ops import expert_class_counts
+
+    chunks = [torch.tensor([0, 4, 4, 2]), torch.tensor([], dtype=torch.int64), torch.tensor([1, 4, 0, 0, 3])]
+    counts = sum(expert_class_counts(c, 5) for c in chunks)
+    assert counts.tolist() == [3, 1, 1, 1, 3]
+    results = []
+    for kwargs in (dict(expert_index=torch.cat(chunks)), dict(expert_index=None, counts=counts)):
+        state, step = new_balance_state(5)
+        bias = torch.linspace(-0.2, 0.2, 5)
+        index = kwargs.pop("expert_index")
+        results.append((*router_balance_update(index, bias, state, step, mode=mode, **kwargs), bias, state))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    state, step = new_balance_state(5)
+    with pytest.raises(ValueError, match="exactly one of `expert_index` and `counts`"):
+        router_balance_update(None, torch.zeros(5), state, step)
+    with pytest.raises(ValueError, match="`counts` must be an integer tensor of shape \\(5,\\)"):
+        router_balance_update(None, torch.zeros(5), state, step, counts=torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="values must lie in \\[0, 4\\]"):
+        expert_class_counts(torch.tensor([0, 5]), 5, check_range=True)
+
+
 def test_balance_adamw_first_step_is_lr_sign():
     """Bias-corrected AdamW's first step is lr * sign(error) (up to eps): overloaded classes go down by lr."""
     state, step = new_balance_state(4)

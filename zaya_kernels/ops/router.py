@@ -274,12 +274,32 @@ def new_balance_state(num_classes: int, device=None) -> tuple[torch.Tensor, torc
             torch.zeros(1, dtype=torch.int64, device=device))
 
 
+def expert_class_counts(expert_index: torch.Tensor, num_classes: int, check_range: bool = False) -> torch.Tensor:
+    """Tokens per class, int64 [num_classes], of the choices expert_index [...] (int, values 0..num_classes-1).
+
+    No host synchronisation (a scatter-add, not torch.bincount, whose output size depends on the values), so
+    training forwards can add up their counts as they go. check_range=True first checks the values (a
+    device->host copy; skipped during CUDA graph capture)."""
+    if expert_index.dtype.is_floating_point or expert_index.dtype == torch.bool:
+        raise TypeError(f"zaya::{_BAL}: `expert_index` must be an integer tensor, got {expert_index.dtype}")
+    flat = expert_index.reshape(-1).long()
+    capturing = flat.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if check_range and flat.numel() and not capturing:
+        low, high = torch.stack([flat.min(), flat.max()]).tolist()  # one device->host copy
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"zaya::{_BAL}: `expert_index` values must lie in [0, {num_classes - 1}] "
+                             f"(E+1 = {num_classes} classes from balance_bias), got [{low}, {high}]")
+    counts = torch.zeros(num_classes, dtype=torch.int64, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def router_balance_update(
-    expert_index: torch.Tensor,
+    expert_index: torch.Tensor | None,
     balance_bias: torch.Tensor,
     state: torch.Tensor,
     step: torch.Tensor,
     *,
+    counts: torch.Tensor | None = None,
     mode: str = "adamw",
     include_skip: bool = True,
     lr: float = 1e-3,
@@ -301,8 +321,11 @@ def router_balance_update(
 
     Parameters
     ----------
-    expert_index : [...] int (any integer dtype), values in [0, E]
+    expert_index : [...] int (any integer dtype), values in [0, E], or None with `counts`
         This step's choices (all layers' choices of one router; call once per layer).
+    counts : [E+1] int64 or None
+        Instead of expert_index: the tokens per class already counted (e.g. summed over micro-batches with
+        `expert_class_counts`, so no choices have to be kept).
     balance_bias : [E+1] float32, updated in place
     state : [2, E+1] float32, updated in place (AdamW: exp_avg, exp_avg_sq; PID: integral, previous error)
     step : [1] int64, updated in place (steps with tokens so far)
@@ -321,16 +344,16 @@ def router_balance_update(
     """
     if mode not in BALANCE_MODES:
         raise ValueError(f"zaya::{_BAL}: `mode` must be one of {', '.join(BALANCE_MODES)}, got {mode!r}")
-    if expert_index.dtype.is_floating_point or expert_index.dtype == torch.bool:
-        raise TypeError(f"zaya::{_BAL}: `expert_index` must be an integer tensor, got {expert_index.dtype}")
     num_classes = balance_bias.shape[0]
-    flat = expert_index.reshape(-1)
-    capturing = flat.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    # the range check reads the values (a device->host copy): skipped during CUDA graph capture
-    if flat.numel() and not capturing and (int(flat.min()) < 0 or int(flat.max()) >= num_classes):
-        raise ValueError(f"zaya::{_BAL}: `expert_index` values must lie in [0, {num_classes - 1}] "
-                         f"(E+1 = {num_classes} classes from balance_bias), got [{int(flat.min())}, {int(flat.max())}]")
-    counts = ref.expert_counts(flat.to(balance_bias.device), num_classes)
+    if (expert_index is None) == (counts is None):
+        raise ValueError(f"zaya::{_BAL}: pass exactly one of `expert_index` and `counts`")
+    if counts is None:
+        counts = expert_class_counts(expert_index, num_classes, check_range=True).to(balance_bias.device)
+    elif counts.shape != (num_classes,) or counts.dtype.is_floating_point or counts.dtype == torch.bool:
+        raise ValueError(f"zaya::{_BAL}: `counts` must be an integer tensor of shape ({num_classes},) (E+1 classes "
+                         f"from balance_bias), got {counts.dtype} {tuple(counts.shape)}")
+    else:
+        counts = counts.to(device=balance_bias.device, dtype=torch.int64, copy=True)  # all_reduce works in place
     if group is not None:
         import torch.distributed as dist
 
