@@ -1,4 +1,4 @@
-"""Command line: `python -m zaya_kernels {info,demo,aot-report}` (benchmarks: `python benchmarks/run.py`)."""
+"""Command line: `python -m zaya_kernels {info,demo,aot-report,tune}` (benchmarks: `python benchmarks/run.py`)."""
 from __future__ import annotations
 
 import argparse
@@ -44,6 +44,12 @@ def _aot_report(rest) -> int:
     return main(rest)
 
 
+def _tune(rest) -> int:
+    from zaya_kernels.tools.tune import main
+
+    return main(rest)
+
+
 def _demo(args) -> int:
     import torch
 
@@ -77,6 +83,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "aot-report":  # its own argparse, so `aot-report --help` shows its options
         return _aot_report(argv[1:])
+    if argv and argv[0] == "tune":  # its own argparse too (`tune moe --help`)
+        return _tune(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m zaya_kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, GPU, and the backend each op would use")
@@ -92,6 +100,8 @@ def main(argv=None) -> int:
     demo.add_argument("--layers", type=_positive_int, default=None, help="layers in the op check (default 40 on GPU, 3 on CPU)")
     demo.add_argument("--repeats", type=_positive_int, default=None, help="timed repeats in the op check (default 20 GPU, 2 CPU)")
     sub.add_parser("aot-report", help="compile every Triton kernel config for gfx942/gfx950/sm_90 (see --help)")
+    sub.add_parser("tune", help="time Triton launch configs on this GPU and write the fastest valid ones into "
+                                "configs/{moe,attention}.json (see tune --help)")
     args = parser.parse_args(argv)
     if args.command == "info":
         return _info(args)
