@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import zaya_kernels
@@ -18,7 +18,7 @@ from helpers import assert_close
 # Sequence lengths around the interpreter's tile sizes (16 keys, 16 / heads query tokens) and the GPU ones (64, 128).
 lengths = st.one_of(st.sampled_from([1, 2, 3, 4, 15, 16, 17, 31, 32, 33]), st.integers(1, 40))
 batches = st.lists(lengths, min_size=1, max_size=4)
-head_layouts = st.sampled_from([(1, 1), (2, 1), (4, 2), (3, 1), (8, 2), (6, 3), (5, 5)])  # (Hq, Hkv)
+head_layouts = st.sampled_from([(1, 1), (2, 1), (4, 2), (3, 1), (8, 2), (6, 3), (5, 5), (8, 1), (16, 2)])  # (Hq, Hkv)
 
 
 def cu_seqlens_of(lens, device="cpu"):
@@ -100,8 +100,25 @@ def test_reference_matches_transformers_eager_attention(lens, heads, d, causal, 
     out, lse = ref.cca_attention(q, k, v, cu, max(lens), None, causal, window)
     expected = _transformers_attention(q, k, v, lens, causal, window)
     assert_close(out, expected, dtype=torch.float64, what="reference vs transformers")
-    # lse is the log of the softmax denominator: exp(S - lse) sums to 1 over the visible keys
-    assert lse.shape == (heads[0], sum(lens)) and torch.isfinite(lse).all()
+    # lse is the log of the softmax denominator: logsumexp over the visible keys of the scaled scores
+    assert lse.shape == (heads[0], sum(lens))
+    assert_close(lse, _lse_oracle(q, k, lens, d**-0.5, causal, window), dtype=torch.float64, what="lse")
+
+
+def _lse_oracle(q, k, lens, scale, causal, window):
+    """fp64 logsumexp_j(scale q_i . k_j + mask_ij) per sequence, query head and token: [Hq, T]."""
+    group = q.shape[1] // k.shape[1]
+    rows, start = [], 0
+    for n in lens:
+        qs, ks = q[start:start + n].double(), k[start:start + n].double().repeat_interleave(group, dim=1)
+        scores = scale * torch.einsum("ihd,jhd->hij", qs, ks)
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        visible = (j <= i) if causal else torch.ones(n, n, dtype=torch.bool)
+        if window > 0:
+            visible &= i - j < window
+        rows.append(torch.logsumexp(scores.masked_fill(~visible, float("-inf")), dim=-1))
+        start += n
+    return torch.cat(rows, dim=1) if rows else q.new_zeros(q.shape[1], 0, dtype=torch.float64)
 
 
 @settings(max_examples=25)
@@ -194,6 +211,10 @@ def test_op_auto_backend_is_reference_on_cpu():
 @given(lens=batches, heads=head_layouts, d=st.sampled_from([16, 32, 48]), dtype=st.sampled_from([torch.float32,
        torch.float16]), causal=st.booleans(), window=st.sampled_from([-1, -1, 1, 6]),
        magnitude=st.sampled_from([1.0, 12.0]), seed=st.integers(0, 2**16))
+# ZAYA's grouping (8, 2) with a sliding window, and 8 query heads on one kv head, across the 16-key tiles
+@example(lens=[33, 5], heads=(8, 2), d=32, dtype=torch.float32, causal=True, window=4, magnitude=12.0, seed=1)
+@example(lens=[17, 31], heads=(8, 1), d=16, dtype=torch.float16, causal=True, window=-1, magnitude=1.0, seed=2)
+@example(lens=[20], heads=(16, 2), d=16, dtype=torch.float32, causal=True, window=6, magnitude=1.0, seed=3)
 def test_triton_forward_matches_fp64_reference(lens, heads, d, dtype, causal, window, magnitude, seed):
     if window > 0 and not causal:
         window = -1
@@ -211,6 +232,9 @@ def test_triton_forward_matches_fp64_reference(lens, heads, d, dtype, causal, wi
 @settings(max_examples=8)
 @given(lens=batches, heads=head_layouts, d=st.sampled_from([16, 32]), causal=st.booleans(),
        window=st.sampled_from([-1, -1, 4]), seed=st.integers(0, 2**16))
+# ZAYA's grouping (8, 2) causal with a sliding window (several query heads accumulate into one dk / dv), and (8, 1)
+@example(lens=[21, 5], heads=(8, 2), d=16, causal=True, window=4, seed=1)
+@example(lens=[17, 3], heads=(8, 1), d=16, causal=True, window=4, seed=2)
 def test_triton_backward_matches_autograd_of_reference(lens, heads, d, causal, window, seed):
     if window > 0 and not causal:
         window = -1
@@ -229,6 +253,7 @@ def test_triton_backward_matches_autograd_of_reference(lens, heads, d, causal, w
 
 
 def test_triton_backward_is_deterministic():
+    """Two runs give the same bits, and those equal (within rounding) autograd through the fp64 reference."""
     q, k, v, cu = make_prefill([19, 33, 7], 4, 2, 32, torch.float32, 5, requires_grad=True)
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(6))
     results = []
@@ -238,6 +263,10 @@ def test_triton_backward_is_deterministic():
             results.append(torch.autograd.grad(out, (q, k, v), grad_out))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+    expected = reference_grads(q, k, v, cu, 33, True, -1, grad_out)
+    scale = grad_scale(q, k, v, grad_out, 32**-0.5)
+    for name, a, e in zip("qkv", results[0], expected):
+        assert_close(a, e, dtype=torch.float32, reduction=33 * 32 * 2, scale=scale, what=f"d{name}")
 
 
 def test_triton_softmax_scale_and_empty_sequences():
@@ -459,6 +488,26 @@ def test_prefill_bad_input_raises_clear_error(mutate, exc, message):
     for backend in ("reference", "triton"):
         with zaya_kernels.use_backend(backend), pytest.raises(exc, match=message):
             torch.ops.zaya.cca_attention(*args)
+
+
+def test_backward_too_small_max_seqlen_raises_clear_error():
+    """The backward op checks max_seqlen against cu_seqlens too (unchecked on GPU, its grid would skip rows)."""
+    q, k, v, cu = make_prefill([3, 5], 4, 2, 16, torch.float32, 0)
+    out, lse = ref.cca_attention(q, k, v, cu, 5)
+    for backend in ("reference", "triton"):
+        with zaya_kernels.use_backend(backend), pytest.raises(ValueError, match="`max_seqlen` \\(4\\) is smaller "
+                                                                              "than the longest sequence"):
+            torch.ops.zaya.cca_attention_backward(torch.ones_like(out), q, k, v, out, lse, cu, 4)
+
+
+@pytest.mark.gpu
+def test_gpu_too_small_max_seqlen_raises_with_check_values(monkeypatch):
+    """On GPU tensors max_seqlen is checked against cu_seqlens only with ZAYA_KERNELS_CHECK_VALUES=1 (otherwise the
+    grid would leave rows of out unwritten: see the cca_attention docstring)."""
+    monkeypatch.setenv("ZAYA_KERNELS_CHECK_VALUES", "1")
+    q, k, v, cu = make_prefill([3, 5], 4, 2, 16, torch.float32, 0, device="cuda")
+    with zaya_kernels.use_backend("triton"), pytest.raises(ValueError, match="`max_seqlen` \\(4\\) is smaller"):
+        torch.ops.zaya.cca_attention(q, k, v, cu, 4)
 
 
 def _decode_args(paged):

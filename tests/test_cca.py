@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import zaya_kernels
@@ -296,30 +296,54 @@ def test_reference_handles_single_tokens_and_empty_batches():
 tiny_lengths = st.lists(st.sampled_from([0, 1, 2, 3, 9, 33, 70]), min_size=1, max_size=3)
 
 
+ROTARY = {"zero": lambda d: 0, "half": lambda d: d // 2, "full": lambda d: d}  # rotary_dim of a head_dim
+
+
 @settings(max_examples=10)
-@given(heads=st.sampled_from([(1, 1), (2, 1), (4, 1), (8, 1), (4, 2), (2, 2)]), kernels=kernel_sizes,
+@given(heads=st.sampled_from([(1, 1), (2, 1), (4, 1), (8, 1), (4, 2), (2, 2), (8, 2)]), kernels=kernel_sizes,
        lengths=tiny_lengths, head_dim=st.sampled_from([16, 32, 24]), with_init=st.booleans(),
-       dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 2**16))
-def test_triton_prefill_matches_reference(heads, kernels, lengths, head_dim, with_init, dtype, seed):
-    case = Case(*heads, head_dim, *kernels, lengths, dtype=dtype, seed=seed, with_init=with_init)
+       dtype=st.sampled_from([torch.float32, torch.float16]), rotary=st.sampled_from(list(ROTARY)),
+       seed=st.integers(0, 2**16))
+# ZAYA's kernels (2, 2) and heads (8, 2), a long sequence between short ones
+@example(heads=(8, 2), kernels=(2, 2), lengths=[1, 33, 2], head_dim=32, with_init=True, dtype=torch.float32,
+         rotary="half", seed=1)
+# the widest halo, rotary over the whole head
+@example(heads=(4, 2), kernels=(4, 4), lengths=[9, 0, 3], head_dim=16, with_init=True, dtype=torch.float16,
+         rotary="full", seed=2)
+# no rotary at all, one sequence across several token tiles
+@example(heads=(2, 2), kernels=(2, 2), lengths=[70], head_dim=24, with_init=False, dtype=torch.float32,
+         rotary="zero", seed=3)
+# an empty batch (no sequence, no token) and a batch of empty sequences
+@example(heads=(4, 2), kernels=(2, 2), lengths=[], head_dim=16, with_init=True, dtype=torch.float32, rotary="half",
+         seed=4)
+@example(heads=(4, 2), kernels=(4, 4), lengths=[0, 0], head_dim=16, with_init=True, dtype=torch.float32,
+         rotary="half", seed=5)
+def test_triton_prefill_matches_reference(heads, kernels, lengths, head_dim, with_init, dtype, rotary, seed):
+    case = Case(*heads, head_dim, *kernels, lengths, dtype=dtype, seed=seed, with_init=with_init,
+                rotary_dim=ROTARY[rotary](head_dim))
     actual = prefill(case, "triton")
     assert zaya_kernels.last_backend("cca_prepare") == "triton"
     assert_outputs_close(actual, prefill(case), case, "triton prefill")
 
 
 @settings(max_examples=10)
-@given(heads=st.sampled_from([(2, 1), (4, 2), (8, 1)]), kernels=kernel_sizes,
+@given(heads=st.sampled_from([(2, 1), (4, 2), (8, 1), (8, 2)]), kernels=kernel_sizes,
        rows=st.integers(1, 5), head_dim=st.sampled_from([16, 32]), state_dtype=st.sampled_from([torch.float32,
                                                                                                  torch.float16]),
-       seed=st.integers(0, 2**16))
-def test_triton_decode_matches_reference(heads, kernels, rows, head_dim, state_dtype, seed):
-    case = Case(*heads, head_dim, *kernels, [rows], seed=seed)
+       rotary=st.sampled_from(list(ROTARY)), seed=st.integers(0, 2**16))
+@example(heads=(8, 2), kernels=(2, 2), rows=4, head_dim=32, state_dtype=torch.float32, rotary="half", seed=1)
+@example(heads=(4, 2), kernels=(4, 4), rows=3, head_dim=16, state_dtype=torch.float16, rotary="full", seed=2)
+@example(heads=(8, 2), kernels=(2, 2), rows=2, head_dim=16, state_dtype=torch.float32, rotary="zero", seed=3)
+@example(heads=(8, 2), kernels=(4, 4), rows=0, head_dim=16, state_dtype=torch.float32, rotary="half", seed=4)
+def test_triton_decode_matches_reference(heads, kernels, rows, head_dim, state_dtype, rotary, seed):
+    case = Case(*heads, head_dim, *kernels, [rows], seed=seed, rotary_dim=ROTARY[rotary](head_dim))
     gen = torch.Generator().manual_seed(seed)
     slots = rows + 3
     conv_state = torch.randn(slots, case.channels, case.state_len, generator=gen).to(state_dtype)
     value_state = torch.randn(slots, case.value_dim, generator=gen).to(state_dtype)
     indices = torch.randperm(slots, generator=gen)[:rows].to(torch.int32)
-    indices[0] = -1  # a padded row
+    if rows:
+        indices[0] = -1  # a padded row
     expected_states = (conv_state.clone(), value_state.clone())
     expected = decode(case, torch.arange(rows), *expected_states, indices)
     actual = decode(case, torch.arange(rows), conv_state, value_state, indices, "triton")
@@ -409,21 +433,48 @@ def test_opcheck_decode(backend):
         torch.library.opcheck(torch.ops.zaya.cca_prepare_decode.default, args)
 
 
-def test_opcheck_backward():
-    case = Case(2, 1, 8, 2, 2, [3, 2], seed=0)
+@pytest.mark.parametrize("backend, dtype", [("reference", torch.float32), ("triton", torch.float32),
+                                            ("triton", torch.float16)])
+def test_opcheck_backward(backend, dtype):
+    case = Case(2, 1, 16, 2, 2, [3, 2], dtype=dtype, seed=0)
     q, k, v, conv_state, value_state = prefill(case)
     grads = (torch.randn_like(q), None, torch.randn_like(v), torch.randn_like(conv_state), None)
-    torch.library.opcheck(torch.ops.zaya.cca_prepare_backward.default, (*grads, *case.prefill_args()))
-    # Called directly (below autograd, as a compiled graph calls it) it still equals autograd through the reference.
-    actual = torch.ops.zaya.cca_prepare_backward(*grads, *case.prefill_args())
-    inputs = _differentiable(case)
+    with zaya_kernels.use_backend(backend):
+        torch.library.opcheck(torch.ops.zaya.cca_prepare_backward.default, (*grads, *case.prefill_args()))
+        # Called directly (below autograd, as a compiled graph calls it) it equals autograd through the reference.
+        actual = torch.ops.zaya.cca_prepare_backward(*grads, *case.prefill_args())
+    assert zaya_kernels.last_backend("cca_prepare_backward") == backend
+    inputs = [t.float() for t in _differentiable(case)]
     outputs = ref.cca_prepare(*inputs, case.positions, case.cu_seqlens, *case.heads())
-    loss = sum((o * g).sum() for o, g in zip(outputs, grads) if g is not None)
+    loss = sum((o * g.float()).sum() for o, g in zip(outputs, grads) if g is not None)
     expected = [torch.zeros_like(t) if g is None else g
                 for g, t in zip(torch.autograd.grad(loss, inputs, allow_unused=True), inputs)]
     assert actual[0].abs().max() > 0
-    for a, e in zip(actual, expected):
-        assert torch.allclose(a, e, rtol=1e-5, atol=1e-6)
+    for name, a, e, inp in zip(("qk", "v_current", "v_delayed", "w0", "b0", "w1", "b1", "temp"), actual, expected,
+                               case.prefill_args()):
+        assert a.dtype == inp.dtype, name
+        assert_close(a, e, dtype=dtype, reduction=case.reduction() * 5, what=f"{backend} backward {name}")
+
+
+def test_triton_backward_outputs_do_not_alias_the_incoming_gradients():
+    """fp32: grad_v_current was once returned as a view of grad_v (reshape().float() copies nothing), an alias the
+    op's schema does not allow (opcheck's schema check, and wrong results if the caller later changes grad_v)."""
+    case = Case(2, 1, 16, 2, 2, [3, 2], seed=0)
+    grads = _output_grads_like(case)
+    with zaya_kernels.use_backend("triton"):
+        torch.library.opcheck(torch.ops.zaya.cca_prepare_backward.default, (*grads, *case.prefill_args()),
+                              test_utils=("test_schema",))
+        outputs = torch.ops.zaya.cca_prepare_backward(*grads, *case.prefill_args())
+    inputs = [t for t in (*grads, *case.prefill_args()) if isinstance(t, torch.Tensor)]
+    for i, out in enumerate(outputs):
+        for t in inputs:
+            assert out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr(), f"output {i} aliases an input"
+
+
+def _output_grads_like(case):
+    q, k, v, conv_state, value_state = prefill(case)
+    gen = torch.Generator().manual_seed(1)
+    return tuple(torch.randn(t.shape, generator=gen) for t in (q, k, v, conv_state, value_state))
 
 
 def test_torch_compile_fullgraph():
@@ -504,6 +555,8 @@ def _bad_decode(index, value):
         (11, torch.tensor([0, 3], dtype=torch.int32), ValueError, "`state_indices` has index 3 but the states have "
                                                                    "only 3 slots"),
         (11, torch.tensor([0], dtype=torch.int32), ValueError, "`state_indices` must have shape"),
+        (11, torch.tensor([2, 2], dtype=torch.int32), ValueError, "`state_indices` gives slot 2 to more than one row"),
+        (11, torch.tensor([1, 1]), ValueError, "gives slot 1 to more than one row"),
         (12, 6, ValueError, "`qk` has C = 48 channels"),
     ],
 )
@@ -512,6 +565,47 @@ def test_decode_bad_input_raises_clear_error(index, value, exc, message):
     for backend in ("reference", "triton"):
         with zaya_kernels.use_backend(backend), pytest.raises(exc, match=message):
             torch.ops.zaya.cca_prepare_decode(*args)
+
+
+def test_decode_padded_rows_may_share_a_negative_index():
+    """Only non-negative state indices must be distinct: every padded row may carry the same -1."""
+    args = _bad_decode(11, torch.tensor([-1, -1], dtype=torch.int32))
+    for backend in ("reference", "triton"):
+        with zaya_kernels.use_backend(backend):
+            q, k, v = torch.ops.zaya.cca_prepare_decode(*args)
+        assert not q.any() and not k.any() and not v.any()
+
+
+def test_index_values_are_read_by_the_rule_of_the_attention_ops():
+    """cca reads index values back under the attention ops' rule (one helper: CPU tensors, or any real tensor with
+    ZAYA_KERNELS_CHECK_VALUES=1), and never those of a fake or meta tensor."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from zaya_kernels.ops import attention as attention_ops
+    from zaya_kernels.ops import cca as cca_ops
+
+    assert cca_ops._values_readable is attention_ops._values_readable
+    assert cca_ops._values_readable(torch.zeros(2, dtype=torch.int32))
+    assert not cca_ops._values_readable(torch.zeros(2, dtype=torch.int32, device="meta"))
+    with FakeTensorMode():
+        assert not cca_ops._values_readable(torch.zeros(2, dtype=torch.int32))
+
+
+@pytest.mark.gpu
+def test_gpu_index_values_are_checked_with_check_values(monkeypatch):
+    """On GPU tensors the index values are read only with ZAYA_KERNELS_CHECK_VALUES=1 (as the attention ops)."""
+    monkeypatch.setenv("ZAYA_KERNELS_CHECK_VALUES", "1")
+
+    def cuda(args):
+        return [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+
+    for index, message in ((torch.tensor([0, 3], dtype=torch.int32), "has index 3 but the states have only 3"),
+                           (torch.tensor([2, 2], dtype=torch.int32), "gives slot 2 to more than one row")):
+        with zaya_kernels.use_backend("triton"), pytest.raises(ValueError, match=message):
+            torch.ops.zaya.cca_prepare_decode(*cuda(_bad_decode(11, index)))
+    bad_cu = _bad_prefill(9, torch.tensor([0, 3, 4], dtype=torch.int32))
+    with zaya_kernels.use_backend("triton"), pytest.raises(ValueError, match="`cu_seqlens` must start at 0"):
+        torch.ops.zaya.cca_prepare(*cuda(bad_cu))
 
 
 # ---------------------------------------------------------------- paged KV-cache write (cca_prepare_paged, decode)
@@ -808,12 +902,26 @@ def test_gpu_decode_equals_prefill_and_is_graph_capturable():
     conv_state = torch.zeros(4, case.channels, 2, device="cuda")
     value_state = torch.zeros(4, case.value_dim, device="cuda")
     rows, indices = torch.tensor([0, 5], device="cuda"), torch.tensor([1, 2], dtype=torch.int32, device="cuda")
+    conv_state.normal_()
+    value_state.normal_()
+    rows = torch.tensor([0, 5, 2], device="cuda")
+    indices = torch.tensor([1, -1, 2], dtype=torch.int32, device="cuda")  # row 1 padded
+    states = (conv_state.clone(), value_state.clone())
+    expected_states = (conv_state.clone(), value_state.clone())
+    expected = decode(case, rows, *expected_states, indices)  # the reference, on the same slots
     decode(case, rows, conv_state, value_state, indices, "triton")  # warm up (compile) outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        decode(case, rows, conv_state, value_state, indices, "triton")
+        out = decode(case, rows, conv_state, value_state, indices, "triton")
+    conv_state.copy_(states[0])  # the warm-up advanced the slots: replay from the same states as the reference
+    value_state.copy_(states[1])
     graph.replay()
     torch.cuda.synchronize()
+    for name, a, e in zip("qkv", out, expected):
+        assert_close(a, e, dtype=torch.bfloat16, reduction=case.reduction(), what=f"graph replay {name}")
+    assert not out[0][1].any() and not out[1][1].any() and not out[2][1].any(), "padded row"
+    assert_close(conv_state, expected_states[0], what="graph replay conv state")
+    assert_close(value_state, expected_states[1], what="graph replay value state")
 
 
 @pytest.mark.gpu

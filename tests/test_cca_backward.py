@@ -68,6 +68,11 @@ lengths_st = st.lists(st.sampled_from([0, 1, 2, 3, 33]), min_size=1, max_size=3)
 # no halo at all, no rotary, only the state gradients
 @example(heads=(2, 2), head_dim=16, k0=1, k1=1, lengths=[2, 1], rotary="zero", with_init=False,
          present=[False, False, False, True, True], seed=2)
+# GQA 8: eight query heads share one kv head (and 16 on 2), every gradient given
+@example(heads=(8, 1), head_dim=16, k0=2, k1=2, lengths=[3, 33], rotary="half", with_init=True, present=[True] * 5,
+         seed=3)
+@example(heads=(16, 2), head_dim=16, k0=4, k1=4, lengths=[2, 5], rotary="full", with_init=True, present=[True] * 5,
+         seed=4)
 def test_triton_backward_matches_reference(heads, head_dim, k0, k1, lengths, rotary, with_init, present, seed):
     rotary_dim = {"zero": 0, "half": head_dim // 2, "full": head_dim}[rotary]
     case = Case(*heads, head_dim, k0, k1, lengths, seed=seed, rotary_dim=rotary_dim, with_init=with_init)
@@ -156,3 +161,32 @@ def test_gpu_triton_backward_matches_reference_and_is_deterministic(dtype, lengt
         again = torch.ops.zaya.cca_prepare_backward(*grads, *case.prefill_args())
     for name, a, b in zip(GRAD_NAMES, actual, again):
         assert torch.equal(a, b), f"{name}: two runs differ (the partial sums must be deterministic)"
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_initial_value_state_gets_its_gradient(backend):
+    """The initial value state is Vd_{-1} of each sequence that has one: its gradient is the delayed half of v's first
+    row (the final value state itself for an empty sequence, nothing without has_initial_state). With attention_bias
+    the modules pass v_proj_delayed's bias here, so the bias's gradient depends on it. Against autograd through the
+    reference with the state as a leaf (fp64)."""
+    case = Case(4, 2, 8, 2, 2, [3, 0, 1, 4], seed=3)
+    num_seqs = len(case.lengths)
+    gen = torch.Generator().manual_seed(4)
+    conv = torch.randn(num_seqs, case.channels, case.state_len, generator=gen)
+    value = torch.randn(num_seqs, case.value_dim, generator=gen)
+    has = torch.tensor([1, 1, 0, 1], dtype=torch.int32)
+    args = case.prefill_args()[:14]  # up to rope_theta: the states are given below
+    grads = _output_grads(case, (True, True, True, False, True), seed=5)
+    leaf = value.clone().requires_grad_()
+    with zaya_kernels.use_backend(backend):
+        outputs = torch.ops.zaya.cca_prepare(*args, conv, leaf, has)
+    loss = sum((o * g).sum() for o, g in zip(outputs, grads) if g is not None)
+    (actual,) = torch.autograd.grad(loss, leaf)
+    leaf64 = value.double().requires_grad_()
+    with torch.enable_grad():
+        expected_outputs = ref.cca_prepare(*[t.double() if t.is_floating_point() else t for t in args[:9]],
+                                           *args[9:], conv.double(), leaf64, has)
+        expected_loss = sum((o * g.double()).sum() for o, g in zip(expected_outputs, grads) if g is not None)
+        (expected,) = torch.autograd.grad(expected_loss, leaf64)
+    assert expected[2].abs().max() == 0 and expected.abs().max() > 0  # no initial state: no gradient
+    assert_close(actual, expected.float(), what=f"{backend} grad initial_value_state")

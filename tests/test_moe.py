@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import zaya_kernels
@@ -150,6 +150,10 @@ def test_reference_backward_formula_matches_autograd(T, E, H, I, routing, skip_m
 @settings(max_examples=25)
 @given(T=st.integers(0, 600), E=st.integers(1, 64), block_m=st.sampled_from([16, 32, 64]),
        routing=st.sampled_from(ROUTINGS), seed=st.integers(0, 2**16))
+# E = 64: 66 classes pad to C_PAD = 128 (chunks of 32 tokens, 19 of them in the chunked path)
+@example(T=600, E=64, block_m=16, routing="random", seed=3)
+@example(T=97, E=64, block_m=64, routing="some_experts_empty", seed=4)
+@example(T=0, E=64, block_m=32, routing="random", seed=5)
 def test_dispatch_properties_and_triton(T, E, block_m, routing, seed):
     index = draw_index(routing, T, E, torch.Generator().manual_seed(seed))
     counts, offsets, sorted_ids, inverse, tile_expert, tile_start = ref.moe_dispatch(index, E, block_m)
@@ -202,6 +206,13 @@ def test_op_matches_per_token_loop(T, E, H, I, dtype, routing, skip_mode, block_
 @given(T=st.integers(0, 40), E=st.integers(1, 8), H=st.integers(1, 40), I=st.integers(1, 40),
        dtype=st.sampled_from([torch.float32, torch.float16]), routing=st.sampled_from(ROUTINGS),
        skip_mode=st.sampled_from([0, 1]), block_m=st.sampled_from([16, 32]), seed=st.integers(0, 2**16))
+# H, I > 64: several K iterations and column blocks of both GEMMs (interpreter tiles 16 / 32), masked edges
+@example(T=40, E=2, H=72, I=80, dtype=torch.float32, routing="random", skip_mode=1, block_m=32, seed=11)
+@example(T=20, E=3, H=260, I=20, dtype=torch.float16, routing="some_experts_empty", skip_mode=1, block_m=16,
+         seed=12)  # H > 256: two column blocks of the skip kernel
+@example(T=29, E=64, H=16, I=24, dtype=torch.float32, routing="random", skip_mode=1, block_m=16, seed=13)
+@example(T=0, E=4, H=70, I=70, dtype=torch.float32, routing="random", skip_mode=1, block_m=16, seed=14)
+@example(T=33, E=4, H=70, I=70, dtype=torch.float32, routing="all_skipped", skip_mode=1, block_m=32, seed=15)
 def test_triton_forward_matches_per_token_loop(T, E, H, I, dtype, routing, skip_mode, block_m, seed):
     x, gate_up, down, index, weight = make_inputs(T, E, H, I, dtype, routing, seed)
     expected = ref.moe_per_token(x, gate_up, down, index, weight, skip_mode)
@@ -210,6 +221,29 @@ def test_triton_forward_matches_per_token_loop(T, E, H, I, dtype, routing, skip_
     assert zaya_kernels.last_backend("moe_experts") == "triton"
     assert actual.dtype == dtype
     assert_close(actual, expected, dtype=dtype, reduction=max(H, I), what="triton forward")
+
+
+@pytest.mark.parametrize("T, E", [(40, 3), (70, 64)])
+def test_triton_dispatch_picks_the_chunked_path_above_the_threshold(monkeypatch, T, E):
+    """The op's own choice of path (T > SINGLE_PROGRAM_MAX_TOKENS: the three-launch chunked dispatch), with the
+    threshold lowered so that a small T crosses it; both sides of it equal the reference."""
+    from zaya_kernels.triton import moe as tri
+
+    index = draw_index("random", T, E, torch.Generator().manual_seed(T))
+    expected = ref.moe_dispatch(index, E, 16)
+    launched = []
+    for name in ("moe_dispatch_kernel", "moe_dispatch_count_kernel"):
+        kernel = getattr(tri, name)
+        monkeypatch.setattr(tri, name, type("Spy", (), {"__getitem__": lambda self, grid, k=kernel, n=name: (
+            launched.append(n), k[grid])[1]})())
+    for threshold, path in ((T, "moe_dispatch_kernel"), (T - 1, "moe_dispatch_count_kernel")):
+        monkeypatch.setattr(tri, "SINGLE_PROGRAM_MAX_TOKENS", threshold)
+        launched.clear()
+        with zaya_kernels.use_backend("triton"):
+            actual = moe_dispatch(index, E, 16)
+        assert launched == [path], (threshold, launched)
+        for a, e in zip(actual, expected):
+            assert torch.equal(a, e), path
 
 
 def test_triton_forward_many_experts():
@@ -227,6 +261,15 @@ def test_triton_forward_many_experts():
        routing=st.sampled_from(ROUTINGS), skip_mode=st.sampled_from([0, 1]), backend=st.sampled_from(["reference",
                                                                                                       "triton"]),
        seed=st.integers(0, 2**16))
+# H, I > 64 (interpreter tiles 32): several K iterations and column blocks in bwd_act (the routing-weight partials
+# of 3 column blocks summed), bwd_dx and both weight-gradient GEMMs (M / N tiles, > 16 tokens per expert: several
+# token iterations), masked edges everywhere
+@example(T=40, E=2, H=72, I=80, routing="none_skipped", skip_mode=1, backend="triton", seed=11)
+@example(T=20, E=2, H=260, I=20, routing="random", skip_mode=1, backend="triton", seed=12)  # 2 skip column blocks
+@example(T=29, E=64, H=8, I=8, routing="random", skip_mode=1, backend="triton", seed=13)  # most experts empty
+@example(T=0, E=3, H=70, I=70, routing="random", skip_mode=1, backend="triton", seed=14)
+@example(T=24, E=4, H=70, I=70, routing="all_skipped", skip_mode=1, backend="triton", seed=15)
+@example(T=24, E=4, H=70, I=70, routing="all_skipped", skip_mode=0, backend="triton", seed=16)
 def test_gradients_match_autograd_through_per_token_loop(T, E, H, I, routing, skip_mode, backend, seed):
     inputs = make_inputs(T, E, H, I, torch.float32, routing, seed, requires_grad=True)
     _, expected = grads_through(lambda *a: ref.moe_per_token(*a, skip_mode), inputs, seed)

@@ -261,7 +261,7 @@ def cca_attention(
     q : [T, Hq, D] float32 / float16 / bfloat16; D a multiple of 16 up to 256
     k, v : [T, Hkv, D] q's dtype; Hq a multiple of Hkv
     cu_seqlens : [B + 1] int32 on q's device, cumulative sequence lengths (0, ..., T)
-    max_seqlen : int, at least the longest sequence (sizes the kernel grid)
+    max_seqlen : int, at least the longest sequence (sizes the kernel grid: see Notes)
     softmax_scale : float or None (1 / sqrt(D))
     causal : bool
     window : int, sliding window length (<= 0: none; needs causal)
@@ -270,6 +270,21 @@ def cca_attention(
     Returns
     -------
     out : [T, Hq, D] q's dtype (and lse : [Hq, T] float32 with return_lse)
+
+    Raises
+    ------
+    ValueError
+        on a bad shape, dtype, device, head count or argument; and where the values of cu_seqlens are read (CPU
+        tensors, or GPU tensors with ZAYA_KERNELS_CHECK_VALUES=1): cu_seqlens not 0, non-decreasing, ..., T, or
+        `max_seqlen` smaller than the longest sequence ("`max_seqlen` (m) is smaller than the longest sequence").
+
+    Notes
+    -----
+    On a GPU the values of cu_seqlens are not read (no host synchronisation), so a too-small `max_seqlen` is not
+    detected there: the Triton grid covers only the first max_seqlen tokens of each sequence, and the rows of
+    `out` and `lse` past them are left unwritten (uninitialised memory, torch.empty), as are those rows of dq in
+    the backward, while dk / dv miss their contributions. Pass the true maximum (or an upper bound), or set
+    ZAYA_KERNELS_CHECK_VALUES=1 while debugging to have it checked.
     """
     out, lse = torch.ops.zaya.cca_attention(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens,
                                             int(max_seqlen), None if softmax_scale is None else float(softmax_scale),

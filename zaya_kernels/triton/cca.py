@@ -993,7 +993,7 @@ def _value_grads(grad_v, grad_final_value_state, cu_seqlens, tokens, value_dim, 
         g_vc = torch.zeros(tokens, value_dim, device=device, dtype=torch.float32)
     else:
         flat = grad_v.reshape(tokens, 2 * value_dim).float()
-        g_vc = flat[:, :value_dim]
+        g_vc = flat[:, :value_dim].clone()  # never a view of grad_v (fp32: .float() copies nothing): outputs own memory
         g_vd[:-1] = flat[1:, value_dim:]
         g_vd = torch.where(is_last, 0.0, g_vd)  # t + 1 starts another sequence
     if grad_final_value_state is not None:
