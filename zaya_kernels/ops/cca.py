@@ -35,13 +35,14 @@ itself would cost it its autograd (training). cca_prepare_paged shares the launc
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from zaya_kernels import backend as _backend
 from zaya_kernels.ops import _validate as check
 from zaya_kernels.ops._registry import register_op
+# The one rule for reading index values back (CPU tensors, or any real tensor with ZAYA_KERNELS_CHECK_VALUES=1;
+# never fake / meta ones), shared with the attention ops.
+from zaya_kernels.ops.attention import _values_readable
 from zaya_kernels.reference import cca as ref
 
 _OP = "cca_prepare"
@@ -50,22 +51,6 @@ _PAGED_OP = "cca_prepare_paged"
 MAX_KERNEL_SIZE = 4
 INDEX_DTYPES = (torch.int32, torch.int64)
 FLAG_DTYPES = (torch.bool, torch.int32, torch.int64)
-
-
-def _has_values(t: torch.Tensor) -> bool:
-    """True for a plain CPU tensor, whose values can be checked for free (never for fake/meta/GPU tensors:
-    reading GPU values would synchronise the host, which decode under CUDA/HIP graphs must not do)."""
-    return type(t) is torch.Tensor and t.device.type == "cpu"
-
-
-def _values_readable(t: torch.Tensor) -> bool:
-    """Whether the values of `t` may be read now without a device sync: CPU tensors, or any real tensor when
-    ZAYA_KERNELS_CHECK_VALUES=1 (as ops/attention.py); never fake / meta tensors."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    if is_fake(t) or t.device.type == "meta":
-        return False
-    return t.device.type == "cpu" or os.environ.get("ZAYA_KERNELS_CHECK_VALUES", "0") == "1"
 
 
 # ---------------------------------------------------------------- validation
@@ -124,7 +109,7 @@ def _validate_prefill_args(op, qk, v_current, v_delayed, conv0_weight, conv0_bia
     if cu_seqlens.shape[0] < 1:
         raise ValueError(f"zaya::{op}: `cu_seqlens` must have B + 1 >= 1 entries, got shape {tuple(cu_seqlens.shape)}")
     num_seqs = cu_seqlens.shape[0] - 1
-    if _has_values(cu_seqlens):
+    if _values_readable(cu_seqlens):
         bounds = cu_seqlens.tolist()
         if bounds[0] != 0 or bounds[-1] != tokens or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
             raise ValueError(f"zaya::{op}: `cu_seqlens` must start at 0, never decrease and end at T = {tokens}; got "
@@ -177,14 +162,31 @@ def _validate_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_w
                  device=qk.device, contiguous=True)
     check.tensor(op, "state_indices", state_indices, dtypes=INDEX_DTYPES, shape=(qk.shape[0],), device=qk.device,
                  contiguous=True)
-    if _has_values(state_indices) and state_indices.numel() and int(state_indices.max()) >= slots:
-        raise ValueError(f"zaya::{op}: `state_indices` has index {int(state_indices.max())} but the states have only "
-                         f"{slots} slots (negative indices mark padded rows)")
+    if _values_readable(state_indices) and state_indices.numel():
+        _check_state_index_values(op, state_indices, slots)
     check.optional_together(op, "the paged KV-cache write needs slot_mapping, k_cache and v_cache",
                             [("slot_mapping", slot_mapping), ("k_cache", k_cache), ("v_cache", v_cache)])
     if k_cache is not None:
-        writing = state_indices >= 0 if _has_values(state_indices) else None
+        writing = state_indices >= 0 if _values_readable(state_indices) else None
         _validate_cache(op, "row", qk, num_kv_heads, conv1_weight.shape[1], slot_mapping, k_cache, v_cache, writing)
+
+
+def _check_state_index_values(op, state_indices, slots):
+    """Every state index < slots (negative: a padded row), and no slot used by two rows: the kernels update each
+    row's slot in place, so two rows on one slot would race (read-modify-write of the same state)."""
+    used = state_indices[state_indices >= 0]
+    if not used.numel():
+        return
+    values, counts = used.unique(return_counts=True)
+    high, most = torch.stack([values.max().long(), counts.max()]).tolist()  # one device->host copy
+    if high >= slots:
+        raise ValueError(f"zaya::{op}: `state_indices` has index {high} but the states have only {slots} slots "
+                         "(negative indices mark padded rows)")
+    if most > 1:
+        shared = values[counts > 1].tolist()
+        raise ValueError(f"zaya::{op}: `state_indices` gives slot {shared[0]} to more than one row (shared slots: "
+                         f"{shared[:8]}); each row updates its slot in place, so two rows must not share a slot "
+                         "(negative indices mark padded rows)")
 
 
 def _validate_cache(op, rows_name, qk, num_kv_heads, head_dim, slot_mapping, k_cache, v_cache, writing=None):
@@ -432,7 +434,9 @@ def cca_prepare(
     conv1_bias : [C]
     temperature : [num_kv_heads]  the linear key temperature (ZayaQKNorm.temp)
     positions : [T] int32 / int64   RoPE position of every token
-    cu_seqlens : [B + 1] int32   sequence b is tokens cu_seqlens[b] : cu_seqlens[b + 1]
+    cu_seqlens : [B + 1] int32   sequence b is tokens cu_seqlens[b] : cu_seqlens[b + 1]; from 0, non-decreasing,
+        ending at T (checked where reading the values is free: CPU tensors, or GPU ones with
+        ZAYA_KERNELS_CHECK_VALUES=1)
     num_q_heads, num_kv_heads : int (num_q_heads % num_kv_heads == 0)
     rotary_dim : even int <= D (D * partial_rotary_factor)
     rope_theta : float
@@ -498,7 +502,8 @@ def cca_prepare_paged(
     ----------
     qk ... rope_theta, initial_conv_state, initial_value_state, has_initial_state : as in `cca_prepare`
     slot_mapping : [T] int64 / int32   cache slot of token t = block * block_size + offset; negative: not written.
-        Two tokens must not share a slot (checked on CPU tensors, with the range, where reading values is free).
+        Two tokens must not share a slot (checked with the range where reading the values is free: CPU tensors,
+        or GPU tensors with ZAYA_KERNELS_CHECK_VALUES=1).
     k_cache, v_cache : [num_blocks, block_size, num_kv_heads, D] in qk's dtype, last dim contiguous, updated in
         place: k_cache[s // block_size, s % block_size] = k[t] (v likewise) for s = slot_mapping[t] >= 0; every
         other element is untouched. On GPU a slot >= num_blocks * block_size is skipped, not checked.
@@ -538,9 +543,11 @@ def cca_prepare_decode(
     """ZAYA's CCA projection for one new token of each of B sequences, with per-slot states updated in place.
 
     Same math as `cca_prepare` with the conv and value states of slot state_indices[b] as the history. A zeroed
-    slot is a fresh sequence. No host synchronisation (CUDA/HIP-graph safe); out-of-range indices are rejected
-    on CPU tensors only (checking GPU values would synchronise): on GPU the Triton and HIP kernels treat an
-    index >= slots like a negative one.
+    slot is a fresh sequence. No host synchronisation (CUDA/HIP-graph safe): the values of state_indices (and
+    slot_mapping) are checked only where reading them is free, on CPU tensors, or on GPU tensors with
+    ZAYA_KERNELS_CHECK_VALUES=1 (a host synchronisation per call; not under graph capture), as the attention ops
+    do. Unchecked on GPU, the Triton and HIP kernels treat an index >= slots like a negative one, and two rows on
+    one slot race (which row's state update survives is undefined).
 
     Parameters
     ----------
@@ -551,7 +558,7 @@ def cca_prepare_decode(
     conv_state : [slots, C, k0 + k1 - 2] float32 / bfloat16 / float16, updated in place
     value_state : [slots, num_kv_heads * D / 2] float32 / bfloat16 / float16, updated in place
     state_indices : [B] int32 / int64   slot of each row; negative = padded row (zero outputs, no state change).
-        Two rows must not share a slot.
+        Two rows must not share a slot (checked with the range, where the values are read: ValueError).
     num_q_heads, num_kv_heads, rotary_dim, rope_theta : as in `cca_prepare`
     slot_mapping : [B] int64 / int32 or None   paged KV-cache slot of each row (block * block_size + offset);
         negative: not written. Given with k_cache and v_cache or not at all.
