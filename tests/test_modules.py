@@ -39,7 +39,8 @@ def test_state_dict_names_equal_transformers():
 
 
 @pytest.mark.parametrize("backend,name", [("reference", "gqa2"), ("reference", "mha"), ("reference", "gqa4-odd"),
-                                          ("reference", "sliding"), ("triton", "gqa2"), ("triton", "sliding")])
+                                          ("reference", "sliding"), ("reference", "biased"), ("triton", "gqa2"),
+                                          ("triton", "sliding")])
 def test_logits_and_greedy_tokens_match_transformers(backend, name):
     hf, ours = pair(name)
     ids = random_ids(2, 9)
@@ -165,17 +166,23 @@ def test_packed_varlen_and_chunked_prefill_equal_whole_sequences(backend):
     assert_close(rest, torch.cat([whole[0][4:5], whole[2][5:6]]), scale=4.0)
 
 
-def test_training_loss_gradients_and_balancing_match_transformers():
-    hf, ours = pair("gqa2")
+@pytest.mark.parametrize("backend,name", [("reference", "gqa2"), ("triton", "gqa2"), ("reference", "biased")])
+def test_training_loss_gradients_and_balancing_match_transformers(backend, name):
+    hf, ours = pair(name)
     hf.train()
     ours.train()
     ids = random_ids(2, 8)
     labels = ids.roll(-1, dims=1)
     expected_loss = torch.nn.functional.cross_entropy(hf(ids).logits.flatten(0, 1), labels.flatten())
     expected_loss.backward()
-    with use_backend("reference"):
+    chosen = []  # every layer's expert choices, as the routers made them
+    hooks = [layer.mlp.gate.register_forward_hook(lambda mod, inp, out: chosen.append(out[0]))
+             for layer in ours.model.layers]
+    with use_backend(backend):
         loss = torch.nn.functional.cross_entropy(ours(ids).flatten(0, 1), labels.flatten())
         loss.backward()
+    for hook in hooks:
+        hook.remove()
     assert abs(loss.item() - expected_loss.item()) < 5e-5 * abs(expected_loss.item())
     hf_params = dict(hf.named_parameters())
     for name, param in ours.named_parameters():
@@ -183,11 +190,19 @@ def test_training_loss_gradients_and_balancing_match_transformers():
         assert param.grad is not None, name
         # fp32 sums over every token and feature that reach the parameter, in a different order than transformers
         assert_close(param.grad, expected, reduction=4096, what=name)
-    before = ours.model.layers[0].mlp.gate.balancing_biases.clone()
+    classes = hf.config.num_experts + 1
+    before = torch.stack([layer.mlp.gate.balancing_biases.clone() for layer in ours.model.layers])
     loads = update_balancing_biases(ours, mode="adamw", lr=0.1)
-    assert loads.shape == (3, hf.config.num_experts + 1)
-    assert_close(loads.sum(-1), torch.ones(3))
-    assert not torch.equal(ours.model.layers[0].mlp.gate.balancing_biases, before)
+    after = torch.stack([layer.mlp.gate.balancing_biases for layer in ours.model.layers])
+    expected_loads = torch.stack([torch.bincount(c.long(), minlength=classes) / c.numel() for c in chosen])
+    assert loads.shape == (3, classes)
+    assert_close(loads, expected_loads)
+    # the first AdamW step (bias-corrected) moves each bias by lr against the sign of its load error
+    error = expected_loads - 1.0 / classes
+    step = after - before
+    moved = error.abs() > 1e-6
+    assert moved.any()
+    assert (step[moved] + 0.1 * error.sign()[moved]).abs().max() < 1e-4
 
 
 def test_cache_and_input_errors():
@@ -201,6 +216,9 @@ def test_cache_and_input_errors():
         ours(ids.flatten(), seq_lens=[5, 5])
     with pytest.raises(ValueError, match="positive"):
         ZayaCache(ours.config, 0, 4)
+    dropout = ZayaForCausalLM(ours.config.__class__(**{**ours.config.to_dict(), "attention_dropout": 0.1}))
+    with pytest.raises(NotImplementedError, match="attention dropout"):
+        dropout.train()(ids)
     config = ours.config.__class__(**{**ours.config.to_dict(), "hidden_act": "gelu"})
     with pytest.raises(ValueError, match="SiLU"):
         ZayaForCausalLM(config)

@@ -18,6 +18,9 @@ CONFIGS = {
     "gqa2": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, router_hidden_size=32),
     "mha": dict(num_attention_heads=2, num_key_value_heads=2, head_dim=32, num_experts=3, router_hidden_size=24),
     "gqa4-odd": dict(num_attention_heads=4, num_key_value_heads=1, head_dim=16, num_experts=5, router_hidden_size=20),
+    # attention_bias: a fresh sequence's delayed value is v_proj_delayed's bias, not 0
+    "biased": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=3, router_hidden_size=16,
+                   attention_bias=True),
 }
 
 
@@ -44,8 +47,8 @@ def relative_error(actual, expected):
     return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("backend,name", [(backend, name) for backend in ("reference", "triton") for name in CONFIGS
+                                          if (backend, name) != ("triton", "biased")])  # the bias: wrapper code
 def test_logits_and_greedy_tokens_match(name, backend):
     model = tiny_model(name)
     ids, mask = left_padded_batch()
@@ -86,6 +89,27 @@ def test_unpadded_batch_runs_the_zaya_attention_ops(backend):
     assert relative_error(logits, expected_logits) < 5e-5
     assert relative_error(chunk_logits, expected_logits[:, 4:]) < 5e-5
     assert torch.equal(tokens, expected_tokens)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_sequences_packed_by_position_ids(backend):
+    """Padding-free batches: position_ids restarting inside a row, no mask, no cache. transformers then attends
+    block-diagonally (its convolutions still run across the boundaries); the kernelized model attends over the packed
+    sequences with zaya::cca_attention and gives the same logits, also with a sliding-window layer. With a cache
+    transformers does not unpack, and neither does kernelize."""
+    model = tiny_model("gqa2", layers=2, layer_types=["hybrid_sliding", "hybrid"], sliding_window=3)
+    ids = torch.randint(3, 97, (2, 10), generator=torch.Generator().manual_seed(5))
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4], [0, 1, 0, 1, 2, 3, 4, 5, 6, 0]])
+    with torch.no_grad():
+        expected = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        expected_cached = model(input_ids=ids, position_ids=positions).logits
+        kernelize(model, backend=backend)
+        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        assert attention_paths(model) == ["zaya::cca_attention"] * 2
+        cached = model(input_ids=ids, position_ids=positions).logits
+    assert relative_error(expected_cached, expected) > 1e-2  # the two layouts really differ
+    assert relative_error(packed, expected) < 5e-5
+    assert relative_error(cached, expected_cached) < 5e-5
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -146,9 +170,10 @@ def test_skip_class_is_chosen_in_the_parity_model():
     assert (routing_weights[0] == 0).any() and (routing_weights[0] > 0).any()
 
 
-def test_training_loss_and_every_gradient_match():
-    model = tiny_model("gqa2", layers=2).train()
-    kernelized = kernelize(copy.deepcopy(model), backend="reference")
+@pytest.mark.parametrize("backend,name", [("reference", "gqa2"), ("triton", "gqa2"), ("reference", "biased")])
+def test_training_loss_and_every_gradient_match(backend, name):
+    model = tiny_model(name, layers=2).train()
+    kernelized = kernelize(copy.deepcopy(model), backend=backend)
     ids, _ = left_padded_batch()
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
@@ -166,6 +191,35 @@ def test_training_loss_and_every_gradient_match():
         assert (p.grad - expected).abs().max().item() <= 1e-4 * max(scale, 1e-6), pname
 
 
+def test_activation_checkpointing_matches_and_counts_choices_once():
+    """gradient_checkpointing_enable(): each kernelized decoder layer is checkpointed; loss and gradients equal the
+    unmodified model's with checkpointing, and the recomputed forward does not count the expert choices again."""
+    from zaya_kernels.integrations.transformers import update_balancing_biases
+
+    model = tiny_model("gqa2", layers=2).train()
+    kernelized = kernelize(copy.deepcopy(model), backend="reference")
+    plain = kernelize(copy.deepcopy(model), backend="reference")
+    for m in (model, kernelized):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids, _ = left_padded_batch()
+    # use_cache=False: transformers' own checkpointed ZAYA layers would otherwise read the conv states their first
+    # pass wrote into the cache when they are recomputed (the kernelized forward drops the cache itself)
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    loss = kernelized(input_ids=ids, labels=ids).loss
+    loss.backward()
+    plain(input_ids=ids, labels=ids).loss.backward()
+    assert relative_error(loss.detach(), plain(input_ids=ids, labels=ids).loss.detach()) < 1e-6
+    grads = dict(model.named_parameters())
+    for pname, p in kernelized.named_parameters():
+        expected = grads[pname].grad
+        if expected is None:
+            continue
+        assert (p.grad - expected).abs().max().item() <= 1e-4 * max(expected.abs().max().item(), 1e-6), pname
+    for a, b in zip(kernelized.model.layers, plain.model.layers):
+        assert torch.equal(a.mlp._zaya_class_counts, b.mlp._zaya_class_counts // 2)  # plain ran two forwards
+    assert update_balancing_biases(kernelized) is not None
+
+
 def test_kernelize_zaya_model_and_bad_input():
     model = tiny_model("mha")
     base = copy.deepcopy(model.model)
@@ -175,10 +229,32 @@ def test_kernelize_zaya_model_and_bad_input():
         assert isinstance(kernelize(base), ZayaModel)
         actual = base(input_ids=ids, attention_mask=mask).last_hidden_state
     assert relative_error(actual, expected) < 5e-5
+    with pytest.raises(NotImplementedError, match="output_hidden_states=True"):
+        base(input_ids=ids, output_hidden_states=True)
+    with pytest.raises(NotImplementedError, match="output_router_logits=True"):
+        base(input_ids=ids, output_router_logits=True)
     with pytest.raises(TypeError, match="ZayaForCausalLM or ZayaModel"):
         kernelize(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="unknown zaya_kernels backend"):
         kernelize(model, backend="cuda")
+
+
+def test_scaled_rope_is_refused_by_the_cca_kernels_and_runs_with_cca_false():
+    """cca_prepare applies the default NeoX RoPE: a model with a scaled rope_type is refused (by kernelize and by the
+    modules) instead of giving wrong logits; kernelize(cca=False) keeps transformers' projection and rotary tables."""
+    from zaya_kernels.modules import ZayaForCausalLM as ModulesModel
+
+    rope = {"hybrid": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0, "partial_rotary_factor": 0.5}}
+    model = tiny_model("gqa2", layers=2, rope_parameters=rope)
+    ids = torch.randint(3, 97, (1, 12), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(NotImplementedError, match="rope_type 'linear'.*cca=False"):
+        kernelize(copy.deepcopy(model))
+    with pytest.raises(NotImplementedError, match="rope_type 'linear'"):
+        ModulesModel(model.config)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        actual = kernelize(model, backend="reference", cca=False)(input_ids=ids).logits
+    assert relative_error(actual, expected) < 5e-5
 
 
 def test_sharded_checkpoint_round_trip_into_a_kernelized_model(tmp_path):

@@ -281,6 +281,21 @@ def cca_projections(proj: nn.Module, x: torch.Tensor):
     return qk.contiguous(), v_current.contiguous(), v_delayed.contiguous()
 
 
+def rope_settings(config, layer_type: str) -> tuple[int, float]:
+    """(rotary_dim, rope_theta) of a layer type's rope_parameters: the plain NeoX RoPE the CCA kernels apply
+    (inv_freq_i = theta^(-2i / rotary_dim)) on the first head_dim * partial_rotary_factor dims. A scaled rope_type
+    (linear, dynamic, yarn, llama3, longrope, ...) changes the frequencies or the attention scale: refused here,
+    rather than computed as the default one."""
+    rope = config.rope_parameters[layer_type]
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default":
+        raise NotImplementedError(
+            f"zaya_kernels: rope_type {rope_type!r} (layer type {layer_type!r}) is not implemented by the CCA "
+            "kernels, which apply the default NeoX RoPE; with kernelize(model, cca=False) transformers' own CCA "
+            "projection and rotary embedding run instead")
+    return int(config.head_dim * rope.get("partial_rotary_factor", 1.0)), float(rope["rope_theta"])
+
+
 class QKNorm(nn.Module):
     """transformers' ZayaQKNorm parameter: temp [n_kv], the linear key temperature."""
 
@@ -307,11 +322,11 @@ class CCAAttention(nn.Module):
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         layer_type = config.layer_types[layer_idx]
-        rope = config.rope_parameters[layer_type]
-        self.rotary_dim = int(self.head_dim * rope.get("partial_rotary_factor", 1.0))
-        self.rope_theta = float(rope["rope_theta"])
+        self.rotary_dim, self.rope_theta = rope_settings(config, layer_type)
         sliding = layer_type == "hybrid_sliding" and config.sliding_window
         self.window = int(config.sliding_window) if sliding else -1
+        self.conv_state_len = config.cca_time0 + config.cca_time1 - 2
+        self.attention_dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0)
         self.qkv_proj = CCAProjection(config)
         self.qk_norm = QKNorm(config)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
@@ -322,6 +337,10 @@ class CCAAttention(nn.Module):
                 proj.conv_qk_grouped.bias, self.qk_norm.temp)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: ZayaCache | None = None) -> torch.Tensor:
+        if self.training and self.attention_dropout > 0.0:
+            raise NotImplementedError(f"zaya modules: attention dropout ({self.attention_dropout}) is not implemented "
+                                      "by the zaya attention ops; train with attention_dropout=0 or kernelize "
+                                      "transformers' model (its attention runs there with dropout)")
         proj = self.qkv_proj
         qk, v_current, v_delayed = proj.project(x)
         heads = (self.num_heads, self.num_kv_heads, self.rotary_dim, self.rope_theta)
@@ -344,6 +363,8 @@ class CCAAttention(nn.Module):
             if cache is not None:
                 states = dict(initial_conv_state=cache.conv_state[layer], initial_value_state=cache.value_state[layer],
                               has_initial_state=batch.has_state)
+            if proj.v_proj_delayed.bias is not None:
+                states = self._states_with_value_bias(states, batch, qk)
             q, k, v, final_conv, final_value = zaya_ops.cca_prepare(
                 qk, v_current, v_delayed, *self._conv_args(), batch.positions, batch.cu_seqlens, *heads, **states,
                 **kv_write)
@@ -361,6 +382,23 @@ class CCAAttention(nn.Module):
             if attend_cache:
                 out = self._attend_cache(q, k_cache, v_cache, batch)
         return self.o_proj(out.reshape(x.shape[0], -1).to(x.dtype))
+
+    def _states_with_value_bias(self, states: dict, batch: ForwardBatch, qk: torch.Tensor) -> dict:
+        """With attention_bias, a fresh sequence's delayed value Vd_{-1} is v_proj_delayed(0) = its bias, not 0 (as
+        transformers computes it): every sequence gets an initial state, the fresh ones zero conv columns and the
+        bias (differentiable: cca_prepare's backward gives the initial value state its gradient)."""
+        bias = self.qkv_proj.v_proj_delayed.bias
+        num_seqs = batch.num_seqs
+        if not states:
+            return dict(initial_conv_state=qk.new_zeros(num_seqs, qk.shape[1], self.conv_state_len,
+                                                        dtype=torch.float32),
+                        initial_value_state=bias.expand(num_seqs, -1).contiguous(),
+                        has_initial_state=torch.ones(num_seqs, dtype=torch.int32, device=qk.device))
+        continuing = (states["has_initial_state"] != 0)
+        value = torch.where(continuing[:, None], states["initial_value_state"], bias.to(torch.float32))
+        conv = states["initial_conv_state"] * continuing[:, None, None]
+        return dict(initial_conv_state=conv, initial_value_state=value.to(states["initial_value_state"].dtype),
+                    has_initial_state=torch.ones_like(states["has_initial_state"]))
 
     def _attend_cache(self, q, k_cache, v_cache, batch: ForwardBatch) -> torch.Tensor:
         """Attention of new tokens over their cached sequences (their own K/V already written)."""
@@ -383,6 +421,18 @@ class CCAAttention(nn.Module):
 
 
 # ---------------------------------------------------------------- router and experts
+def record_expert_choices(block, index, num_classes: int) -> None:
+    """Add a training forward's expert choices to `block`'s per-class token counts (int64 [E+1], on the device, no
+    host synchronisation), which `update_balancing_biases` consumes: a count vector, not the choices, so memory
+    stays constant however many forwards run between updates. Not counted again when activation checkpointing
+    recomputes the forward during backward."""
+    if torch._C._current_graph_task_id() != -1:  # inside autograd's backward: a checkpoint recomputation
+        return
+    counts = zaya_ops.expert_class_counts(index.detach(), num_classes)
+    previous = getattr(block, "_zaya_class_counts", None)
+    block._zaya_class_counts = counts if previous is None else previous + counts
+
+
 class RouterMLP(nn.Module):
     """transformers' ZayaRouterMLP parameters: norm.weight [R], fc1 / fc2 [R, R] (+ bias), out_proj [E+1, R]."""
 
@@ -470,7 +520,7 @@ class ZayaMoE(nn.Module):
         y = zaya_ops.moe(x.contiguous(), self.experts.gate_up_proj, self.experts.down_proj, index, weight,
                          skip_mode=self.skip_mode)
         if self.training:  # micro-batches accumulate until the next balancing step
-            self._zaya_expert_index = getattr(self, "_zaya_expert_index", []) + [index.detach()]
+            record_expert_choices(self, index, self.gate.num_experts + 1)
         return y, r
 
 

@@ -24,21 +24,27 @@ q/k/v linear layers too in training (in inference their weights are stacked into
 Training: after each optimizer step, `update_balancing_biases(model)` moves every layer's balancing biases toward
 equal load with `zaya::router_balance_update` (DESIGN.md 1.5), from the choices the training forwards made.
 
-Outputs: `last_hidden_state` and `cache`; `output_hidden_states`, `output_attentions` and
-`output_router_logits` are not recorded by the kernelized forward (they come back as None).
+Outputs: `last_hidden_state` and `cache`. Not supported, and refused with NotImplementedError rather than
+silently skipped: `output_hidden_states`, `output_attentions`, `output_router_logits` (transformers records them
+with hooks on the layer modules, whose forwards the fused layer loop does not call; forward hooks registered on
+decoder layers or attention blocks do not fire either), and a RoPE type other than the default with cca=True.
+Activation checkpointing (`gradient_checkpointing_enable()`) checkpoints each decoder layer, without a cache as in
+transformers; the expert choices it recomputes are not counted twice for the balancing. Sequences packed into rows by restarting position_ids (no mask, no cache)
+attend block-diagonally as in transformers.
 Numerics: the kernelized model computes the residual update, router softmax and selection in fp32 (DESIGN.md);
 transformers rounds some of these to the model dtype, so bf16 models agree to bf16 rounding, fp32 models exactly
 up to fp32 rounding.
 """
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
 
 from zaya_kernels import ops as zaya_ops
 from zaya_kernels.backend import use_backend
-from zaya_kernels.modules import cca_projections
+from zaya_kernels.modules import cca_projections, record_expert_choices, rope_settings
 
 
 def _zaya_classes():
@@ -85,7 +91,7 @@ def moe_block_forward(block, hidden_states, prev_router_hidden_states=None):
         y = experts(x, index.masked_fill(skipped, 0).long().unsqueeze(-1),
                     weight.masked_fill(skipped, 0.0).to(x.dtype).unsqueeze(-1))
     if block.training:  # the choices of this step feed update_balancing_biases (micro-batches accumulate)
-        block._zaya_expert_index = getattr(block, "_zaya_expert_index", []) + [index.detach()]
+        record_expert_choices(block, index, gate.num_experts + 1)
     return y.view(batch, seq, hidden), router_state.view(batch, seq, -1)
 
 
@@ -107,19 +113,22 @@ def attention_forward(attn, hidden_states, position_ids, attention_mask, cache, 
     qk, v_current, v_delayed = cca_projections(proj, hidden_states.reshape(batch * seq, -1))
     conv_state = cache.get_conv_state(attn.layer_idx, state_idx=0) if cache is not None else None
     value_state = cache.get_recurrent_state(attn.layer_idx, state_idx=0) if cache is not None else None
-    rope = config.rope_parameters[attn.layer_type]
-    rotary_dim = int(attn.head_dim * rope.get("partial_rotary_factor", 1.0))
+    rotary_dim, rope_theta = rope_settings(config, attn.layer_type)
     cu_seqlens, every_row = batch_layout.cu_seqlens, batch_layout.every_row
     has_state = None
+    delayed_bias = proj.v_proj_delayed.bias
+    if conv_state is None and delayed_bias is not None:  # a fresh sequence: zero conv columns, and see below
+        conv_state = qk.new_zeros(batch, qk.shape[-1], config.cca_time0 + config.cca_time1 - 2)
     if conv_state is not None:
         has_state = every_row
-        if value_state is None:
-            value_state = torch.zeros(batch, v_delayed.shape[-1], dtype=qk.dtype, device=qk.device)
+        if value_state is None:  # transformers' Vd_{-1} = v_proj_delayed(0): its bias (differentiable), or 0
+            value_state = (delayed_bias.expand(batch, -1) if delayed_bias is not None else
+                           torch.zeros(batch, v_delayed.shape[-1], dtype=qk.dtype, device=qk.device))
     q, k, v, final_conv, final_value = zaya_ops.cca_prepare(
         qk.contiguous(), v_current.contiguous(), v_delayed.contiguous(), proj.conv_qk_depthwise.weight.squeeze(1),
         proj.conv_qk_depthwise.bias, proj.conv_qk_grouped.weight, proj.conv_qk_grouped.bias, attn.qk_norm.temp,
         position_ids.expand(batch, seq).reshape(-1).contiguous(), cu_seqlens,
-        config.num_attention_heads, config.num_key_value_heads, rotary_dim, float(rope["rope_theta"]),
+        config.num_attention_heads, config.num_key_value_heads, rotary_dim, rope_theta,
         None if conv_state is None else conv_state.contiguous(),
         None if value_state is None else value_state.contiguous(), has_state)
     if cache is not None:
@@ -131,10 +140,11 @@ def attention_forward(attn, hidden_states, position_ids, attention_mask, cache, 
     query = q.view(batch, seq, -1, attn.head_dim).transpose(1, 2)
     key = k.view(batch, seq, -1, attn.head_dim).transpose(1, 2)
     value = v.view(batch, seq, -1, attn.head_dim).transpose(1, 2)
-    if path == "zaya::cca_attention":  # fresh sequences of equal length: packed varlen attention
+    if path == "zaya::cca_attention":  # fresh sequences (rows, or the sequences packed in them): varlen attention
         if cache is not None:
             cache.update(key, value, attn.layer_idx, kwargs=kwargs)
-        out = zaya_ops.cca_attention(q, k, v, cu_seqlens, seq, softmax_scale=attn.scaling, window=window)
+        out = zaya_ops.cca_attention(q, k, v, batch_layout.attention_cu_seqlens, batch_layout.attention_max_seqlen,
+                                     softmax_scale=attn.scaling, window=window)
         return attn.o_proj(out.reshape(batch, seq, -1)), None
     if cache is not None:
         key, value = cache.update(key, value, attn.layer_idx, kwargs=kwargs)
@@ -160,13 +170,16 @@ class _BatchLayout:
 
     cu_seqlens int32 [B+1] (B rows of S tokens) and every_row int32 [B] (ones) for cca_prepare; unpadded: no
     padding at all; seq_starts int32 [B] or None: the pad count of each row of a left-padded batch, whose 2D mask
-    covers mask_len positions (past and new tokens).
+    covers mask_len positions (past and new tokens); packed: (cu_seqlens int32, max length) of the sequences packed
+    into the rows (position_ids restarting, no mask, no cache: transformers then masks attention block-diagonally,
+    while its convolutions run across the boundaries), which zaya::cca_attention attends over instead of the rows.
     """
 
-    def __init__(self, batch, seq, device, unpadded, seq_starts=None, mask_len=0):
+    def __init__(self, batch, seq, device, unpadded, seq_starts=None, mask_len=0, packed=None):
         self.cu_seqlens = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=device)
         self.every_row = torch.ones(batch, dtype=torch.int32, device=device)
         self.unpadded, self.seq_starts, self.mask_len = unpadded, seq_starts, mask_len
+        self.attention_cu_seqlens, self.attention_max_seqlen = packed if packed is not None else (self.cu_seqlens, seq)
         self._per_length = {}
 
     def lengths_and_starts(self, length):
@@ -191,6 +204,20 @@ def _left_pad_counts(attention_mask, batch):
     ones_after_zeros = bool(((mask == 0) | (mask == 1)).all() & (mask[:, 1:] >= mask[:, :-1]).all()
                             & (mask[:, -1] == 1).all())
     return (mask.shape[1] - mask.sum(1)).to(torch.int32) if ones_after_zeros else None
+
+
+def _packed_sequences(position_ids, batch, device):
+    """(cu_seqlens int32 [N+1], longest length) of the sequences packed into the rows of a batch whose positions
+    restart (transformers' find_packed_sequence_indices: a new sequence wherever the position does not grow by 1),
+    or None when every row is one sequence. One host synchronisation."""
+    positions = position_ids.expand(batch, -1)
+    first = torch.ones_like(positions, dtype=torch.bool)
+    first[:, 1:] = (positions[:, 1:] - positions[:, :-1]) != 1
+    if not bool(first[:, 1:].any()):
+        return None
+    starts = first.reshape(-1).nonzero().flatten().tolist() + [positions.numel()]
+    longest = max(b - a for a, b in zip(starts[:-1], starts[1:]))
+    return torch.tensor(starts, dtype=torch.int32, device=device), longest
 
 
 def _zaya_attention_path(attn, cache, layout) -> str:
@@ -224,8 +251,16 @@ def model_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
     mz = _zaya_classes()
     kwargs.pop("past_key_values", None) if cache is not None else None
     cache = kwargs.pop("past_key_values", cache)
-    for unused in ("output_attentions", "output_hidden_states", "output_router_logits", "return_dict"):
-        kwargs.pop(unused, None)
+    for unrecorded in ("output_attentions", "output_hidden_states", "output_router_logits"):
+        # transformers records these with hooks on the layer modules, whose forwards the fused loop below does
+        # not call: refused rather than returned as None
+        if kwargs.pop(unrecorded, None) or getattr(self.config, unrecorded, False):
+            raise NotImplementedError(f"kernelize: {unrecorded}=True is not supported by the kernelized forward; "
+                                      "run the unmodified model for it")
+    kwargs.pop("return_dict", None)
+    checkpointing = self.gradient_checkpointing and self.training
+    if checkpointing:  # a recomputed layer would write its cache states twice: no cache while checkpointing
+        use_cache, cache = False, None
     if (input_ids is None) ^ (inputs_embeds is not None):
         raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
     use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -233,6 +268,7 @@ def model_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
         inputs_embeds = self.embed_tokens(input_ids)
     if use_cache and cache is None:
         cache = mz.DynamicCache(config=self.config)
+    given_positions = position_ids is not None
     if position_ids is None:
         past_seen_tokens = cache.get_seq_length() if cache is not None else 0
         position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens)[None]
@@ -259,9 +295,13 @@ def model_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
         # the zaya attention ops need an unpadded or left-padded batch; a prepared mask mapping cannot be checked
         unpadded = attention_mask is None or (isinstance(attention_mask, torch.Tensor) and bool(attention_mask.all()))
         seq_starts = None if unpadded else _left_pad_counts(attention_mask, batch)
+        # as transformers' masks: sequences packed into rows only without a mask and without a cache
+        packed = (_packed_sequences(position_ids, batch, inputs_embeds.device)
+                  if given_positions and attention_mask is None and cache is None else None)
         batch_layout = _BatchLayout(batch, seq, inputs_embeds.device, unpadded, seq_starts,
-                                    attention_mask.shape[-1] if seq_starts is not None else 0)
-        for idx, layer in enumerate(layers):
+                                    attention_mask.shape[-1] if seq_starts is not None else 0, packed)
+        def layer_step(idx, residual, normed, router_state):
+            layer = layers[idx]
             kind = self.config.layer_types[idx]
             layer_masks = {"causal": mask_mapping[kind], "conv": mask_mapping.get("conv")}
             if self._zaya_cca:
@@ -275,6 +315,14 @@ def model_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
             moe_out, router_state = layer.mlp(normed, router_state)
             next_norm = layers[idx + 1].input_layernorm if idx + 1 < len(layers) else self.norm
             residual, normed = _fused_residual_norm(moe_out, residual, layer.post_mlp_residual_scale, next_norm)
+            return residual, normed, router_state
+
+        for idx in range(len(layers)):
+            if checkpointing:  # transformers' activation checkpointing function, one decoder layer per segment
+                residual, normed, router_state = self._gradient_checkpointing_func(
+                    functools.partial(layer_step, idx), residual, normed, router_state)
+            else:
+                residual, normed, router_state = layer_step(idx, residual, normed, router_state)
     return mz.MoeModelOutputWithPast(last_hidden_state=normed, cache=cache if use_cache else None)
 
 
@@ -291,6 +339,9 @@ def kernelize(model, backend: str = "auto", cca: bool = True):
         raise TypeError(f"kernelize: expected a transformers ZayaForCausalLM or ZayaModel, got {type(model).__name__}")
     with use_backend(backend):  # validates the name now rather than at the first forward
         pass
+    if cca:  # a RoPE variant cca_prepare does not implement fails now, not with wrong logits later
+        for layer_type in set(base.config.layer_types):
+            rope_settings(base.config, layer_type)
     base._zaya_backend = backend
     base._zaya_cca = cca
     base.forward = types.MethodType(model_forward, base)
@@ -318,15 +369,15 @@ def update_balancing_biases(model, *, mode: str = "adamw", include_skip: bool = 
     base = model.model if hasattr(model, "lm_head") else model  # a causal LM (transformers' or zaya_kernels.modules')
     loads = []
     for layer in base.layers:
-        chosen = getattr(layer.mlp, "_zaya_expert_index", None)
-        if not chosen:
+        counts = getattr(layer.mlp, "_zaya_class_counts", None)
+        if counts is None:
             continue
         gate = layer.mlp.gate
         key = f"_zaya_balance_state_{mode}"
         if not hasattr(gate, key):
             setattr(gate, key, new_balance_state(gate.balancing_biases.shape[0], gate.balancing_biases.device))
-        _, layer_loads = router_balance_update(torch.cat(chosen), gate.balancing_biases, *getattr(gate, key),
+        _, layer_loads = router_balance_update(None, gate.balancing_biases, *getattr(gate, key), counts=counts,
                                                mode=mode, include_skip=include_skip, group=group, **controller)
-        layer.mlp._zaya_expert_index = []
+        layer.mlp._zaya_class_counts = None
         loads.append(layer_loads)
     return torch.stack(loads) if loads else None

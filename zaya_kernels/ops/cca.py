@@ -361,6 +361,7 @@ def _hip_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight
 # ---------------------------------------------------------------- autograd
 _NUM_DIFFERENTIABLE = 8  # qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature
 _NUM_FWD_INPUTS = 17
+_CU_SEQLENS, _INITIAL_VALUE_STATE, _HAS_INITIAL_STATE = 9, 15, 16  # argument positions in the schema
 
 
 def _setup_fwd(ctx, inputs, output):
@@ -378,7 +379,31 @@ def _backward_fwd(ctx, grad_q, grad_k, grad_v, grad_conv, grad_value):
         inputs[slot] = value
     with _backend.use_backend(ctx.backend):
         grads = torch.ops.zaya.cca_prepare_backward(grad_q, grad_k, grad_v, grad_conv, grad_value, *inputs)
-    return tuple(grads) + (None,) * (_NUM_FWD_INPUTS - _NUM_DIFFERENTIABLE)
+    grad_initial_value = None
+    if len(ctx.needs_input_grad) > _INITIAL_VALUE_STATE and ctx.needs_input_grad[_INITIAL_VALUE_STATE]:
+        grad_initial_value = _initial_value_state_grad(grad_v, grad_value, inputs[_CU_SEQLENS],
+                                                       inputs[_INITIAL_VALUE_STATE], inputs[_HAS_INITIAL_STATE])
+    # positions .. initial_conv_state get none (integers, flags; the conv state: raw X columns of an earlier chunk)
+    return (tuple(grads) + (None,) * (_INITIAL_VALUE_STATE - _NUM_DIFFERENTIABLE) + (grad_initial_value,)
+            + (None,) * (_NUM_FWD_INPUTS - _INITIAL_VALUE_STATE - 1))
+
+
+def _initial_value_state_grad(grad_v, grad_final_value, cu_seqlens, initial_value_state, has_initial_state):
+    """Gradient of the initial value state [B, n_kv D / 2]: it is Vd_{-1}, the delayed half (flat columns
+    n_kv D / 2 ..) of v's first row of each sequence that has an initial state, and the final value state itself
+    for an empty one. (With attention_bias, a fresh sequence's Vd_{-1} is v_proj_delayed's bias, which the modules
+    pass here, so the bias gets its gradient through this.) No host synchronisation."""
+    value_dim = initial_value_state.shape[1]
+    grad = initial_value_state.new_zeros(initial_value_state.shape, dtype=torch.float32)
+    starts = cu_seqlens[:-1].long()
+    lengths = cu_seqlens[1:].long() - starts
+    if grad_v is not None and grad_v.shape[0] > 0:
+        first_rows = grad_v.reshape(grad_v.shape[0], -1)[starts.clamp(max=grad_v.shape[0] - 1), value_dim:]
+        grad = grad + torch.where(lengths[:, None] > 0, first_rows.float(), 0.0)
+    if grad_final_value is not None:
+        grad = grad + torch.where(lengths[:, None] == 0, grad_final_value.float(), 0.0)
+    grad = grad * (has_initial_state != 0)[:, None]
+    return grad.to(initial_value_state.dtype)
 
 
 register_op(_OP, impls={"reference": ref.cca_prepare, "triton": _triton_fwd}, fake=_fake_fwd, validate=_validate_fwd,
