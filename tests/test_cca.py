@@ -201,6 +201,36 @@ def test_batched_wrapper_matches_transformers_with_left_padding():
         assert_close(a[0], e[1, pad:], reduction=4 * head_dim, what=f"left padding {name}")
 
 
+@settings(max_examples=6, deadline=None)
+@given(data=st.data(), backend=st.sampled_from(["reference", "triton"]),
+       mask_dtype=st.sampled_from([torch.bool, torch.int64, torch.float32]))
+@example(data=None, backend="triton", mask_dtype=torch.bool)
+def test_batched_left_padding_equals_packed_sequences(data, backend, mask_dtype):
+    """cca_prepare_batched on left-padded rows (pads of 0..S-1 tokens, each row's positions counting its real tokens
+    from 0) gives, at the real tokens, exactly what the packed varlen op gives the unpadded sequences."""
+    if data is None:  # the fixed example: one row unpadded, one padded to a single token, one empty of padding 2
+        batch, seq, pads = 3, 5, [0, 4, 2]
+    else:
+        batch = data.draw(st.integers(1, 3), label="batch")
+        seq = data.draw(st.integers(1, 6), label="seq")
+        pads = data.draw(st.lists(st.integers(0, seq - 1), min_size=batch, max_size=batch), label="pads")
+    lengths = [seq - p for p in pads]
+    case = Case(4, 2, 8, 2, 2, lengths, seed=11)
+    rows = lambda t: torch.stack([torch.cat([t.new_full((p, *t.shape[1:]), 7), t[a:b]])  # noqa: E731 - pads: junk
+                                  for p, a, b in zip(pads, case.cu_seqlens[:-1], case.cu_seqlens[1:])])
+    mask = torch.stack([torch.arange(seq) >= p for p in pads]).to(mask_dtype)
+    positions = torch.stack([(torch.arange(seq) - p).clamp_min(0) for p in pads])
+    with zaya_kernels.use_backend(backend):
+        q, k, v = zaya_kernels.ops.cca_prepare_batched(rows(case.qk), rows(case.v_current), rows(case.v_delayed),
+                                                       *case.weights(), positions, *case.heads(),
+                                                       attention_mask=mask)
+        expected = torch.ops.zaya.cca_prepare(*case.prefill_args()[:8], torch.cat(
+            [torch.arange(n) for n in lengths]), *case.prefill_args()[9:])[:3]
+    for name, actual, packed in zip("qkv", (q, k, v), expected):
+        for b, (p, a, e) in enumerate(zip(pads, case.cu_seqlens[:-1], case.cu_seqlens[1:])):
+            assert_close(actual[b, p:], packed[a:e], reduction=case.reduction(), what=f"{backend} row {b} {name}")
+
+
 # ---------------------------------------------------------------- layouts against each other (reference and Triton)
 def _decode_token_by_token(case, backend, state_dtype=torch.float32):
     """Feed every sequence of the case token by token (all sequences in one batch per step, finished ones padded

@@ -71,6 +71,10 @@ def test_kernels_compile_for_nvidia_sm90():
     _assert_all_pass(results)
     rr = [r for r in results if r.name == "residual_rmsnorm.cuh"]
     assert rr and len(rr[0].kernels) >= 10, rr[0].summary()
+    for res in results:  # ptxas -v: no register spilled to local memory
+        for kname, info in res.kernels.items():
+            assert info.get("spill_stores", 0) == 0 and info.get("spill_loads", 0) == 0, (
+                f"{res.name} {kname} spills registers on sm_90: {info}")
 
 
 @pytest.mark.slow
