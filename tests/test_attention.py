@@ -388,6 +388,32 @@ def test_triton_decode_split_k_reduction(monkeypatch, max_seqlen, num_queries):
                      what=f"paged={block_table is not None}")
 
 
+@pytest.mark.parametrize("target_programs, launches_reduce", [(1, False), (64, True)])
+def test_triton_decode_one_split_writes_the_output_directly(monkeypatch, target_programs, launches_reduce):
+    """When one split per sequence fills the device (large batches), the split kernel writes the output in q's
+    dtype itself and no reduce kernel is launched; with several splits the reduce runs. Both equal the reference."""
+    from zaya_kernels.triton import attention as tri
+
+    monkeypatch.setattr(tri, "_target_programs", lambda device: target_programs)
+    reduce_launches = []
+    reduce_kernel = tri.attention_decode_reduce_kernel
+
+    class CountingReduce:
+        def __getitem__(self, grid):
+            reduce_launches.append(grid)
+            return reduce_kernel[grid]
+
+    monkeypatch.setattr(tri, "attention_decode_reduce_kernel", CountingReduce())
+    lens = [150, 1, 0, 97]
+    contiguous, paged, table, q, seq_lens, _, _ = _decode_case(lens, (4, 2), 16, 7, torch.float16, 11)
+    with zaya_kernels.use_backend("triton"):
+        out = torch.ops.zaya.cca_attention_decode(q, *paged, seq_lens, table)
+    assert bool(reduce_launches) == launches_reduce
+    expected = ref.cca_attention_decode(q.double(), *(c.double() for c in paged), seq_lens, table)
+    assert out.dtype == torch.float16
+    assert_close(out, expected, dtype=torch.float16, reduction=150 * 16, scale=output_scale(paged[1]))
+
+
 def test_triton_decode_last_token_equals_last_prefill_row():
     """The decode kernel on a cache filled from a prefill = the prefill kernel's last row of every sequence."""
     lens, hq, hkv, d, block_size = [1, 16, 37], 8, 2, 32, 5

@@ -386,7 +386,7 @@ def attention_decode_split_kernel(
     cache_stride_outer, cache_stride_pos, cache_stride_head, table_stride, block_size, num_blocks,
     num_q_heads: tl.constexpr, num_kv_heads: tl.constexpr, head_dim: tl.constexpr, num_queries: tl.constexpr,
     PAGED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_START: tl.constexpr, IEEE_FP32: tl.constexpr,
-    HEADS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEADS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DIRECT: tl.constexpr,
 ):
     """Partial attention of one split of one sequence's cache, for the query heads of one kv group.
 
@@ -396,6 +396,9 @@ def attention_decode_split_kernel(
     num_splits] fp32 (log2). Positions are clamped to the cache capacity and block ids to the pool, so even
     unchecked bad seq_lens or block_table values cannot read outside the tensors. HAS_START: the sequence's keys
     begin at seq_starts[seq] (left padding); only the key range shrinks, as a query before it sees no key anyway.
+    DIRECT (num_splits == 1, e.g. a large batch fills the device alone): the split is the whole sequence, so its
+    normalised result is the output: part_out_ptr is out [B, Q, Hq, D] itself (the part row index is the out row
+    when num_splits is 1), no log-sum-exp is stored and no reduce launch follows.
     """
     group: tl.constexpr = num_q_heads // num_kv_heads
     head_chunks: tl.constexpr = (group + HEADS - 1) // HEADS
@@ -459,7 +462,8 @@ def attention_decode_split_kernel(
     safe_sum = tl.where(has_keys, row_sum, 1.0)
     lse2 = tl.where(has_keys, row_max + tl.math.log2(safe_sum), float("-inf"))
     part_row = ((seq * num_queries + safe_query) * num_q_heads + head) * num_splits + split
-    tl.store(part_lse_ptr + part_row, lse2, mask=row_ok)
+    if not DIRECT:
+        tl.store(part_lse_ptr + part_row, lse2, mask=row_ok)
     _store_rows(part_out_ptr, part_row * head_dim, acc / safe_sum[:, None], row_ok, head_dim, BLOCK_D)
 
 
@@ -617,8 +621,12 @@ def attention_decode(q, k_cache, v_cache, seq_lens, block_table, softmax_scale, 
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
     split_capacity = capacity if max_seqlen is None else min(capacity, max_seqlen)
     num_splits, split_len = decode_splits(B, Hkv * chunks, split_capacity, cfg["block_n"], q.device)
-    part_out = torch.empty(B * num_queries * Hq, num_splits, D, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(B * num_queries * Hq, num_splits, dtype=torch.float32, device=q.device)
+    direct = num_splits == 1  # one split per sequence: written straight into out, no reduce launch
+    if direct:
+        part_out, part_lse = out, seq_lens  # part_lse is not touched (DIRECT)
+    else:
+        part_out = torch.empty(B * num_queries * Hq, num_splits, D, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(B * num_queries * Hq, num_splits, dtype=torch.float32, device=q.device)
     grid = (B, Hkv * chunks, num_splits)
     attention_decode_split_kernel[grid](
         q, k_cache, v_cache, seq_lens, seq_lens if seq_starts is None else seq_starts,
@@ -627,8 +635,10 @@ def attention_decode(q, k_cache, v_cache, seq_lens, block_table, softmax_scale, 
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0) if paged else 0,
         k_cache.shape[1] if paged else 1, k_cache.shape[0],
         num_q_heads=Hq, num_kv_heads=Hkv, head_dim=D, num_queries=num_queries, PAGED=paged, HAS_WINDOW=window > 0,
-        HAS_START=seq_starts is not None, IEEE_FP32=_ieee(q), HEADS=heads, ROWS=rows, BLOCK_N=cfg["block_n"], BLOCK_D=block_d_for(D),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        HAS_START=seq_starts is not None, IEEE_FP32=_ieee(q), HEADS=heads, ROWS=rows, BLOCK_N=cfg["block_n"],
+        BLOCK_D=block_d_for(D), DIRECT=direct, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if direct:
+        return out
     attention_decode_reduce_kernel[(B * num_queries, Hq)](
         part_out, part_lse, out, num_splits, num_q_heads=Hq, head_dim=D, SPLITS=triton.next_power_of_2(num_splits),
         BLOCK_D=block_d_for(D), num_warps=1)
@@ -669,7 +679,7 @@ _DECODE_SIGNATURE = {
     "block_size": "i32", "num_blocks": "i32",
     "num_q_heads": "constexpr", "num_kv_heads": "constexpr", "head_dim": "constexpr", "num_queries": "constexpr",
     "PAGED": "constexpr", "HAS_WINDOW": "constexpr", "HAS_START": "constexpr", "IEEE_FP32": "constexpr",
-    "HEADS": "constexpr", "ROWS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr",
+    "HEADS": "constexpr", "ROWS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "DIRECT": "constexpr",
 }
 _REDUCE_SIGNATURE = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": "*bf16", "num_splits": "i32",
                      "num_q_heads": "constexpr", "head_dim": "constexpr", "SPLITS": "constexpr",
@@ -696,18 +706,22 @@ def _aot_configs() -> dict[str, list]:
                         variants = itertools.product((1, 4) if block_d == 128 else (1,), (False, True), (False,))
                         if block_d == 128:
                             variants = [*variants, (1, False, True)]
-                        for queries, paged, has_start in variants:
+                        # DIRECT (one split: the output written in place, bf16) for every variant
+                        for (queries, paged, has_start), direct in itertools.product(variants, (False, True)):
                             rows = max(16, queries * heads)
                             consts = {"num_q_heads": 8, "num_kv_heads": 2, "head_dim": block_d,
                                       "num_queries": queries, "PAGED": paged, "HAS_WINDOW": has_window,
                                       "HAS_START": has_start, "IEEE_FP32": False, "HEADS": heads, "ROWS": rows,
-                                      "BLOCK_N": cfg["block_n"], "BLOCK_D": block_d}
+                                      "BLOCK_N": cfg["block_n"], "BLOCK_D": block_d, "DIRECT": direct}
                             label = (f"paged={int(paged)},window={int(has_window)},start={int(has_start)},"
-                                     f"queries={queries},HEADS={heads},"
+                                     f"queries={queries},direct={int(direct)},HEADS={heads},"
                                      f"ROWS={rows},BLOCK_N={cfg['block_n']},BLOCK_D={block_d},"
                                      f"warps={cfg['num_warps']},stages={cfg['num_stages']}")
+                            signature = dict(_DECODE_SIGNATURE)
+                            if direct:
+                                signature.update(part_out_ptr="*bf16", part_lse_ptr="*i32")
                             seen["decode"].setdefault(label, AotConfig(
-                                label=label, signature=dict(_DECODE_SIGNATURE), constexprs=consts,
+                                label=label, signature=signature, constexprs=consts,
                                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], matrix_expected=True))
                         continue
                     heads = min(AOT_GROUP, cfg["block_rows"])
