@@ -289,7 +289,7 @@ def rope_settings(config, layer_type: str) -> tuple[int, float]:
     rope = config.rope_parameters[layer_type]
     rope_type = rope.get("rope_type", "default")
     if rope_type != "default":
-        raise NotImplementedError(
+        raise ValueError(
             f"zaya_kernels: rope_type {rope_type!r} (layer type {layer_type!r}) is not implemented by the CCA "
             "kernels, which apply the default NeoX RoPE; with kernelize(model, cca=False) transformers' own CCA "
             "projection and rotary embedding run instead")
@@ -338,7 +338,7 @@ class CCAAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: ZayaCache | None = None) -> torch.Tensor:
         if self.training and self.attention_dropout > 0.0:
-            raise NotImplementedError(f"zaya modules: attention dropout ({self.attention_dropout}) is not implemented "
+            raise ValueError(f"zaya modules: attention dropout ({self.attention_dropout}) is not implemented "
                                       "by the zaya attention ops; train with attention_dropout=0 or kernelize "
                                       "transformers' model (its attention runs there with dropout)")
         proj = self.qkv_proj

@@ -24,7 +24,7 @@ q/k/v linear layers too in training (in inference their weights are stacked into
 Training: after each optimizer step, `update_balancing_biases(model)` moves every layer's balancing biases toward
 equal load with `zaya::router_balance_update` (DESIGN.md 1.5), from the choices the training forwards made.
 
-Outputs: `last_hidden_state` and `cache`. Not supported, and refused with NotImplementedError rather than
+Outputs: `last_hidden_state` and `cache`. Not supported, and refused with a ValueError rather than
 silently skipped: `output_hidden_states`, `output_attentions`, `output_router_logits` (transformers records them
 with hooks on the layer modules, whose forwards the fused layer loop does not call; forward hooks registered on
 decoder layers or attention blocks do not fire either), and a RoPE type other than the default with cca=True.
@@ -255,7 +255,7 @@ def model_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
         # transformers records these with hooks on the layer modules, whose forwards the fused loop below does
         # not call: refused rather than returned as None
         if kwargs.pop(unrecorded, None) or getattr(self.config, unrecorded, False):
-            raise NotImplementedError(f"kernelize: {unrecorded}=True is not supported by the kernelized forward; "
+            raise ValueError(f"kernelize: {unrecorded}=True is not supported by the kernelized forward; "
                                       "run the unmodified model for it")
     kwargs.pop("return_dict", None)
     checkpointing = self.gradient_checkpointing and self.training

@@ -37,6 +37,7 @@ byte of the file stays as it was. Without --write the proposed JSON goes to --ou
 """
 from __future__ import annotations
 
+import abc
 import argparse
 import contextlib
 import copy
@@ -289,7 +290,7 @@ def _us(seconds) -> list:
 
 
 # ==================================================================================================== base tuner
-class _Tuner:
+class _Tuner(abc.ABC):
     """Shared evaluation: compile check, reference check, timing, budget, and the final cross-target check."""
 
     module_name = ""
@@ -328,8 +329,9 @@ class _Tuner:
             return None  # interpreter kernels cannot be compiled; the reference check still runs
         return self._aot_check(kind, cfg, context, targets or [self.target], full)
 
+    @abc.abstractmethod
     def _aot_check(self, kind, cfg, context, targets, full):  # pragma: no cover - per tuner
-        raise NotImplementedError
+        ...
 
     def cross_check(self, kind, cfg, context) -> str | None:
         """Compile for every ahead-of-time target (what aot-report and CI do with every table entry)."""
@@ -356,8 +358,9 @@ class _Tuner:
             self._usable[key] = usable
         return self._usable[key]
 
+    @abc.abstractmethod
     def _shipped(self, kind, context):  # pragma: no cover - per tuner
-        raise NotImplementedError
+        ...
 
     def measure(self, label: str, cases, run_case, info) -> list[float] | None:
         """(b) then (c) for every case; None (and a rejection) when a case fails; [] when the budget ran out."""
@@ -387,8 +390,9 @@ class _Tuner:
         self.rejected.append((label, why))
         self.log(f"  {label}: REJECTED ({why})")
 
+    @abc.abstractmethod
     def _active(self, info):  # pragma: no cover - per tuner
-        raise NotImplementedError
+        ...
 
 
 # ==================================================================================================== MoE
