@@ -29,8 +29,8 @@ silently skipped: `output_hidden_states`, `output_attentions`, `output_router_lo
 with hooks on the layer modules, whose forwards the fused layer loop does not call; forward hooks registered on
 decoder layers or attention blocks do not fire either), and a RoPE type other than the default with cca=True.
 Activation checkpointing (`gradient_checkpointing_enable()`) checkpoints each decoder layer, without a cache as in
-transformers; the expert choices it recomputes are not counted twice for the balancing. Sequences packed into rows by restarting position_ids (no mask, no cache)
-attend block-diagonally as in transformers.
+transformers; the expert choices it recomputes are not counted twice for the balancing. Sequences packed into rows
+by restarting position_ids (no mask, no cache) attend block-diagonally, as in transformers.
 Numerics: the kernelized model computes the residual update, router softmax and selection in fp32 (DESIGN.md);
 transformers rounds some of these to the model dtype, so bf16 models agree to bf16 rounding, fp32 models exactly
 up to fp32 rounding.
@@ -256,7 +256,7 @@ def model_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
         # not call: refused rather than returned as None
         if kwargs.pop(unrecorded, None) or getattr(self.config, unrecorded, False):
             raise ValueError(f"kernelize: {unrecorded}=True is not supported by the kernelized forward; "
-                                      "run the unmodified model for it")
+                             "run the unmodified model for it")
     kwargs.pop("return_dict", None)
     checkpointing = self.gradient_checkpointing and self.training
     if checkpointing:  # a recomputed layer would write its cache states twice: no cache while checkpointing
@@ -300,6 +300,7 @@ def model_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
                   if given_positions and attention_mask is None and cache is None else None)
         batch_layout = _BatchLayout(batch, seq, inputs_embeds.device, unpadded, seq_starts,
                                     attention_mask.shape[-1] if seq_starts is not None else 0, packed)
+
         def layer_step(idx, residual, normed, router_state):
             layer = layers[idx]
             kind = self.config.layer_types[idx]
