@@ -259,6 +259,57 @@ def _decode_token_by_token(case, backend, state_dtype=torch.float32):
     return q, k, v, conv_state[slot_of].float(), value_state[slot_of].float()
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.float16])
+def test_prefill_chunk_into_state_pools_then_decode_equals_whole_prefill(backend, pool_dtype):
+    """A serving engine's flow: the first chunk of every prompt through cca_prepare with the state pools (slots not
+    in order, one sequence continuing from an earlier chunk), then token-by-token cca_prepare_decode from the same
+    pools: the outputs equal one whole prefill, and the pools hold the final states."""
+    case = Case(4, 2, 8, 2, 2, [5, 3, 6], seed=21)
+    whole = prefill(case)
+    slots, slot_of = 6, torch.tensor([4, 0, 2], dtype=torch.int32)
+    conv_state = torch.randn(slots, case.channels, case.state_len).to(pool_dtype)  # junk: fresh slots ignore it
+    value_state = torch.randn(slots, case.value_dim).to(pool_dtype)
+    starts = case.cu_seqlens[:-1].tolist()
+    # sequence 0 had its first token in an earlier chunk: put its state in its slot
+    earlier = prefill(case, args=(case.qk[:1], case.v_current[:1], case.v_delayed[:1], *case.weights(),
+                                  case.positions[:1], torch.tensor([0, 1], dtype=torch.int32), *case.heads()))
+    conv_state[4], value_state[4] = earlier[3][0].to(pool_dtype), earlier[4][0].to(pool_dtype)
+    done = [2, 2, 3]  # tokens of each sequence prefilled after this chunk: 1 (token 1 of seq 0), 2 and 3
+    first = [1, 0, 0]
+    rows = torch.cat([torch.arange(s + f, s + d) for s, f, d in zip(starts, first, done)])
+    cu = torch.tensor([0, 1, 3, 6], dtype=torch.int32)
+    with zaya_kernels.use_backend(backend):
+        outputs = zaya_kernels.ops.cca_prepare(
+            case.qk[rows], case.v_current[rows], case.v_delayed[rows], *case.weights(), case.positions[rows], cu,
+            *case.heads(), has_initial_state=torch.tensor([1, 0, 0], dtype=torch.int32), conv_state=conv_state,
+            value_state=value_state, state_indices=slot_of)
+    assert torch.equal(conv_state[slot_of.long()], outputs[3].to(pool_dtype))
+    assert torch.equal(value_state[slot_of.long()], outputs[4].to(pool_dtype))
+    tol = dict(dtype=torch.float16 if pool_dtype == torch.float16 else case.dtype, reduction=case.reduction())
+    for name, i in (("q", 0), ("k", 1), ("v", 2)):
+        assert_close(outputs[i], whole[i][rows], what=f"chunk {name}", **tol)
+    # then decode the rest of every sequence from the pools
+    for step in range(max(n - d for n, d in zip(case.lengths, done))):
+        live = [b for b in range(3) if done[b] + step < case.lengths[b]]
+        token_rows = torch.tensor([starts[b] + done[b] + step if b in live else 0 for b in range(3)])
+        indices = torch.tensor([int(slot_of[b]) if b in live else -1 for b in range(3)], dtype=torch.int32)
+        out = decode(case, token_rows, conv_state, value_state, indices, backend)
+        for b in live:
+            for name, i in (("q", 0), ("k", 1), ("v", 2)):
+                assert_close(out[i][b], whole[i][token_rows[b]], what=f"decode {name} seq {b}", **tol)
+    with pytest.raises(ValueError, match="state pools need conv_state, value_state and state_indices"):
+        zaya_kernels.ops.cca_prepare(*case.prefill_args()[:14], conv_state=conv_state)
+    with pytest.raises(ValueError, match="must be >= 0 with the state pools"):
+        zaya_kernels.ops.cca_prepare(*case.prefill_args()[:14], has_initial_state=torch.ones(3, dtype=torch.int32),
+                                     conv_state=conv_state, value_state=value_state,
+                                     state_indices=torch.tensor([0, -1, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match="gives slot 2 to more than one row"):
+        zaya_kernels.ops.cca_prepare(*case.prefill_args()[:14], has_initial_state=torch.ones(3, dtype=torch.int32),
+                                     conv_state=conv_state, value_state=value_state,
+                                     state_indices=torch.tensor([2, 1, 2], dtype=torch.int32))
+
+
 @settings(max_examples=25)
 @given(heads=head_configs, kernels=kernel_sizes, lengths=seq_lengths, head_dim=st.sampled_from([4, 8, 16]),
        seed=st.integers(0, 2**16))

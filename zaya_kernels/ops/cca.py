@@ -439,6 +439,9 @@ def cca_prepare(
     slot_mapping: torch.Tensor | None = None,
     k_cache: torch.Tensor | None = None,
     v_cache: torch.Tensor | None = None,
+    conv_state: torch.Tensor | None = None,
+    value_state: torch.Tensor | None = None,
+    state_indices: torch.Tensor | None = None,
 ):
     """ZAYA's CCA projection for packed variable-length sequences (prefill, or one chunk of a chunked prefill).
 
@@ -474,6 +477,14 @@ def cca_prepare(
         The last dim contiguous, any other strides (vLLM's layout). With them the op is zaya::cca_prepare_paged:
         k and v are also stored at their slots (every other cache element is untouched), and there is no autograd
         (torch.library has none for ops with mutable arguments): serving only.
+    conv_state : [slots, C, k0 + k1 - 2] float or None, updated in place
+    value_state : [slots, num_kv_heads * D / 2] float or None, updated in place
+    state_indices : [B] int32 / int64 or None
+        The state pools cca_prepare_decode reads (continuous batching), instead of initial_conv_state /
+        initial_value_state: sequence b starts from slot state_indices[b] where has_initial_state[b] (required
+        with the pools), and its final states are written back there (cast to the pools' dtype), so a chunk of a
+        prompt and the decode steps after it share one state pool. Every index in [0, slots) and no slot twice
+        (checked where reading the values is free). Serving only: no gradient flows through the pools.
 
     Returns
     -------
@@ -485,15 +496,56 @@ def cca_prepare(
     """
     check.optional_together(_OP, "the paged KV-cache write needs slot_mapping, k_cache and v_cache",
                             [("slot_mapping", slot_mapping), ("k_cache", k_cache), ("v_cache", v_cache)])
+    check.optional_together(_OP, "state pools need conv_state, value_state and state_indices",
+                            [("conv_state", conv_state), ("value_state", value_state),
+                             ("state_indices", state_indices)])
+    if state_indices is not None:
+        initial_conv_state, initial_value_state = _gather_state_pools(
+            qk, cu_seqlens, conv_state, value_state, state_indices, initial_conv_state, initial_value_state,
+            has_initial_state)
     if k_cache is not None:
-        return cca_prepare_paged(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias,
-                                 temperature, positions, cu_seqlens, num_q_heads, num_kv_heads, rotary_dim, rope_theta,
-                                 slot_mapping, k_cache, v_cache, initial_conv_state, initial_value_state,
-                                 has_initial_state)
-    return torch.ops.zaya.cca_prepare(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias,
-                                      temperature, positions, cu_seqlens, int(num_q_heads), int(num_kv_heads),
-                                      int(rotary_dim), float(rope_theta), initial_conv_state, initial_value_state,
-                                      has_initial_state)
+        outputs = cca_prepare_paged(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias,
+                                    temperature, positions, cu_seqlens, num_q_heads, num_kv_heads, rotary_dim,
+                                    rope_theta, slot_mapping, k_cache, v_cache, initial_conv_state,
+                                    initial_value_state, has_initial_state)
+    else:
+        outputs = torch.ops.zaya.cca_prepare(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight,
+                                             conv1_bias, temperature, positions, cu_seqlens, int(num_q_heads),
+                                             int(num_kv_heads), int(rotary_dim), float(rope_theta),
+                                             initial_conv_state, initial_value_state, has_initial_state)
+    if state_indices is not None:
+        rows = state_indices.long()
+        with torch.no_grad():
+            conv_state.index_copy_(0, rows, outputs[3].to(conv_state.dtype))
+            value_state.index_copy_(0, rows, outputs[4].to(value_state.dtype))
+    return outputs
+
+
+def _gather_state_pools(qk, cu_seqlens, conv_state, value_state, state_indices, initial_conv_state,
+                        initial_value_state, has_initial_state):
+    """Check the state-pool arguments of `cca_prepare` and return each sequence's initial states from its slot."""
+    if initial_conv_state is not None or initial_value_state is not None:
+        raise ValueError(f"zaya::{_OP}: pass either the state pools (conv_state, value_state, state_indices) or "
+                         "initial_conv_state / initial_value_state, not both")
+    num_seqs = cu_seqlens.shape[0] - 1
+    if has_initial_state is None:
+        raise ValueError(f"zaya::{_OP}: the state pools need has_initial_state [B] (0: a fresh sequence whose slot "
+                         "is only written)")
+    check.tensor(_OP, "state_indices", state_indices, dtypes=INDEX_DTYPES, shape=(num_seqs,), device=qk.device,
+                 contiguous=True)
+    for name, pool in (("conv_state", conv_state), ("value_state", value_state)):
+        check.tensor(_OP, name, pool, dtypes=check.FLOAT_DTYPES, device=qk.device, contiguous=True)
+    if conv_state.dim() != 3 or value_state.dim() != 2 or conv_state.shape[0] != value_state.shape[0]:
+        raise ValueError(f"zaya::{_OP}: `conv_state` must be [slots, C, k0 + k1 - 2] and `value_state` "
+                         f"[slots, num_kv_heads * D / 2] with the same slots, got {tuple(conv_state.shape)} and "
+                         f"{tuple(value_state.shape)}")
+    if _values_readable(state_indices) and state_indices.numel():
+        if int(state_indices.min()) < 0:
+            raise ValueError(f"zaya::{_OP}: `state_indices` must be >= 0 with the state pools (every sequence of a "
+                             f"prefill chunk has a slot), got {state_indices.tolist()[:8]}")
+        _check_state_index_values(_OP, state_indices, conv_state.shape[0])
+    rows = state_indices.long()
+    return conv_state.index_select(0, rows), value_state.index_select(0, rows)
 
 
 def cca_prepare_paged(
