@@ -157,13 +157,7 @@ def _validate_experts_bwd(grad_y, x, *rest):
 
 # ---------------------------------------------------------------- fake kernels (shapes only)
 def _fake_dispatch(expert_index, num_experts, block_m):
-    T = expert_index.shape[0]
-    tiles = ref.num_tiles(T, num_experts, block_m)
-
-    def new(n):
-        return expert_index.new_empty(n, dtype=torch.int32)
-
-    return new(num_experts + 1), new(num_experts + 2), new(T), new(T), new(tiles), new(tiles)
+    return ref.empty_dispatch(expert_index, num_experts, block_m)
 
 
 def _fake_experts(x, *rest):
@@ -175,20 +169,10 @@ def _fake_experts_bwd(grad_y, x, gate_up, down, routing_weight, *rest):
 
 
 # ---------------------------------------------------------------- Triton implementations
-def _dispatch_outputs(expert_index, num_experts, block_m):
-    T = expert_index.shape[0]
-    tiles = ref.num_tiles(T, num_experts, block_m)
-
-    def new(n):
-        return torch.empty(n, dtype=torch.int32, device=expert_index.device)
-
-    return new(num_experts + 1), new(num_experts + 2), new(T), new(T), new(tiles), new(tiles)
-
-
 def _triton_dispatch(expert_index, num_experts, block_m):
     from zaya_kernels.triton import moe as tri
 
-    outputs = _dispatch_outputs(expert_index, num_experts, block_m)
+    outputs = ref.empty_dispatch(expert_index, num_experts, block_m)
     tri.moe_dispatch(expert_index, num_experts, block_m, *outputs)
     return outputs
 
@@ -196,7 +180,7 @@ def _triton_dispatch(expert_index, num_experts, block_m):
 def _hip_dispatch(expert_index, num_experts, block_m):
     from zaya_kernels import _C
 
-    outputs = _dispatch_outputs(expert_index, num_experts, block_m)
+    outputs = ref.empty_dispatch(expert_index, num_experts, block_m)
     _C.moe_dispatch(expert_index, num_experts, block_m, *outputs)
     return outputs
 

@@ -41,6 +41,16 @@ def num_tiles(num_tokens: int, num_experts: int, block_m: int) -> int:
     return -(-num_tokens // block_m) + num_experts
 
 
+def empty_dispatch(expert_index: torch.Tensor, num_experts: int, block_m: int):
+    """Uninitialised int32 (counts [E+1], offsets [E+2], sorted_token_ids [T], inverse [T], tile_expert,
+    tile_start [num_tiles]) on expert_index's device: the output buffers of a dispatch kernel (and the fake
+    kernel's shapes)."""
+    T = expert_index.shape[0]
+    tiles = num_tiles(T, num_experts, block_m)
+    return tuple(expert_index.new_empty(n, dtype=torch.int32)
+                 for n in (num_experts + 1, num_experts + 2, T, T, tiles, tiles))
+
+
 # ---------------------------------------------------------------- dispatch
 def moe_dispatch(expert_index: torch.Tensor, num_experts: int, block_m: int):
     """(counts, offsets, sorted_token_ids, inverse, tile_expert, tile_start), see the module docstring.

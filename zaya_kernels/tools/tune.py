@@ -422,18 +422,6 @@ def moe_default_space(target: str) -> dict:
     return {"BLOCK_N": [32, 64, 128], "BLOCK_K": [64, 128], "num_warps": [4, 8], "num_stages": stages}
 
 
-def _dispatch_buffers(index, num_experts, block_m):
-    """Empty int32 outputs of the Triton dispatch (shapes of zaya::moe_dispatch: counts, offsets, sorted_token_ids,
-    inverse, tile_expert, tile_start). The tuner calls the Triton launchers directly: no op layer, so it also runs
-    where the compiled extension is not built yet (see main)."""
-    from zaya_kernels.reference import moe as ref
-
-    T = index.shape[0]
-    tiles = ref.num_tiles(T, num_experts, block_m)
-    return tuple(torch.empty(n, dtype=torch.int32, device=index.device)
-                 for n in (num_experts + 1, num_experts + 2, T, T, tiles, tiles))
-
-
 class MoeTuner(_Tuner):
     module_name = "zaya_kernels.triton.moe"
 
@@ -530,10 +518,12 @@ class MoeTuner(_Tuner):
         return times
 
     def _run_case(self, T, block_m):
+        from zaya_kernels.reference import moe as ref
+
         tri = self.module
         x, index, weight, expected = self.inputs(T)
         gate_up, down = self.weights()
-        outs = _dispatch_buffers(index, self.E, block_m)
+        outs = ref.empty_dispatch(index, self.E, block_m)
         y = torch.full_like(x, float("nan"))
 
         def fn():
@@ -561,7 +551,7 @@ class MoeTuner(_Tuner):
         gate_up_w, down_w = self.weights()
         grad_y = torch.randn(x.shape, generator=torch.Generator(self.device).manual_seed(7), device=self.device)
         grad_y = grad_y.to(self.dtype)
-        outs = _dispatch_buffers(index, self.E, block_m)
+        outs = ref.empty_dispatch(index, self.E, block_m)
         info = {"bucket": bucket, "block_m": block_m, "gate_up": gate_up, "down": down}
         try:
             with self._active(info):
