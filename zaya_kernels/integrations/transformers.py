@@ -213,9 +213,10 @@ def _packed_sequences(position_ids, batch, device):
     positions = position_ids.expand(batch, -1)
     first = torch.ones_like(positions, dtype=torch.bool)
     first[:, 1:] = (positions[:, 1:] - positions[:, :-1]) != 1
-    if not bool(first[:, 1:].any()):
+    starts = first.reshape(-1).nonzero().flatten().tolist()  # the one device->host copy
+    if len(starts) == batch:  # only the row starts: one sequence per row
         return None
-    starts = first.reshape(-1).nonzero().flatten().tolist() + [positions.numel()]
+    starts.append(positions.numel())
     longest = max(b - a for a, b in zip(starts[:-1], starts[1:]))
     return torch.tensor(starts, dtype=torch.int32, device=device), longest
 
