@@ -339,8 +339,8 @@ class CCAAttention(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: ZayaCache | None = None) -> torch.Tensor:
         if self.training and self.attention_dropout > 0.0:
             raise ValueError(f"zaya modules: attention dropout ({self.attention_dropout}) is not implemented "
-                                      "by the zaya attention ops; train with attention_dropout=0 or kernelize "
-                                      "transformers' model (its attention runs there with dropout)")
+                             "by the zaya attention ops; train with attention_dropout=0 or kernelize "
+                             "transformers' model (its attention runs there with dropout)")
         proj = self.qkv_proj
         qk, v_current, v_delayed = proj.project(x)
         heads = (self.num_heads, self.num_kv_heads, self.rotary_dim, self.rope_theta)
