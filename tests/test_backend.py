@@ -60,10 +60,8 @@ def test_device_target_reads_the_vendor_from_the_torch_build(monkeypatch, hip, a
 
     monkeypatch.setattr(torch.version, "hip", hip)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(gcnArchName=arch))
-    _target.device_target.cache_clear()
-    try:
-        assert _target.device_target(torch.device("cuda", 0)) == expected
-        assert attention.device_target is moe.device_target is _target.device_target
-    finally:
-        _target.device_target.cache_clear()
+    monkeypatch.setattr(_target, "_TARGETS", {})  # nothing remembered from earlier tests (restored after)
+    assert _target.device_target(torch.device("cuda", 0)) == expected
+    assert attention.device_target is moe.device_target is _target.device_target
+    monkeypatch.setattr(_target, "_TARGETS", {})
     assert _target.device_target(torch.device("cpu")) == "interpreter"

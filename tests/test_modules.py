@@ -232,6 +232,42 @@ def test_runs_are_bitwise_deterministic(backend):
         assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_torch_compile_traces_training_and_prefill_without_graph_breaks(backend):
+    """torch.compile(fullgraph=True) traces the model: the zaya ops are opaque custom ops with fake kernels and
+    registered autograd, and nothing in the layer code (config tables, device targets, expert-choice counting) stops
+    dynamo. AOT autograd ("aot_eager": fake-tensor tracing of forward and backward, no code generation) gives
+    eager's loss, gradients and balancing counts. The cached decode path keeps host-side lengths and is replayed
+    with DecodeGraph instead."""
+    _, ours = pair("gqa2")
+    ids = random_ids(2, 6)
+
+    def loss_fn(tokens):
+        return ours(tokens).float().square().mean()
+
+    def train_step(step_fn):
+        ours.zero_grad()
+        for layer in ours.model.layers:
+            layer.mlp.__dict__.pop("_zaya_class_counts", None)
+        with use_backend(backend):
+            loss = step_fn(ids)
+            loss.backward()
+        counts = [layer.mlp._zaya_class_counts.clone() for layer in ours.model.layers]
+        return loss.detach(), [p.grad.clone() for p in ours.parameters()], counts
+
+    ours.train()
+    eager = train_step(loss_fn)
+    compiled = train_step(torch.compile(loss_fn, fullgraph=True, backend="aot_eager"))
+    assert_close(compiled[0], eager[0], what="loss")
+    for name_param, got, expected in zip(ours.named_parameters(), compiled[1], eager[1]):
+        assert_close(got, expected, reduction=64, what=name_param[0])
+    for got, expected in zip(compiled[2], eager[2]):
+        assert torch.equal(got, expected)
+    ours.eval()
+    with torch.no_grad(), use_backend(backend):
+        assert_close(torch.compile(ours, fullgraph=True, backend="aot_eager")(ids), ours(ids))
+
+
 def test_cache_and_input_errors():
     _, ours = pair("gqa2")
     ids = random_ids(2, 6)

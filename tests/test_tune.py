@@ -24,6 +24,19 @@ interpreter_only = pytest.mark.skipif(torch.cuda.is_available(),
 OTHER_TARGETS = ("gfx942", "gfx950", "sm_90")
 
 
+@pytest.fixture(autouse=True)
+def shipped_tables_afterwards():
+    """After each test, once monkeypatch has put CONFIG_PATH back (this fixture is set up first, so torn down
+    last), the launchers read the shipped tables again."""
+    from zaya_kernels.triton import attention, moe
+
+    shipped = (attention.CONFIG_PATH, moe.CONFIG_PATH)
+    yield
+    assert (attention.CONFIG_PATH, moe.CONFIG_PATH) == shipped
+    attention.reload_config_table()
+    moe.reload_config_table()
+
+
 @pytest.fixture
 def tri():
     from zaya_kernels.triton import moe
@@ -37,14 +50,13 @@ def moe_table(tri, tmp_path, monkeypatch):
     path = tmp_path / "moe.json"
     shutil.copy(tri.CONFIG_PATH, path)
     monkeypatch.setattr(tri, "CONFIG_PATH", path)
-    tri.load_config_table.cache_clear()
+    tri.reload_config_table()
     yield path
-    tri.load_config_table.cache_clear()
 
 
 def _use_table(monkeypatch, module, path):
     monkeypatch.setattr(module, "CONFIG_PATH", path)
-    module.load_config_table.cache_clear()
+    module.reload_config_table()
 
 
 def _other_targets_unchanged(before: str, after: str, targets=OTHER_TARGETS):
@@ -158,7 +170,7 @@ def test_moe_write_updates_the_table_in_place_and_keeps_earlier_results(tri, moe
     assert first != before
     _other_targets_unchanged(before, first)
     assert "wrote" in capsys.readouterr().out
-    tri.load_config_table.cache_clear()
+    tri.reload_config_table()
     assert tri.pick_block_m(5, "interpreter") == 16  # the launcher reads the rewritten file
     assert tri.gemm_config("interpreter", 16, "gate_up")["BLOCK_N"] == 32
     assert tune.main(["moe", "--tokens", "40", *common]) == 0
@@ -235,7 +247,6 @@ def test_attention_tuner_writes_a_table_the_launchers_read(tmp_path, monkeypatch
     assert new["bwd_dq"] == old["bwd_dq"] and new["fwd"]["128"] == old["fwd"]["128"]
     _use_table(monkeypatch, att, str(out))
     assert att.pick_config("decode", 16, torch.device("cpu")) == decode
-    att.load_config_table.cache_clear()
 
 
 def test_json_splice_keeps_the_shipped_formatting():

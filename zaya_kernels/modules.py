@@ -154,7 +154,7 @@ class ForwardBatch:
             new_lens=new_lens, start_lens=start_lens, cu_seqlens=views["cu_seqlens"], positions=views["positions"],
             seq_lens_after=None if cache is None else views["seq_lens_after"],
             cache_rows=None if cache is None else views["cache_rows"],
-            max_total=max((s + n for s, n in zip(start_lens, new_lens)), default=0),
+            max_total=max([0] + [s + n for s, n in zip(start_lens, new_lens)]),
             state_slots=views["state_slots"], has_state=views["has_state"])
 
     @staticmethod
@@ -265,7 +265,7 @@ def cca_projections(proj: nn.Module, x: torch.Tensor):
     stale; it costs one extra copy of these weights in memory. With autograd: the four GEMMs (no copy to keep).
     """
     linears = (proj.q_proj, proj.k_proj, proj.v_proj_current, proj.v_proj_delayed)
-    if torch.is_grad_enabled() and any(lin.weight.requires_grad for lin in linears):
+    if (torch.is_grad_enabled() and any(lin.weight.requires_grad for lin in linears)) or torch.compiler.is_compiling():
         qk = torch.cat([proj.q_proj(x), proj.k_proj(x)], dim=-1)
         return qk, proj.v_proj_current(x).contiguous(), proj.v_proj_delayed(x).contiguous()
     params = [p for lin in linears for p in (lin.weight, lin.bias) if p is not None]
@@ -426,7 +426,8 @@ def record_expert_choices(block, index, num_classes: int) -> None:
     host synchronisation), which `update_balancing_biases` consumes: a count vector, not the choices, so memory
     stays constant however many forwards run between updates. Not counted again when activation checkpointing
     recomputes the forward during backward."""
-    if torch._C._current_graph_task_id() != -1:  # inside autograd's backward: a checkpoint recomputation
+    # inside autograd's backward: a checkpoint recomputation (torch.compile traces forwards only: no such case)
+    if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
         return
     counts = zaya_ops.expert_class_counts(index.detach(), num_classes)
     previous = getattr(block, "_zaya_class_counts", None)

@@ -493,12 +493,26 @@ def attention_decode_reduce_kernel(
 
 
 # ==================================================================================================== configurations
-@functools.lru_cache(maxsize=None)
+def _read_config_table() -> dict:
+    with open(CONFIG_PATH) as f:
+        return json.load(f)["targets"]
+
+
+# Read at import into a module global, not behind lru_cache: torch.compile traces through an lru_cache'd function
+# (and stops at its open()), while a global dict is a constant to it.
+_CONFIG_TABLE = _read_config_table()
+
+
+def reload_config_table() -> dict:
+    """Read CONFIG_PATH again (after the tuner rewrote it, or with CONFIG_PATH pointed at another file)."""
+    global _CONFIG_TABLE
+    _CONFIG_TABLE = _read_config_table()
+    return _CONFIG_TABLE
+
+
 def load_config_table() -> dict:
     """The tuned launch configurations: {target: {kernel: {block_d: {...}}}} from configs/attention.json."""
-    with open(CONFIG_PATH) as f:
-        table = json.load(f)
-    return table["targets"]
+    return _CONFIG_TABLE
 
 
 def block_d_for(head_dim: int) -> int:

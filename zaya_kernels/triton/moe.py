@@ -27,7 +27,6 @@ tile map and both GEMMs must share.
 """
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -529,11 +528,26 @@ def moe_unpermute_rows_backward(grad_y, sorted_token_ids, x, routing_weight, num
 
 
 # ---------------------------------------------------------------- configurations
-@functools.lru_cache(maxsize=None)
-def load_config_table() -> dict:
-    """The parsed zaya_kernels/configs/moe.json."""
+def _read_config_table() -> dict:
     with open(CONFIG_PATH) as f:
         return json.load(f)
+
+
+# Read at import into a module global, not behind lru_cache: torch.compile traces through an lru_cache'd function
+# (and stops at its open()), while a global dict is a constant to it.
+_CONFIG_TABLE = _read_config_table()
+
+
+def reload_config_table() -> dict:
+    """Read CONFIG_PATH again (after the tuner rewrote it, or with CONFIG_PATH pointed at another file)."""
+    global _CONFIG_TABLE
+    _CONFIG_TABLE = _read_config_table()
+    return _CONFIG_TABLE
+
+
+def load_config_table() -> dict:
+    """The parsed zaya_kernels/configs/moe.json."""
+    return _CONFIG_TABLE
 
 
 def pick_block_m(num_tokens: int, target: str) -> int:
