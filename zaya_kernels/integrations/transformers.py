@@ -11,11 +11,15 @@ What is swapped (with transformers' own cache objects, masks and rotary embeddin
 - the attention: `zaya::cca_attention` for a prefill from an empty cache (or no cache) and
   `zaya::cca_attention_decode` for new tokens after a cached prefix (decode, or a chunk of Q tokens per sequence,
   causal among themselves), reading the keys and values straight from transformers' dynamic cache (full and
-  sliding-window layers); a left-padded batch (generate's layout: a 2D mask of zeros then ones per row) decodes
-  with the pads left in the cache and each row's pad count as `seq_starts`.
+  sliding-window layers). A left-padded batch (generate's layout: a 2D mask of zeros then ones per row) prefills
+  in eval mode with each row's pads and tokens as two varlen sequences (no copy: the tokens attend to their own
+  row's tokens only, as transformers' mask makes them) and decodes with the pads left in the cache and each row's
+  pad count as `seq_starts`. The pad positions' own outputs are then not transformers' (those are
+  implementation-defined: transformers' eager and sdpa attention already disagree there); no token's output reads
+  them (attention masks them, the convolutions see zeros), so every token's logits and the greedy tokens match.
 transformers' own attention interface (eager / sdpa / flash, with its masks) still runs where the zaya attention
-ops do not apply: the prefill of a padded batch (the pad rows' outputs, which transformers computes and nothing
-uses, would differ), any other padding pattern, a static cache, attention dropout in training.
+ops do not apply: a padded batch's prefill in training mode (the pad positions' expert choices count in the
+balancing), any other padding pattern, a static cache, attention dropout in training.
 `attention_paths(model)` tells which path each layer took last.
 What always runs as transformers' code: the o linear layer, the embeddings, the LM head, the cache objects; the
 q/k/v linear layers too in training (in inference their weights are stacked into one GEMM:
@@ -173,6 +177,8 @@ class _BatchLayout:
     covers mask_len positions (past and new tokens); packed: (cu_seqlens int32, max length) of the sequences packed
     into the rows (position_ids restarting, no mask, no cache: transformers then masks attention block-diagonally,
     while its convolutions run across the boundaries), which zaya::cca_attention attends over instead of the rows.
+    A left-padded prefill (the mask covers the new tokens only) attends over 2B sequences: each row's pads, then
+    its tokens (cu_seqlens int32 [2B+1], built on the device from the pad counts).
     """
 
     def __init__(self, batch, seq, device, unpadded, seq_starts=None, mask_len=0, packed=None):
@@ -180,6 +186,13 @@ class _BatchLayout:
         self.every_row = torch.ones(batch, dtype=torch.int32, device=device)
         self.unpadded, self.seq_starts, self.mask_len = unpadded, seq_starts, mask_len
         self.attention_cu_seqlens, self.attention_max_seqlen = packed if packed is not None else (self.cu_seqlens, seq)
+        self.padded_prefill = seq_starts is not None and mask_len == seq
+        if self.padded_prefill:
+            bounds = torch.empty(2 * batch + 1, dtype=torch.int32, device=device)
+            bounds[0:2 * batch:2] = self.cu_seqlens[:-1]
+            bounds[1:2 * batch:2] = self.cu_seqlens[:-1] + seq_starts
+            bounds[-1] = batch * seq
+            self.attention_cu_seqlens = bounds
         self._per_length = {}
 
     def lengths_and_starts(self, length):
@@ -234,9 +247,11 @@ def _zaya_attention_path(attn, cache, layout) -> str:
         return "zaya::cca_attention" if fresh else "zaya::cca_attention_decode"
     if layout.seq_starts is None:
         return "transformers (padding that is not left padding, or a prepared mask mapping)"
-    if fresh:
-        return "transformers (prefill of a padded batch)"
-    return "zaya::cca_attention_decode"
+    if not fresh:
+        return "zaya::cca_attention_decode"
+    if attn.training:
+        return "transformers (prefill of a padded batch in training)"
+    return "zaya::cca_attention" if layout.padded_prefill else "transformers (a padding mask longer than the input)"
 
 
 def attention_paths(model) -> list:
