@@ -436,6 +436,29 @@ def test_triton_decode_last_token_equals_last_prefill_row():
     assert_close(decode, prefill[last], dtype=torch.float32, reduction=max(lens) * d, scale=output_scale(v))
 
 
+@pytest.mark.parametrize("misaligned", ["k", "v"])
+@pytest.mark.parametrize("paged,dtype", [(False, torch.float32), (True, torch.float16)])
+def test_triton_decode_with_one_cache_not_16_byte_aligned(misaligned, paged, dtype):
+    """Caches that are non-dense views (a D-wide slice of a wider buffer) with equal strides, one of them starting
+    off a 16-byte boundary: the kernel reads both with one set of strides, so the launcher may not copy one alone."""
+    lens, hq, hkv, d, block_size = [5, 8], 2, 1, 16, 4
+    _, paged_cache, table, q, seq_lens, _, _ = _decode_case(lens, (hq, hkv), d, block_size, dtype, 7)
+    contiguous = _decode_case(lens, (hq, hkv), d, block_size, dtype, 7)[0]
+    caches = list(paged_cache if paged else contiguous)
+    for i, name in enumerate("kv"):
+        offset = 1 if name == misaligned else 0  # one element: 4 (fp32) or 2 (fp16) bytes off
+        wide = torch.zeros(offset + 2 * caches[i].numel(), dtype=dtype)
+        view = wide[offset:].view(*caches[i].shape[:-1], 2 * d)[..., :d]
+        view.copy_(caches[i])
+        caches[i] = view
+    assert (caches[0].data_ptr() % 16 != 0) == (misaligned == "k") and caches[0].stride() == caches[1].stride()
+    block_table = table if paged else None
+    with zaya_kernels.use_backend("triton"):
+        out = torch.ops.zaya.cca_attention_decode(q, *caches, seq_lens, block_table)
+    expected = ref.cca_attention_decode(q.double(), *(c.double() for c in caches), seq_lens, block_table)
+    assert_close(out, expected, dtype=dtype, reduction=max(lens) * d, scale=output_scale(caches[1]))
+
+
 # ---------------------------------------------------------------- torch.library integration
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_opcheck(backend):

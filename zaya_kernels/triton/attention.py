@@ -619,7 +619,11 @@ def attention_decode(q, k_cache, v_cache, seq_lens, block_table, softmax_scale, 
     """out like q. q [B, Hq, D] or [B, Q, Hq, D] (the last Q tokens of each sequence), contiguous; caches with
     16-element-aligned strides and a contiguous last dim; seq_lens int32 [B]; block_table int32 [B, max_blocks];
     seq_starts int32 [B] or None."""
-    q, k_cache, v_cache = _aligned(q), _aligned(k_cache), _aligned(v_cache)
+    q = _aligned(q)
+    if k_cache.data_ptr() % 16 or v_cache.data_ptr() % 16:
+        # the kernel reads both caches with k_cache's strides: copy both into one (contiguous) layout, never one
+        # alone (a copy of a non-dense view gets other strides)
+        k_cache, v_cache = (t.clone(memory_format=torch.contiguous_format) for t in (k_cache, v_cache))
     B, Hq, D = q.shape[0], q.shape[-2], q.shape[-1]
     num_queries = q.shape[1] if q.dim() == 4 else 1
     Hkv = k_cache.shape[2]
