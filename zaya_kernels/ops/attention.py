@@ -285,6 +285,8 @@ def cca_attention(
     `out` and `lse` past them are left unwritten (uninitialised memory, torch.empty), as are those rows of dq in
     the backward, while dk / dv miss their contributions. Pass the true maximum (or an upper bound), or set
     ZAYA_KERNELS_CHECK_VALUES=1 while debugging to have it checked.
+    The Triton kernels (prefill and decode) take scaled logits |softmax_scale q.k| below 1e29: always so for fp16
+    inputs and CCA's normalised q, k (see zaya_kernels/triton/attention.py); the reference takes any finite input.
     """
     out, lse = torch.ops.zaya.cca_attention(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens,
                                             int(max_seqlen), None if softmax_scale is None else float(softmax_scale),

@@ -11,7 +11,10 @@ on the causal diagonal, the sequence end or the sliding window (masked).
 Running maximum. CCA's logits are bounded (|q.k| <= |temp| D after the QK norm, so |scale * q.k| <= |temp| sqrt(D))
 and a fixed offset could replace the running maximum, but only when |temp| sqrt(D) * log2(e) stays well below the
 fp32 exp2 range (128) and the kernel cannot see temp or check that the caller applied the norm. These kernels keep
-the running maximum (one extra rescale of the accumulator per key block): correct for any input.
+the running maximum (one extra rescale of the accumulator per key block). Their domain: scaled logits
+|softmax_scale q.k| below 1e29 (the masks are penalties of -1e32 per step and the running maximum starts at -1e30,
+see _mask_penalty). fp16 inputs always are (|q.k| <= D 65504^2), and so are CCA's normalised q and k; fp32 or bf16
+inputs of magnitude ~1e14 and more, or an absurd softmax_scale, are outside it (the reference handles them).
 
 Backward (deterministic: no atomics). `dq` kernel: the forward's program layout; computes delta = rowsum(dO * O)
 for its rows (stored for the second kernel), recomputes P = exp(S - lse) per key block, dS = P (dO V^T - delta) and
