@@ -231,6 +231,19 @@ def test_batched_left_padding_equals_packed_sequences(data, backend, mask_dtype)
             assert_close(actual[b, p:], packed[a:e], reduction=case.reduction(), what=f"{backend} row {b} {name}")
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("batch, seq", [(0, 6), (2, 0)])
+def test_batched_empty_batch_gives_empty_outputs(backend, batch, seq):
+    case = Case(4, 2, 8, 2, 2, [3], seed=1)
+    qk, v_current, v_delayed = (t.new_zeros(batch, seq, t.shape[-1]) for t in (case.qk, case.v_current,
+                                                                              case.v_delayed))
+    with zaya_kernels.use_backend(backend):
+        q, k, v = zaya_kernels.ops.cca_prepare_batched(
+            qk, v_current, v_delayed, *case.weights(), torch.zeros(batch, seq, dtype=torch.int32), *case.heads(),
+            attention_mask=torch.ones(batch, seq, dtype=torch.bool))
+    assert q.shape == (batch, seq, 4, 8) and k.shape == v.shape == (batch, seq, 2, 8)
+
+
 # ---------------------------------------------------------------- layouts against each other (reference and Triton)
 def _decode_token_by_token(case, backend, state_dtype=torch.float32):
     """Feed every sequence of the case token by token (all sequences in one batch per step, finished ones padded

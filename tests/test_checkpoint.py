@@ -159,6 +159,27 @@ def test_model_prefix_both_ways(saved, tmp_path):
     assert torch.equal(logits(full), logits(model))
 
 
+def test_headless_checkpoint_without_config_follows_the_module(tmp_path):
+    """Weights without lm_head.weight and without config.json: a tied module takes the embedding as its head; an
+    untied one reports the head missing (strict) instead of silently getting the embedding."""
+    from safetensors.torch import load_file
+
+    tiny_model(seed=8, tie=False).save_pretrained(tmp_path / "full")
+    state = load_file(tmp_path / "full" / "model.safetensors")
+    del state["lm_head.weight"]
+    (tmp_path / "headless").mkdir()
+    save_file(state, tmp_path / "headless" / "model.safetensors")
+    tied = tiny_model(seed=9)
+    assert load_checkpoint(tied, tmp_path / "headless") == ([], [])
+    assert torch.equal(tied.lm_head.weight, state["model.embed_tokens.weight"])
+    untied = tiny_model(seed=9, tie=False)
+    with pytest.raises(CheckpointError, match=r"missing keys.*lm_head\.weight"):
+        load_checkpoint(untied, tmp_path / "headless")
+    head = untied.lm_head.weight.clone()
+    assert load_checkpoint(untied, tmp_path / "headless", strict=False).missing_keys == ["lm_head.weight"]
+    assert torch.equal(untied.lm_head.weight, head)
+
+
 def test_load_into_zaya_kernels_modules(saved, tmp_path):
     """zaya_kernels.modules keeps transformers' names: both layouts load into its causal LM and its base model."""
     modules = pytest.importorskip("zaya_kernels.modules")

@@ -287,6 +287,35 @@ def test_cache_and_input_errors():
         ZayaForCausalLM(config)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_fresh_one_token_sequences_and_reused_slots_start_from_zero_states(backend):
+    """A forward in which every sequence brings one token is a decode step only when every sequence continues a
+    cached one: a 1-token prompt (with attention_bias its delayed value starts at the bias) and a slot reused after
+    `cache.reset` start fresh. A bf16 state pool does not round a fresh sequence's value bias."""
+    hf, ours = pair("biased")
+    ids = random_ids(2, 7)
+    with torch.no_grad(), use_backend(backend):
+        expected = hf.generate(ids[:, :1], max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert torch.equal(ours.generate(ids[:, :1], 4), expected)
+        cache = ours.new_cache(2, 8)
+        ours(ids[:, :6], cache=cache)
+        cache.reset([1])  # sequence 1's slot takes a new sequence; sequence 0 goes on
+        assert cache.lengths == [6, 0] and cache.device_lengths.tolist() == [6, 0]
+        with pytest.raises(ValueError, match=r"sequences \[1\] of the cache are empty"):
+            ours(ids[:, :1], cache=cache, device_decode=True)
+        mixed = ours(torch.stack([ids[0, 6:7], ids[1, :1]]), cache=cache)
+        assert relative_error(mixed[0, 0], hf(ids[:1]).logits[0, -1]) < 5e-5
+        assert relative_error(mixed[1, 0], hf(ids[1:, :1]).logits[0, 0]) < 5e-5
+        cache.reset()
+        fresh = ours(ids[:, 2:3], cache=cache)
+        assert cache.lengths == [1, 1]
+        assert relative_error(fresh, hf(ids[:, 2:3]).logits) < 5e-5
+        no_cache = ours(ids)
+        assert torch.equal(ours(ids, cache=ours.new_cache(2, 8, state_dtype=torch.bfloat16)), no_cache)
+        assert ours(ids[:, :0]).shape == (2, 0, hf.config.vocab_size)  # and an empty batch gives empty logits
+        assert ours(ids.flatten()[:0], seq_lens=[0, 0]).shape == (0, hf.config.vocab_size)
+
+
 def test_skip_mode_one_passes_skipped_tokens_through_scaled():
     """skip_mode 1 (Zyphra's legacy semantics): a skipped token's MoE output is w x; routed tokens are unchanged."""
     hf, _ = pair("gqa2")

@@ -395,6 +395,28 @@ def test_experts_reject_dispatch_values_moe_dispatch_cannot_give(position, corru
             torch.ops.zaya.moe_experts_backward(torch.randn(7, 12), *args)
 
 
+def test_experts_check_dispatch_outputs_of_two_calls_mixed_together():
+    """Outputs of one moe_dispatch call are trusted together only: another call's offsets and tile map (here T = 20
+    against this call's T = 17, with the same tile count) are read back and refused, not trusted (they would
+    read sorted_token_ids past its end)."""
+    gen = torch.Generator().manual_seed(0)
+    E, H, inter, block_m = 3, 16, 16, 16
+    this_call = torch.ops.zaya.moe_dispatch(torch.randint(0, E + 1, (17,), dtype=torch.int32, generator=gen), E,
+                                            block_m)
+    other_call = torch.ops.zaya.moe_dispatch(torch.randint(0, E + 1, (20,), dtype=torch.int32, generator=gen), E,
+                                             block_m)
+    assert this_call[4].shape == other_call[4].shape  # the shapes alone cannot tell them apart
+    x, weight = torch.randn(17, H, generator=gen), torch.rand(17, generator=gen)
+    gate_up, down = torch.randn(E, 2 * inter, H, generator=gen), torch.randn(E, H, inter, generator=gen)
+    for backend in ("reference", "triton"):
+        with zaya_kernels.use_backend(backend):
+            torch.ops.zaya.moe_experts(x, gate_up, down, weight, this_call[2], this_call[1], this_call[4],
+                                       this_call[5], block_m, 0)
+            with pytest.raises(ValueError, match="from 0 to T = 17"):
+                torch.ops.zaya.moe_experts(x, gate_up, down, weight, this_call[2], other_call[1], other_call[4],
+                                           other_call[5], block_m, 0)
+
+
 # ---------------------------------------------------------------- GPU: ZAYA1-8B-like shapes, bf16
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 8, 64, 700, 5000])

@@ -484,7 +484,8 @@ def load_state_dict(path, *, device="cpu", dtype: torch.dtype | None = None,
     """Read a ZAYA checkpoint into a dict of transformers' ZAYA parameter names -> tensors.
 
     path: a directory with `model.safetensors`, or with `model.safetensors.index.json` and its shards (the index
-      is preferred when both exist); or the path of one `.safetensors` file or of an index `.json`.
+      is preferred when both exist); or the path of one `.safetensors` file or of an index `.json`. The index is
+      the list of tensors: a shard's tensors that its weight_map does not name are not read.
     device: where the tensors are created (safetensors reads them straight there).
     dtype: cast every floating tensor to it (the router's `balancing_biases` stay fp32, as transformers keeps
       them); None keeps the stored dtypes.
@@ -563,7 +564,12 @@ def load_checkpoint(model: torch.nn.Module, path, *, strict: bool = True) -> Loa
         if is_legacy_state_dict(state):
             state = convert_legacy_state_dict(state)
     else:
-        state = load_state_dict(path, device=first.device)
+        # no config.json next to the weights: the module says whether a missing lm_head.weight is the embedding
+        # (tied: one tensor under both names, filled from either), not the tied default, so an untied module
+        # missing its head is reported rather than given the embedding
+        has_config = os.path.isfile(os.path.join(_resolve(path)[2], CONFIG_NAME))
+        module_ties = model_state.get("lm_head.weight") is model_state.get("model.embed_tokens.weight", False)
+        state = load_state_dict(path, device=first.device, tie_word_embeddings=None if has_config else module_ties)
     state = _align_prefix(state, set(model_state))
 
     aliases: dict[int, list[str]] = {}

@@ -118,8 +118,10 @@ class ForwardBatch:
 
     @property
     def decode(self) -> bool:
-        """Exactly one new token per sequence."""
-        return all(n == 1 for n in self.new_lens)
+        """Exactly one new token per sequence, each continuing a cached sequence (cca_prepare_decode reads every
+        sequence's states as its history: a fresh one, e.g. a 1-token prompt or a reused slot, goes through
+        cca_prepare, which starts it from zero / the value bias)."""
+        return all(n == 1 for n in self.new_lens) and (self.on_device or all(s > 0 for s in self.start_lens))
 
     @staticmethod
     def build(new_lens, device, cache: "ZayaCache | None" = None) -> "ForwardBatch":
@@ -160,6 +162,10 @@ class ForwardBatch:
     @staticmethod
     def decode_on_device(cache: "ZayaCache") -> "ForwardBatch":
         """One new token per sequence at the positions cache.device_lengths holds (device tensors only)."""
+        if not all(cache.lengths):
+            raise ValueError(f"zaya modules: device_decode continues cached sequences, but sequences "
+                             f"{[b for b, n in enumerate(cache.lengths) if n == 0]} of the cache are empty: prefill "
+                             "them first (a host-driven forward)")
         cache.check_room([1] * cache.batch_size)
         positions = cache.device_lengths.clone()
         slots = torch.arange(cache.batch_size, dtype=torch.int64, device=positions.device)
@@ -215,6 +221,13 @@ class ZayaCache:
             self.device_lengths.add_(1)
         else:
             self.device_lengths.copy_(batch.seq_lens_after)
+
+    def reset(self, sequences=None) -> None:
+        """Make sequences (indices; default all) empty, so their slots take new sequences: their next forward starts
+        from zero states, whatever the slots held."""
+        for b in range(self.batch_size) if sequences is None else sequences:
+            self.lengths[b] = 0
+        self.device_lengths.copy_(torch.tensor(self.lengths, dtype=torch.int32))
 
     def snapshot(self):
         """Copies of the recurrent states and lengths (the KV rows past `lengths` need none: they are rewritten)."""
@@ -381,7 +394,7 @@ class CCAAttention(nn.Module):
                 v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, rows, v.to(v_cache.dtype))
             if attend_cache:
                 out = self._attend_cache(q, k_cache, v_cache, batch)
-        return self.o_proj(out.reshape(x.shape[0], -1).to(x.dtype))
+        return self.o_proj(out.flatten(1).to(x.dtype))
 
     def _states_with_value_bias(self, states: dict, batch: ForwardBatch, qk: torch.Tensor) -> dict:
         """With attention_bias, a fresh sequence's delayed value Vd_{-1} is v_proj_delayed(0) = its bias, not 0 (as
@@ -395,9 +408,10 @@ class CCAAttention(nn.Module):
                         initial_value_state=bias.expand(num_seqs, -1).contiguous(),
                         has_initial_state=torch.ones(num_seqs, dtype=torch.int32, device=qk.device))
         continuing = (states["has_initial_state"] != 0)
-        value = torch.where(continuing[:, None], states["initial_value_state"], bias.to(torch.float32))
-        conv = states["initial_conv_state"] * continuing[:, None, None]
-        return dict(initial_conv_state=conv, initial_value_state=value.to(states["initial_value_state"].dtype),
+        # fp32 initial states whatever the pool's dtype: the bias of a fresh sequence is not rounded to a bf16 pool
+        value = torch.where(continuing[:, None], states["initial_value_state"].float(), bias.float())
+        conv = states["initial_conv_state"].float() * continuing[:, None, None]
+        return dict(initial_conv_state=conv, initial_value_state=value,
                     has_initial_state=torch.ones_like(states["has_initial_state"]))
 
     def _attend_cache(self, q, k_cache, v_cache, batch: ForwardBatch) -> torch.Tensor:
@@ -607,7 +621,7 @@ class ZayaModel(nn.Module):
             residual, normed, router_state = layer(residual, normed, router_state, batch, cache, next_norm)
         if cache is not None:
             cache.advance(batch)
-        return normed.view(*input_ids.shape, -1)
+        return normed.view(*input_ids.shape, normed.shape[-1])
 
 
 class ZayaForCausalLM(nn.Module):
@@ -642,7 +656,8 @@ class ZayaForCausalLM(nn.Module):
                  on_token=None, cuda_graph: bool = False) -> torch.Tensor:
         """Greedy decoding. input_ids [B, S] (equal-length prompts) -> [B, S + max_new_tokens].
 
-        One prefill forward, then one decode forward per new token over a ZayaCache (created when not given);
+        One prefill forward, then one decode forward per new token over a ZayaCache (created when not given; it
+        ends holding the prompt and all new tokens but the last, which no forward has read: to continue, feed it);
         cuda_graph: replay the decode step as a captured CUDA/HIP graph (`DecodeGraph`; GPU only);
         on_token(step) is called after every new token (progress bars, timing)."""
         batch_size, prompt_len = input_ids.shape

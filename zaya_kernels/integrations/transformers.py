@@ -182,7 +182,7 @@ class _BatchLayout:
     """
 
     def __init__(self, batch, seq, device, unpadded, seq_starts=None, mask_len=0, packed=None):
-        self.cu_seqlens = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=device)
+        self.cu_seqlens = torch.arange(batch + 1, dtype=torch.int32, device=device) * seq
         self.every_row = torch.ones(batch, dtype=torch.int32, device=device)
         self.unpadded, self.seq_starts, self.mask_len = unpadded, seq_starts, mask_len
         self.attention_cu_seqlens, self.attention_max_seqlen = packed if packed is not None else (self.cu_seqlens, seq)

@@ -44,19 +44,20 @@ def eps(op: str, value) -> None:
 _KNOWN_VALID: dict = {}
 
 
-def _root(t: torch.Tensor) -> torch.Tensor:
+def root(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose storage t views (t itself if not a view)."""
     return t if t._base is None else t._base
 
 
 def remember_valid(t: torch.Tensor, what) -> None:
     """Record that t's values satisfy `what` (a hashable description) until t or its base is modified."""
-    root = _root(t)
-    key = (id(root), what)
-    _KNOWN_VALID[key] = (weakref.ref(root, lambda _: _KNOWN_VALID.pop(key, None)), root._version)
+    base = root(t)
+    key = (id(base), what)
+    _KNOWN_VALID[key] = (weakref.ref(base, lambda _: _KNOWN_VALID.pop(key, None)), base._version)
 
 
 def known_valid(t: torch.Tensor, what) -> bool:
     """True if t (or a full-size view of it) was remembered for `what` and not modified since."""
-    root = _root(t)
-    entry = _KNOWN_VALID.get((id(root), what))
-    return (entry is not None and entry[0]() is root and entry[1] == root._version and t.numel() == root.numel())
+    base = root(t)
+    entry = _KNOWN_VALID.get((id(base), what))
+    return (entry is not None and entry[0]() is base and entry[1] == base._version and t.numel() == base.numel())

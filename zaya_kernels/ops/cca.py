@@ -695,10 +695,11 @@ def cca_prepare_batched(
         check.tensor(_OP, "attention_mask", attention_mask, shape=(batch, seq), device=qk.device)
         keep = attention_mask[..., None]
         qk, v_current, v_delayed = (t * keep.to(t.dtype) for t in (qk, v_current, v_delayed))
-    cu_seqlens = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=qk.device)
+    cu_seqlens = torch.arange(batch + 1, dtype=torch.int32, device=qk.device) * seq
+    rows = batch * seq  # reshapes with the last size given: an empty batch (B or S = 0) has no -1 to infer
     q, k, v, _, _ = cca_prepare(
-        qk.reshape(batch * seq, -1).contiguous(), v_current.reshape(batch * seq, -1).contiguous(),
-        v_delayed.reshape(batch * seq, -1).contiguous(), conv0_weight, conv0_bias, conv1_weight, conv1_bias,
+        qk.reshape(rows, qk.shape[-1]).contiguous(), v_current.reshape(rows, v_current.shape[-1]).contiguous(),
+        v_delayed.reshape(rows, v_delayed.shape[-1]).contiguous(), conv0_weight, conv0_bias, conv1_weight, conv1_bias,
         temperature, positions.reshape(-1).contiguous(), cu_seqlens, num_q_heads, num_kv_heads, rotary_dim,
         rope_theta)
     return q.view(batch, seq, *q.shape[1:]), k.view(batch, seq, *k.shape[1:]), v.view(batch, seq, *v.shape[1:])

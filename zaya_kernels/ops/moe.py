@@ -110,8 +110,8 @@ def _check_dispatch_values(op, sorted_token_ids, offsets, tile_expert, tile_star
     """The dispatch arguments must be what `moe_dispatch` gives for some expert index: the kernels index x and y
     through them unchecked, so anything else could read or write out of bounds. Reads the values (one or two
     device->host copies on a GPU), except as `_skip_value_check` says: the outputs of zaya::moe_dispatch for this
-    E and block_m, unmodified, are not read again."""
-    what = ("dispatch", num_experts, block_m)
+    E and block_m, unmodified and from one call (the one that gave this sorted_token_ids), are not read again."""
+    what = _dispatch_call(sorted_token_ids, num_experts, block_m)
     _check_permutation(op, sorted_token_ids)
     if all(_skip_value_check(t, what) for t in (offsets, tile_expert, tile_start)):
         return
@@ -130,6 +130,12 @@ def _check_dispatch_values(op, sorted_token_ids, offsets, tile_expert, tile_star
                          f"block_m = {block_m}; pass moe_dispatch's outputs unchanged, with the same block_m")
 
 
+def _dispatch_call(sorted_token_ids, num_experts, block_m):
+    """What a dispatch call's offsets and tile map are remembered valid for: E, block_m and that call's own
+    sorted_token_ids (its identity and T), so outputs of two calls mixed together are checked, not trusted."""
+    return ("dispatch", num_experts, block_m, sorted_token_ids.shape[0], id(check.root(sorted_token_ids)))
+
+
 def _remember_dispatch(dispatch_impl):
     """Wrap a dispatch implementation: its outputs are valid by construction, so moe_experts and the row ops need not
     read them back (check.remember_valid: until modified)."""
@@ -139,7 +145,7 @@ def _remember_dispatch(dispatch_impl):
         counts, offsets, sorted_token_ids, inverse, tile_expert, tile_start = outputs
         check.remember_valid(sorted_token_ids, "permutation")
         for t in (offsets, tile_expert, tile_start):
-            check.remember_valid(t, ("dispatch", num_experts, block_m))
+            check.remember_valid(t, _dispatch_call(sorted_token_ids, num_experts, block_m))
         return outputs
 
     return dispatch
