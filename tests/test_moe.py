@@ -313,6 +313,16 @@ def test_bad_expert_index_value(backend, bad, message):
         torch.ops.zaya.moe_dispatch(index, 3, 16)
 
 
+def test_moe_wrapper_names_a_token_count_mismatch():
+    x, gate_up, down, index, weight = make_inputs(20, 3, 16, 8, torch.float32, "random", 2)
+    with pytest.raises(ValueError, match=r"`expert_index` must have shape \(20,\), got \(19,\)"):
+        moe(x, gate_up, down, index[:19], weight)
+    with pytest.raises(ValueError, match=r"`routing_weight` must have shape \(20,\)"):
+        moe(x, gate_up, down, index, weight[:19])
+    with pytest.raises(ValueError, match="`x` must have at least 1 dimensions"):
+        moe(x[0, 0], gate_up, down, index, weight)
+
+
 @pytest.mark.parametrize(
     "args, exc, message",
     [

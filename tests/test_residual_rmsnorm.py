@@ -267,6 +267,15 @@ def test_rmsnorm_bad_out_dtype():
         torch.ops.zaya.rmsnorm(torch.ones(2, 3), torch.ones(3), 1e-5, torch.int32)
 
 
+def test_typed_wrappers_refuse_a_0_dim_input():
+    from zaya_kernels.ops import residual_scale_rmsnorm, rmsnorm
+
+    with pytest.raises(ValueError, match="`x` must have at least 1 dimensions"):
+        rmsnorm(torch.tensor(1.0), torch.ones(1))
+    with pytest.raises(ValueError, match="`branch` must have at least 1 dimensions"):
+        residual_scale_rmsnorm(torch.tensor(1.0), None, torch.ones(1), torch.zeros(1), None, None, torch.ones(1))
+
+
 def test_backend_errors_name_the_reason(monkeypatch):
     args = _residual_args()
     with zaya_kernels.use_backend("hip"), pytest.raises(BackendUnavailableError, match="GPU tensors"):

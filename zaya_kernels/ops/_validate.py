@@ -8,12 +8,14 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def tensor(op: str, name: str, t, *, ndim: int | None = None, dtypes=None, shape=None, device=None,
-           contiguous: bool = False) -> None:
+def tensor(op: str, name: str, t, *, ndim: int | None = None, min_ndim: int = 0, dtypes=None, shape=None,
+           device=None, contiguous: bool = False) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"zaya::{op}: `{name}` must be a tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"zaya::{op}: `{name}` must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if t.dim() < min_ndim:
+        raise ValueError(f"zaya::{op}: `{name}` must have at least {min_ndim} dimensions, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"zaya::{op}: `{name}` must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")

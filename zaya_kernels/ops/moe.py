@@ -493,7 +493,9 @@ def moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, expert_index
     -------
     y : [..., H] dtype A
     """
-    check.tensor("moe_experts", "x", x, contiguous=True)
+    check.tensor("moe_experts", "x", x, contiguous=True, min_ndim=1)
+    for name, t in (("expert_index", expert_index), ("routing_weight", routing_weight)):
+        check.tensor("moe_experts", name, t, shape=x.shape[:-1])  # one per token: x's leading shape
     H = x.shape[-1]
     flat_x = x.reshape(-1, H)
     if block_m is None:

@@ -272,7 +272,7 @@ def residual_scale_rmsnorm(
     new_residual : [..., H] float32
     normed : [..., H] dtype A
     """
-    check.tensor(_OP, "branch", branch, contiguous=True)
+    check.tensor(_OP, "branch", branch, contiguous=True, min_ndim=1)
     lead = branch.shape[:-1]
     h = branch.shape[-1]
     new_residual, normed = torch.ops.zaya.residual_scale_rmsnorm(
@@ -295,7 +295,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, out_dtype:
     -------
     [..., H] out_dtype
     """
-    check.tensor("rmsnorm", "x", x, contiguous=True)
+    check.tensor("rmsnorm", "x", x, contiguous=True, min_ndim=1)
     h = x.shape[-1]
     out = torch.ops.zaya.rmsnorm(x.reshape(-1, h), weight, float(eps), out_dtype)
     return out.view(*x.shape[:-1], h)

@@ -258,7 +258,7 @@ def zaya_router(
     r : [..., R] x.dtype, the state for the next layer (before its norm)
     logits : [..., E+1] float32, or None unless return_logits
     """
-    check.tensor(_OP, "x", x, contiguous=True)
+    check.tensor(_OP, "x", x, contiguous=True, min_ndim=1)
     lead, h = x.shape[:-1], x.shape[-1]
     index, weight, r, logits = torch.ops.zaya.zaya_router(
         x.reshape(-1, h), None if r_prev is None else r_prev.reshape(-1, r_prev.shape[-1]), gamma, down_w, down_b,
