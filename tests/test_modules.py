@@ -9,7 +9,7 @@ import torch
 from helpers import assert_close
 from zaya_kernels.backend import use_backend
 from zaya_kernels.integrations.transformers import kernelize, update_balancing_biases
-from zaya_kernels.modules import DecodeGraph, ZayaCache, ZayaForCausalLM
+from zaya_kernels.modules import DecodeGraph, ZayaCache, ZayaForCausalLM, forget_stacked_projections
 
 pytest.importorskip("transformers", reason="the module parity tests need transformers >= 5.8")
 from test_transformers_integration import relative_error, tiny_model  # noqa: E402
@@ -132,6 +132,15 @@ def test_inference_projection_follows_weight_updates():
     assert relative_error(replaced, expected) < 5e-5
     assert relative_error(trained_path.detach(), expected) < 5e-5
     assert relative_error(updated, replaced) > 1e-3  # the second update changed the logits
+    with torch.no_grad():
+        attn.q_proj.weight.data.mul_(0.8)  # through .data: no version bump, the copy cannot see it ...
+        hf.model.layers[1].self_attn.qkv_proj.q_proj.weight.mul_(0.8)
+        forget_stacked_projections(ours)  # ... until it is dropped
+        assert relative_error(ours(ids), hf(ids).logits) < 5e-5
+    with torch.inference_mode():  # tensors made here (the router's expert index, the cache) have no version counter
+        assert relative_error(ours(ids), hf(ids).logits) < 5e-5
+        assert torch.equal(ours.generate(ids, 3), hf.generate(ids, max_new_tokens=3, do_sample=False,
+                                                              eos_token_id=None, pad_token_id=0))
 
 
 @pytest.mark.parametrize("backend,name", [("reference", "gqa4-odd"), ("reference", "sliding"), ("triton", "mha")])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import zaya_kernels
-from helpers import perturb_zaya_parameters
+from helpers import assert_close, perturb_zaya_parameters
 from zaya_kernels.integrations.transformers import attention_paths, kernelize
 
 transformers = pytest.importorskip("transformers", reason="the integration tests need transformers >= 5.8")
@@ -181,6 +181,59 @@ def test_pad_positions_are_undefined_and_training_keeps_transformers_attention()
     loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
     assert attention_paths(model) == ["transformers (prefill of a padded batch in training)"] * 3
     assert abs(loss.item() - expected(input_ids=ids, attention_mask=mask, labels=ids).loss.item()) < 5e-5 * loss.item()
+
+
+class _AdapterLinear(torch.nn.Module):
+    """What PEFT's LoRA layer looks like from outside: the base nn.Linear's weight / bias / sizes, its own forward."""
+
+    def __init__(self, base, rank=2):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = torch.nn.Linear(base.in_features, rank, bias=False)
+        self.lora_B = torch.nn.Linear(rank, base.out_features, bias=False)
+        torch.nn.init.normal_(self.lora_B.weight, std=0.2)
+
+    weight = property(lambda self: self.base_layer.weight)
+    bias = property(lambda self: self.base_layer.bias)
+    out_features = property(lambda self: self.base_layer.out_features)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+
+def test_qkv_projections_run_as_the_user_left_them():
+    """The kernelized CCA projection calls the q/k/v modules themselves: an adapter wrapping q_proj (LoRA-like) is
+    applied and trained, an in-place edit through .data (PEFT's merge) is seen, bias-only training (BitFit) gets
+    every bias gradient, and torch.inference_mode runs."""
+    ids = torch.randint(3, 97, (2, 7), generator=torch.Generator().manual_seed(2))
+    model = tiny_model("biased")
+    torch.manual_seed(5)
+    for layer in model.model.layers:
+        layer.self_attn.qkv_proj.q_proj = _AdapterLinear(layer.self_attn.qkv_proj.q_proj)
+    ours = kernelize(copy.deepcopy(model), backend="reference")
+    for m in (model, ours):
+        for name, param in m.named_parameters():  # adapters and the q/k/v biases train, the rest is frozen
+            param.requires_grad_("lora_" in name or ("qkv_proj" in name and name.endswith("bias")))
+    expected_loss = model(input_ids=ids, labels=ids).loss
+    loss = ours(input_ids=ids, labels=ids).loss
+    assert abs(loss.item() - expected_loss.item()) < 5e-5 * expected_loss.item()
+    expected_loss.backward()
+    loss.backward()
+    expected_grads = dict(model.named_parameters())
+    trained = [(name, p) for name, p in ours.named_parameters() if p.requires_grad]
+    assert len(trained) == 3 * (2 + 6)  # per layer: lora_A, lora_B, the q, k, v, v_delayed and conv biases
+    for name, param in trained:
+        assert param.grad is not None, name
+        assert_close(param.grad, expected_grads[name].grad, reduction=512, what=name)
+    with torch.no_grad():
+        for m in (model, ours):
+            m.model.layers[1].self_attn.qkv_proj.k_proj.weight.data.mul_(1.7)  # no version counter bump
+            ours(input_ids=ids)
+    with torch.inference_mode():
+        expected = model(input_ids=ids).logits
+        assert relative_error(ours(input_ids=ids).logits, expected) < 5e-5
+        assert torch.equal(ours.generate(ids, max_new_tokens=3, do_sample=False),
+                           model.generate(ids, max_new_tokens=3, do_sample=False))
 
 
 def test_skip_class_is_chosen_in_the_parity_model():

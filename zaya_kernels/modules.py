@@ -268,30 +268,47 @@ class CCAProjection(nn.Module):
         return cca_projections(self, x)
 
 
-def cca_projections(proj: nn.Module, x: torch.Tensor):
+def cca_projections(proj: nn.Module, x: torch.Tensor, stacked: bool = True):
     """The four CCA input projections of `proj` (q_proj, k_proj, v_proj_current, v_proj_delayed: nn.Linear, ours or
     transformers' ZayaCCAProjection) -> (qk [T, C] = [Q0 | K0], v_current, v_delayed [T, n_kv D / 2]), contiguous.
 
-    Without autograd (inference) one GEMM over the four weights stacked: at decode this is one launch instead of
-    four plus a cat, and with T = 1 the three column slices are already contiguous. The stacked copy (kept on
-    `proj`) is rebuilt whenever a weight is replaced or changed in place (its version counter), so it never goes
-    stale; it costs one extra copy of these weights in memory. With autograd: the four GEMMs (no copy to keep).
+    stacked (inference): one GEMM over the four weights stacked, kept on `proj`: at decode one launch instead of
+    four plus a cat, and with T = 1 the three column slices are already contiguous. It costs one extra copy of these
+    weights in memory, and is rebuilt whenever a weight or bias is replaced or changed in place through autograd-
+    visible ops (its version counter); an in-place edit through `.data` bypasses that counter and is NOT seen (call
+    `forget_stacked_projections(model)` after one). Used only where nothing else can be bypassed: all four are
+    plain nn.Linear (an adapter wrapping one, e.g. LoRA, runs its own forward), no parameter needs a gradient (so
+    bias-only training gets its gradients), none is an inference-mode tensor (no version counter) and torch.compile
+    is not tracing (it cannot compare data pointers). Otherwise,
+    and with stacked=False (what `kernelize` uses: a transformers model's weights are the user's to edit, e.g. by
+    PEFT's merge), the four modules' own forwards run.
     """
     linears = (proj.q_proj, proj.k_proj, proj.v_proj_current, proj.v_proj_delayed)
-    if (torch.is_grad_enabled() and any(lin.weight.requires_grad for lin in linears)) or torch.compiler.is_compiling():
+    params = [p for lin in linears for p in (getattr(lin, "weight", None), getattr(lin, "bias", None))
+              if p is not None]
+    if not (stacked and not torch.compiler.is_compiling() and all(type(lin) is nn.Linear and not lin._forward_hooks and not lin._forward_pre_hooks
+                            and not hasattr(lin, "parametrizations") for lin in linears)
+            and not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+            and not any(p.is_inference() for p in params)):
         qk = torch.cat([proj.q_proj(x), proj.k_proj(x)], dim=-1)
         return qk, proj.v_proj_current(x).contiguous(), proj.v_proj_delayed(x).contiguous()
-    params = [p for lin in linears for p in (lin.weight, lin.bias) if p is not None]
     key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-    stacked = getattr(proj, "_zaya_stacked_qkv", None)
-    if stacked is None or stacked[0] != key:
+    cached = getattr(proj, "_zaya_stacked_qkv", None)
+    if cached is None or cached[0] != key:
         weight = torch.cat([lin.weight.detach() for lin in linears])
         bias = torch.cat([lin.bias.detach() for lin in linears]) if proj.q_proj.bias is not None else None
-        stacked = proj._zaya_stacked_qkv = (key, weight, bias)
-    out = nn.functional.linear(x, stacked[1], stacked[2])
+        cached = proj._zaya_stacked_qkv = (key, weight, bias)
+    out = nn.functional.linear(x, cached[1], cached[2])
     sizes = [lin.out_features for lin in linears]
     qk, v_current, v_delayed = out.split([sizes[0] + sizes[1], sizes[2], sizes[3]], dim=-1)
     return qk.contiguous(), v_current.contiguous(), v_delayed.contiguous()
+
+
+def forget_stacked_projections(model: nn.Module) -> None:
+    """Drop every stacked q/k/v weight copy `cca_projections` keeps in `model` (rebuilt at the next inference
+    forward): needed only after editing those weights in place through `.data`."""
+    for module in model.modules():
+        module.__dict__.pop("_zaya_stacked_qkv", None)
 
 
 def rope_settings(config, layer_type: str) -> tuple[int, float]:

@@ -21,9 +21,9 @@ transformers' own attention interface (eager / sdpa / flash, with its masks) sti
 ops do not apply: a padded batch's prefill in training mode (the pad positions' expert choices count in the
 balancing), any other padding pattern, a static cache, attention dropout in training.
 `attention_paths(model)` tells which path each layer took last.
-What always runs as transformers' code: the o linear layer, the embeddings, the LM head, the cache objects; the
-q/k/v linear layers too in training (in inference their weights are stacked into one GEMM:
-`zaya_kernels.modules.cca_projections`).
+What always runs as transformers' code: the q/k/v and o linear layers (their modules' own forwards, so adapters
+such as LoRA and in-place weight edits such as PEFT's merge act as in transformers), the embeddings, the LM head,
+the cache objects.
 
 Training: after each optimizer step, `update_balancing_biases(model)` moves every layer's balancing biases toward
 equal load with `zaya::router_balance_update` (DESIGN.md 1.5), from the choices the training forwards made.
@@ -114,7 +114,8 @@ def attention_forward(attn, hidden_states, position_ids, attention_mask, cache, 
     conv_mask = attention_mask.get("conv")
     if conv_mask is not None:  # padding tokens are zero before the projections, as in transformers
         hidden_states = hidden_states * conv_mask[:, :, None].to(hidden_states.dtype)
-    qk, v_current, v_delayed = cca_projections(proj, hidden_states.reshape(batch * seq, -1))
+    # the projection modules' own forwards: a stacked weight copy could miss a user's edit (see cca_projections)
+    qk, v_current, v_delayed = cca_projections(proj, hidden_states.reshape(batch * seq, -1), stacked=False)
     conv_state = cache.get_conv_state(attn.layer_idx, state_idx=0) if cache is not None else None
     value_state = cache.get_recurrent_state(attn.layer_idx, state_idx=0) if cache is not None else None
     rotary_dim, rope_theta = rope_settings(config, attn.layer_type)

@@ -53,13 +53,21 @@ def root(t: torch.Tensor) -> torch.Tensor:
 
 def remember_valid(t: torch.Tensor, what) -> None:
     """Record that t's values satisfy `what` (a hashable description) until t or its base is modified."""
+    if torch.compiler.is_compiling():  # fake tensors while tracing: nothing to remember
+        return
     base = root(t)
+    if base.is_inference():  # no version counter to see modifications by: such tensors are checked every time
+        return
     key = (id(base), what)
     _KNOWN_VALID[key] = (weakref.ref(base, lambda _: _KNOWN_VALID.pop(key, None)), base._version)
 
 
 def known_valid(t: torch.Tensor, what) -> bool:
     """True if t (or a full-size view of it) was remembered for `what` and not modified since."""
+    if torch.compiler.is_compiling():
+        return False
     base = root(t)
+    if base.is_inference():
+        return False
     entry = _KNOWN_VALID.get((id(base), what))
     return (entry is not None and entry[0]() is base and entry[1] == base._version and t.numel() == base.numel())
