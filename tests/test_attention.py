@@ -489,6 +489,22 @@ def test_torch_compile_fullgraph():
     assert torch.equal(compiled(*args), step(*args))
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_ops_without_backward_refuse_inputs_that_require_grad(backend):
+    """An inference op (no autograd formula) given inputs that require grad raises on every backend, rather than
+    silently giving no gradient (a Triton kernel's output has no history) or one only the reference has."""
+    contiguous, _, _, q, seq_lens, _, _ = _decode_case([3, 5], (4, 2), 16, 4, torch.float32, 0)
+    with zaya_kernels.use_backend(backend):
+        with pytest.raises(RuntimeError, match="zaya::cca_attention_decode has no backward"):
+            torch.ops.zaya.cca_attention_decode(q.requires_grad_(), *contiguous, seq_lens)
+        with torch.no_grad():
+            torch.ops.zaya.cca_attention_decode(q, *contiguous, seq_lens)
+        q, k, v, cu = make_prefill([3, 5], 4, 2, 16, torch.float32, 1, requires_grad=True)
+        out, _ = torch.ops.zaya.cca_attention(q, k, v, cu, 5)
+        with pytest.raises(RuntimeError, match="zaya::cca_attention_backward has no backward"):
+            torch.autograd.grad(out.sum(), q, create_graph=True)  # double backward
+
+
 def test_typed_wrappers():
     q, k, v, cu = make_prefill([5, 2], 4, 2, 16, torch.float32, 4)
     out, lse = zaya_kernels.ops.cca_attention(q, k, v, cu, 5, return_lse=True)

@@ -280,6 +280,11 @@ def test_torch_compile_traces_training_and_prefill_without_graph_breaks(backend)
 def test_cache_and_input_errors():
     _, ours = pair("gqa2")
     ids = random_ids(2, 6)
+    cache = ours.new_cache(2, 8)
+    with torch.no_grad():
+        ours(ids[:, :4], cache=cache)
+    with pytest.raises(ValueError, match="gradients through a cached prefix are not implemented"):
+        ours(ids[:, 4:], cache=cache)  # grad mode on, parameters require grad
     with pytest.raises(ValueError, match="exceed the cache capacity"):
         ours(ids, cache=ours.new_cache(2, 5))
     with pytest.raises(ValueError, match="holds 3 sequences"):

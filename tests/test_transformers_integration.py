@@ -236,6 +236,34 @@ def test_qkv_projections_run_as_the_user_left_them():
                            model.generate(ids, max_new_tokens=3, do_sample=False))
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_gradients_through_a_cached_prefix_take_transformers_attention(backend):
+    """A prompt cached under no_grad, then a continuation scored with gradients (RL-style): the new tokens attend
+    with transformers' attention (the decode kernels have no backward) and every gradient equals the unmodified
+    model's; without gradients the same continuation runs on zaya::cca_attention_decode."""
+    ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(6))
+    model = tiny_model("gqa2")
+    ours = kernelize(copy.deepcopy(model), backend=backend)
+    losses = []
+    for m in (model, ours):
+        cache = DynamicCache(config=m.config)
+        with torch.no_grad():
+            m(input_ids=ids[:, :6], cache=cache)
+        loss = m(input_ids=ids[:, 6:], cache=cache).logits.logsumexp(-1).sum()
+        loss.backward()
+        losses.append(loss.item())
+    assert attention_paths(ours)[0].startswith("transformers (gradients through a cached prefix")
+    assert abs(losses[1] - losses[0]) < 5e-5 * abs(losses[0])
+    expected = dict(model.named_parameters())
+    for name, param in ours.named_parameters():
+        assert_close(param.grad, expected[name].grad, reduction=512, what=name)
+    with torch.no_grad():
+        cache = DynamicCache(config=ours.config)
+        ours(input_ids=ids[:, :6], cache=cache)
+        ours(input_ids=ids[:, 6:], cache=cache)
+    assert attention_paths(ours) == ["zaya::cca_attention_decode"] * 3
+
+
 def test_skip_class_is_chosen_in_the_parity_model():
     """The parity tests exercise the skip expert: some tokens route to it."""
     model = tiny_model("gqa2")

@@ -371,6 +371,11 @@ class CCAAttention(nn.Module):
             raise ValueError(f"zaya modules: attention dropout ({self.attention_dropout}) is not implemented "
                              "by the zaya attention ops; train with attention_dropout=0 or kernelize "
                              "transformers' model (its attention runs there with dropout)")
+        if (cache is not None and not batch.fresh and torch.is_grad_enabled()
+                and any(p.requires_grad for p in self.parameters())):
+            raise ValueError("zaya modules: gradients through a cached prefix are not implemented (the decode "
+                             "kernels have no backward): train without a cache, or run the forward under "
+                             "torch.no_grad()")
         proj = self.qkv_proj
         qk, v_current, v_delayed = proj.project(x)
         heads = (self.num_heads, self.num_kv_heads, self.rotary_dim, self.rope_theta)

@@ -19,7 +19,8 @@ What is swapped (with transformers' own cache objects, masks and rotary embeddin
   them (attention masks them, the convolutions see zeros), so every token's logits and the greedy tokens match.
 transformers' own attention interface (eager / sdpa / flash, with its masks) still runs where the zaya attention
 ops do not apply: a padded batch's prefill in training mode (the pad positions' expert choices count in the
-balancing), any other padding pattern, a static cache, attention dropout in training.
+balancing), any other padding pattern, a static cache, attention dropout in training, and new tokens after a cached
+prefix when gradients are wanted (the decode kernels have no backward).
 `attention_paths(model)` tells which path each layer took last.
 What always runs as transformers' code: the q/k/v and o linear layers (their modules' own forwards, so adapters
 such as LoRA and in-place weight edits such as PEFT's merge act as in transformers), the embeddings, the LM head,
@@ -134,8 +135,9 @@ def attention_forward(attn, hidden_states, position_ids, attention_mask, cache, 
         proj.conv_qk_depthwise.bias, proj.conv_qk_grouped.weight, proj.conv_qk_grouped.bias, attn.qk_norm.temp,
         position_ids.expand(batch, seq).reshape(-1).contiguous(), cu_seqlens,
         config.num_attention_heads, config.num_key_value_heads, rotary_dim, rope_theta,
-        None if conv_state is None else conv_state.contiguous(),
-        None if value_state is None else value_state.contiguous(), has_state)
+        *(None if state is None else (state.clone() if torch.is_grad_enabled() else state.contiguous())
+          for state in (conv_state, value_state)),  # a copy for autograd: the cache updates its own in place
+        has_state)
     if cache is not None:
         cache.update_conv_state(final_conv.to(qk.dtype), attn.layer_idx)
         cache.update_recurrent_state(final_value.to(qk.dtype), attn.layer_idx)
@@ -244,6 +246,8 @@ def _zaya_attention_path(attn, cache, layout) -> str:
     if cache is not None and not isinstance(cache.layers[attn.layer_idx], DynamicLayer):
         return f"transformers ({type(cache.layers[attn.layer_idx]).__name__})"
     fresh = cache is None or cache.get_seq_length(attn.layer_idx) == 0
+    if not fresh and torch.is_grad_enabled() and any(p.requires_grad for p in attn.parameters()):
+        return "transformers (gradients through a cached prefix: the decode kernels have no backward)"
     if layout.unpadded:
         return "zaya::cca_attention" if fresh else "zaya::cca_attention_decode"
     if layout.seq_starts is None:

@@ -3,7 +3,8 @@
 - one dispatching kernel for CPU and CUDA/ROCm tensors: validate the arguments, pick the backend with
   `zaya_kernels.backend.select`, call that backend's implementation;
 - the fake (meta) kernel torch.compile traces with (it validates too, so bad shapes fail at trace time);
-- the autograd formula, where the op is used in training.
+- the autograd formula, where the op is used in training; an op without one refuses inputs that require grad
+  (with grad mode on) rather than silently giving no gradient.
 """
 from __future__ import annotations
 
@@ -61,6 +62,13 @@ def register_op(
     op_backends = tuple(impls)
 
     def dispatching_kernel(*args):
+        if backward is None and torch.is_grad_enabled() and any(
+                isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            # torch's fallback would only warn, then give no gradient (a kernel's output has no history) or, from
+            # the reference's torch ops, a gradient the other backends lack: refuse alike on every backend
+            raise RuntimeError(f"{qualname} has no backward (an inference op, or a backward itself: no double "
+                               "backward), but an input requires grad: call it under torch.no_grad() or "
+                               "torch.inference_mode(), or detach the inputs")
         validate(*args)
         device_type = _device_type(args)
         if reference_only:
