@@ -164,29 +164,33 @@ def test_gpu_triton_backward_matches_reference_and_is_deterministic(dtype, lengt
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_initial_value_state_gets_its_gradient(backend):
-    """The initial value state is Vd_{-1} of each sequence that has one: its gradient is the delayed half of v's first
-    row (the final value state itself for an empty sequence, nothing without has_initial_state). With attention_bias
-    the modules pass v_proj_delayed's bias here, so the bias's gradient depends on it. Against autograd through the
-    reference with the state as a leaf (fp64)."""
-    case = Case(4, 2, 8, 2, 2, [3, 0, 1, 4], seed=3)
+@pytest.mark.parametrize("k0, k1", [(2, 2), (3, 2), (1, 3)])
+def test_initial_states_get_their_gradients(backend, k0, k1):
+    """Training across chunks: both initial states are differentiable. The value state is Vd_{-1} of each sequence
+    that has one (its gradient the delayed half of v's first row, the final value state itself for an empty
+    sequence; with attention_bias the modules pass v_proj_delayed's bias here). The conv state is the K raw X
+    columns before the chunk: read by the first K tokens, and by the final conv state of a sequence of at most K
+    tokens. Nothing for a sequence without has_initial_state. Against autograd through the reference with the states
+    as leaves (fp64), every output with an upstream gradient."""
+    case = Case(4, 2, 8, k0, k1, [3, 0, 1, 4, 2], seed=3)
     num_seqs = len(case.lengths)
     gen = torch.Generator().manual_seed(4)
     conv = torch.randn(num_seqs, case.channels, case.state_len, generator=gen)
     value = torch.randn(num_seqs, case.value_dim, generator=gen)
-    has = torch.tensor([1, 1, 0, 1], dtype=torch.int32)
+    has = torch.tensor([1, 1, 0, 1, 1], dtype=torch.int32)
     args = case.prefill_args()[:14]  # up to rope_theta: the states are given below
-    grads = _output_grads(case, (True, True, True, False, True), seed=5)
-    leaf = value.clone().requires_grad_()
+    grads = _output_grads(case, (True, True, True, True, True), seed=5)
+    leaves = conv.clone().requires_grad_(), value.clone().requires_grad_()
     with zaya_kernels.use_backend(backend):
-        outputs = torch.ops.zaya.cca_prepare(*args, conv, leaf, has)
+        outputs = torch.ops.zaya.cca_prepare(*args, *leaves, has)
     loss = sum((o * g).sum() for o, g in zip(outputs, grads) if g is not None)
-    (actual,) = torch.autograd.grad(loss, leaf)
-    leaf64 = value.double().requires_grad_()
+    actual = torch.autograd.grad(loss, leaves)
+    leaves64 = conv.double().requires_grad_(), value.double().requires_grad_()
     with torch.enable_grad():
         expected_outputs = ref.cca_prepare(*[t.double() if t.is_floating_point() else t for t in args[:9]],
-                                           *args[9:], conv.double(), leaf64, has)
+                                           *args[9:], *leaves64, has)
         expected_loss = sum((o * g.double()).sum() for o, g in zip(expected_outputs, grads) if g is not None)
-        (expected,) = torch.autograd.grad(expected_loss, leaf64)
-    assert expected[2].abs().max() == 0 and expected.abs().max() > 0  # no initial state: no gradient
-    assert_close(actual, expected.float(), what=f"{backend} grad initial_value_state")
+        expected = torch.autograd.grad(expected_loss, leaves64)
+    for name, a, e in zip(("initial_conv_state", "initial_value_state"), actual, expected):
+        assert e[2].abs().max() == 0 and e.abs().max() > 0  # no initial state: no gradient
+        assert_close(a, e.float(), reduction=case.reduction(), what=f"{backend} grad {name}")

@@ -265,7 +265,8 @@ def cca_attention(
     softmax_scale : float or None (1 / sqrt(D))
     causal : bool
     window : int, sliding window length (<= 0: none; needs causal)
-    return_lse : also return the log-sum-exp of the scaled scores
+    return_lse : also return the log-sum-exp of the scaled scores (not differentiable, like flash-attn's
+        softmax_lse: no gradient flows back through it, and it has requires_grad False)
 
     Returns
     -------

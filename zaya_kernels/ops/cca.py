@@ -361,7 +361,7 @@ def _hip_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight
 # ---------------------------------------------------------------- autograd
 _NUM_DIFFERENTIABLE = 8  # qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature
 _NUM_FWD_INPUTS = 17
-_CU_SEQLENS, _INITIAL_VALUE_STATE, _HAS_INITIAL_STATE = 9, 15, 16  # argument positions in the schema
+_CU_SEQLENS, _INITIAL_CONV_STATE, _INITIAL_VALUE_STATE, _HAS_INITIAL_STATE = 9, 14, 15, 16  # schema positions
 
 
 def _setup_fwd(ctx, inputs, output):
@@ -379,13 +379,46 @@ def _backward_fwd(ctx, grad_q, grad_k, grad_v, grad_conv, grad_value):
         inputs[slot] = value
     with _backend.use_backend(ctx.backend):
         grads = torch.ops.zaya.cca_prepare_backward(grad_q, grad_k, grad_v, grad_conv, grad_value, *inputs)
-    grad_initial_value = None
-    if len(ctx.needs_input_grad) > _INITIAL_VALUE_STATE and ctx.needs_input_grad[_INITIAL_VALUE_STATE]:
-        grad_initial_value = _initial_value_state_grad(grad_v, grad_value, inputs[_CU_SEQLENS],
-                                                       inputs[_INITIAL_VALUE_STATE], inputs[_HAS_INITIAL_STATE])
-    # positions .. initial_conv_state get none (integers, flags; the conv state: raw X columns of an earlier chunk)
-    return (tuple(grads) + (None,) * (_INITIAL_VALUE_STATE - _NUM_DIFFERENTIABLE) + (grad_initial_value,)
-            + (None,) * (_NUM_FWD_INPUTS - _INITIAL_VALUE_STATE - 1))
+    out = list(grads) + [None] * (_NUM_FWD_INPUTS - _NUM_DIFFERENTIABLE)  # positions, ints and flags: none
+    needs = ctx.needs_input_grad
+    if len(needs) > _INITIAL_VALUE_STATE and needs[_INITIAL_VALUE_STATE]:
+        out[_INITIAL_VALUE_STATE] = _initial_value_state_grad(grad_v, grad_value, inputs[_CU_SEQLENS],
+                                                              inputs[_INITIAL_VALUE_STATE], inputs[_HAS_INITIAL_STATE])
+    if len(needs) > _INITIAL_CONV_STATE and needs[_INITIAL_CONV_STATE]:
+        out[_INITIAL_CONV_STATE] = _initial_conv_state_grad(grad_q, grad_k, grad_conv, inputs)
+    return tuple(out)
+
+
+def _initial_conv_state_grad(grad_q, grad_k, grad_final_conv, inputs):
+    """Gradient of the initial conv state [B, C, K] (K = k0 + k1 - 2 raw X columns of an earlier chunk). Output
+    token t reads X back to t - K, so only a sequence's first K tokens read its history, and its final conv state
+    when it is at most K long: those few tokens are recomputed with the reference math under autograd (the same
+    function as the forward's reference) and differentiated with respect to the history. Training across chunks
+    only (a state that requires grad); one host read of cu_seqlens and has_initial_state."""
+    (qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature, positions,
+     cu_seqlens, num_q_heads, num_kv_heads, rotary_dim, rope_theta, initial_conv, initial_value, has_state) = inputs
+    state_len = initial_conv.shape[2]
+    grad = torch.zeros(initial_conv.shape, dtype=torch.float32, device=initial_conv.device)
+    bounds, flags = cu_seqlens.tolist(), has_state.tolist()
+    weights = [w.detach() for w in (conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature)]
+    with torch.enable_grad():
+        for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if not flags[b]:
+                continue
+            head = slice(start, min(end, start + state_len))
+            history = initial_conv[b].detach().float().requires_grad_()
+            q, k, _, final_conv, _ = ref.prepare_sequence(
+                qk[head].detach(), v_current[head].detach(), v_delayed[head].detach(), *weights, positions[head],
+                num_q_heads, num_kv_heads, rotary_dim, rope_theta, history, initial_value[b].detach().float())
+            pairs = [(q, grad_q[head] if grad_q is not None else None),
+                     (k, grad_k[head] if grad_k is not None else None),
+                     (final_conv, grad_final_conv[b] if grad_final_conv is not None and end - start <= state_len
+                      else None)]
+            pairs = [(o, g.float()) for o, g in pairs if g is not None and o.requires_grad]
+            if pairs:
+                (grad[b],) = torch.autograd.grad([o for o, _ in pairs], history, [g for _, g in pairs],
+                                                 allow_unused=True, materialize_grads=True)
+    return grad.to(initial_conv.dtype)
 
 
 def _initial_value_state_grad(grad_v, grad_final_value, cu_seqlens, initial_value_state, has_initial_state):
@@ -493,6 +526,11 @@ def cca_prepare(
     v : [T, num_kv_heads, D] A
     final_conv_state : [B, C, k0 + k1 - 2] float32
     final_value_state : [B, num_kv_heads * D / 2] float32
+
+    Differentiable with respect to qk, both value projections, the conv weights and biases, the temperature and both
+    initial states (training across chunks: the final states of one chunk feed the next), through the Triton or
+    reference backward; the initial conv state's gradient recomputes each sequence's first k0 + k1 - 2 tokens with
+    the reference math (one host read of cu_seqlens), the only tokens that read it.
     """
     check.optional_together(_OP, "the paged KV-cache write needs slot_mapping, k_cache and v_cache",
                             [("slot_mapping", slot_mapping), ("k_cache", k_cache), ("v_cache", v_cache)])

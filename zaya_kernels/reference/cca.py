@@ -251,7 +251,8 @@ def cca_prepare_backward(grad_q, grad_k, grad_v, grad_final_conv_state, grad_fin
 
     Returns (grad_qk [T, C], grad_v_current, grad_v_delayed [T, n_kv D / 2], grad_conv0_weight [C, k0],
     grad_conv0_bias [C], grad_conv1_weight [C, D, k1], grad_conv1_bias [C], grad_temperature [n_kv]), each in the
-    dtype of its input. Initial states get no gradient (training has no cache).
+    dtype of its input. The initial states' gradients are not computed here (zaya_kernels.ops.cca adds them:
+    training across chunks).
     """
     differentiable = [t.detach().requires_grad_(True) for t in
                       (qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature)]

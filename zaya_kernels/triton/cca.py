@@ -658,7 +658,7 @@ register_aot("cca_final_states", cca_final_states_kernel, _final_configs)
 #      dw0[:, j0] = sum_{j1} sum_t P_j1,t X_{t-m} (X_{<0}: the initial conv state or 0; this includes Y_{-1..-(k1-1)},
 #      which exist even for a fresh sequence: Y_{-1} = b0); db0 = sum_{j1} sum_t P_j1,t.
 #   6. final_conv_state = the last K columns of [history | X]: dX_u += grad_final_conv_state[:, K - (L - u)] for the
-#      last K tokens (columns from the initial state get nothing: initial states get no gradient).
+#      last K tokens (columns from the initial state: their gradient is zaya_kernels.ops.cca's, not this kernel's).
 #   7. Values (torch indexing in the launcher): dVc_t = grad_v[t] first half; dVd_t = grad_v[t + 1] second half when
 #      t + 1 is in the same sequence, plus grad_final_value_state at the sequence's last token.
 #
@@ -1009,7 +1009,7 @@ def cca_prepare_bwd(grad_q, grad_k, grad_v, grad_final_conv_state, grad_final_va
 
     Returns (grad_qk [T, C], grad_v_current, grad_v_delayed [T, n_kv D / 2], grad_conv0_weight [C, k0],
     grad_conv0_bias [C], grad_conv1_weight [C, D, k1], grad_conv1_bias [C], grad_temperature [n_kv]), each in its
-    input's dtype. Initial states get no gradient.
+    input's dtype. The initial states' gradients are computed by zaya_kernels.ops.cca, not here.
     """
     tokens, channels = qk.shape
     head_dim, k1 = conv1_weight.shape[1], conv1_weight.shape[2]
