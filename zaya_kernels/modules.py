@@ -279,17 +279,13 @@ def cca_projections(proj: nn.Module, x: torch.Tensor, stacked: bool = True):
     `forget_stacked_projections(model)` after one). Used only where nothing else can be bypassed: all four are
     plain nn.Linear (an adapter wrapping one, e.g. LoRA, runs its own forward), no parameter needs a gradient (so
     bias-only training gets its gradients), none is an inference-mode tensor (no version counter) and torch.compile
-    is not tracing (it cannot compare data pointers). Otherwise,
-    and with stacked=False (what `kernelize` uses: a transformers model's weights are the user's to edit, e.g. by
-    PEFT's merge), the four modules' own forwards run.
+    is not tracing (it cannot compare data pointers). Otherwise, and with stacked=False (what `kernelize` uses: a
+    transformers model's weights are the user's to edit, e.g. by PEFT's merge), the four modules' own forwards run.
     """
     linears = (proj.q_proj, proj.k_proj, proj.v_proj_current, proj.v_proj_delayed)
     params = [p for lin in linears for p in (getattr(lin, "weight", None), getattr(lin, "bias", None))
               if p is not None]
-    if not (stacked and not torch.compiler.is_compiling() and all(type(lin) is nn.Linear and not lin._forward_hooks and not lin._forward_pre_hooks
-                            and not hasattr(lin, "parametrizations") for lin in linears)
-            and not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
-            and not any(p.is_inference() for p in params)):
+    if not (stacked and _stackable(linears, params)):
         qk = torch.cat([proj.q_proj(x), proj.k_proj(x)], dim=-1)
         return qk, proj.v_proj_current(x).contiguous(), proj.v_proj_delayed(x).contiguous()
     key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
@@ -302,6 +298,15 @@ def cca_projections(proj: nn.Module, x: torch.Tensor, stacked: bool = True):
     sizes = [lin.out_features for lin in linears]
     qk, v_current, v_delayed = out.split([sizes[0] + sizes[1], sizes[2], sizes[3]], dim=-1)
     return qk.contiguous(), v_current.contiguous(), v_delayed.contiguous()
+
+
+def _stackable(linears, params) -> bool:
+    """Whether the stacked copy computes what the four modules would (see cca_projections)."""
+    if torch.compiler.is_compiling():
+        return False
+    plain = all(type(lin) is nn.Linear and not lin._forward_hooks and not lin._forward_pre_hooks for lin in linears)
+    wants_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+    return plain and not wants_grad and not any(p.is_inference() for p in params)
 
 
 def forget_stacked_projections(model: nn.Module) -> None:
