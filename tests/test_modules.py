@@ -36,6 +36,14 @@ def test_state_dict_names_equal_transformers():
     assert sorted(ours.state_dict()) == sorted(hf.state_dict())
     for key, value in hf.state_dict().items():
         assert ours.state_dict()[key].shape == value.shape, key
+    # freshly built buffers equal transformers' initial ones (the skip class's balancing bias starts at -1)
+    from transformers import ZayaForCausalLM as TransformersZaya
+
+    expected = {n: b for n, b in TransformersZaya(hf.config).named_buffers() if n.endswith("balancing_biases")}
+    actual = {n: b for n, b in ZayaForCausalLM(hf.config).named_buffers() if n.endswith("balancing_biases")}
+    assert sorted(actual) == sorted(expected) and len(expected) == hf.config.num_hidden_layers
+    for name, bias in expected.items():
+        assert torch.equal(actual[name], bias) and bias[-1] == -1.0, name
 
 
 @pytest.mark.parametrize("backend,name", [("reference", "gqa2"), ("reference", "mha"), ("reference", "gqa4-odd"),

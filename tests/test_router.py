@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import zaya_kernels
+from zaya_kernels.integrations.transformers import update_balancing_biases
 from zaya_kernels.ops import new_balance_state, router_balance_update, zaya_router
 from zaya_kernels.reference import router as ref
 
@@ -351,6 +352,18 @@ def test_balance_bad_input():
                                              0.999, 1e-8, 0.0, 0.0, 0.0)
     with pytest.raises(TypeError, match="`state` must have dtype"):
         router_balance_update(torch.tensor([0]), torch.zeros(5), state.double(), step)
+    bias = torch.zeros(5)
+    with pytest.raises(ValueError, match="`counts` must be >= 0"):
+        router_balance_update(None, bias, state, step, counts=torch.tensor([-3, 1, 1, 1, 1]))
+    assert bias.abs().max() == 0
+
+
+def test_router_wrapper_pairs_r_prev_with_x_token_by_token():
+    x, r_prev, gamma, *weights = make_router_args(6, 16, 8, 5, prev=True, seed=0)[:13]
+    with pytest.raises(ValueError, match=r"`r_prev` must be \[..., R\] with x's leading shape \(2, 3\)"):
+        zaya_router(x.view(2, 3, 16), r_prev.view(3, 2, 8), gamma, *weights)
+    index, *_ = zaya_router(x.view(2, 3, 16), r_prev.view(2, 3, 8), gamma, *weights)
+    assert index.shape == (2, 3)
 
 
 # ---------------------------------------------------------------- bias balancing
@@ -448,7 +461,13 @@ def _gloo_worker(rank, world, init_file, out_dir):
         state, step = new_balance_state(4)
         bias = torch.zeros(4)
         counts, loads = router_balance_update(index, bias, state, step, group=dist.group.WORLD)
-        torch.save({"counts": counts, "loads": loads, "bias": bias}, os.path.join(out_dir, f"rank{rank}.pt"))
+        # update_balancing_biases where only rank 0 ran a training forward: every rank must join the reduction
+        layer = SimpleNamespace(mlp=SimpleNamespace(gate=SimpleNamespace(balancing_biases=torch.zeros(4)),
+                                                    _zaya_class_counts=torch.tensor([1, 2, 0, 1]) if rank == 0
+                                                    else None))
+        model_loads = update_balancing_biases(SimpleNamespace(layers=[layer]), group=dist.group.WORLD)
+        torch.save({"counts": counts, "loads": loads, "bias": bias, "model_loads": model_loads,
+                    "model_bias": layer.mlp.gate.balancing_biases}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -470,7 +489,9 @@ def test_gloo_counts_are_summed_across_ranks():
     for res in results:
         assert res["counts"].tolist() == [2, 1, 3, 1]
         assert_close(res["loads"], torch.tensor([2, 1, 3, 1]) / 7.0)
+        assert_close(res["model_loads"], torch.tensor([[1, 2, 0, 1]]) / 4.0)
     assert torch.equal(results[0]["bias"], results[1]["bias"])
+    assert torch.equal(results[0]["model_bias"], results[1]["model_bias"]) and results[0]["model_bias"].abs().max() > 0
 
 
 # ---------------------------------------------------------------- HIP decode kernel (kernels/router.cuh), host emulation

@@ -504,6 +504,7 @@ class ZayaRouter(nn.Module):
             self.router_states_scale = nn.Parameter(torch.ones(router_hidden))
         self.router_mlp = RouterMLP(router_hidden, config.num_experts + 1, config.rms_norm_eps)
         self.register_buffer("balancing_biases", torch.zeros(config.num_experts + 1, dtype=torch.float32))
+        self.balancing_biases[-1] = -1.0  # the skip class starts disfavoured, as in transformers (DESIGN.md 1.3)
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) / .half() / .bfloat16() move the balancing biases but keep them fp32: they are added to fp32

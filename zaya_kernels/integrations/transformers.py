@@ -384,7 +384,9 @@ def update_balancing_biases(model, *, mode: str = "adamw", include_skip: bool = 
     mode, include_skip, group and the controller settings (lr, betas, eps for "adamw"; kp, ki, kd for "pid") are
     those of `zaya_kernels.ops.router_balance_update`; each router keeps its controller state between calls.
     Returns the per-layer loads fp32 [layers, E+1] (fraction of tokens per class), or None if no training forward
-    ran since the last call.
+    ran since the last call (without a group). With a group every rank joins every layer's count reduction, a rank
+    that ran no training forward with zero counts (skipping it would pair its peers' reduction with whatever
+    collective it runs next).
     """
     from zaya_kernels.ops import new_balance_state, router_balance_update
 
@@ -392,9 +394,11 @@ def update_balancing_biases(model, *, mode: str = "adamw", include_skip: bool = 
     loads = []
     for layer in base.layers:
         counts = getattr(layer.mlp, "_zaya_class_counts", None)
-        if counts is None:
-            continue
         gate = layer.mlp.gate
+        if counts is None:
+            if group is None:
+                continue
+            counts = torch.zeros(gate.balancing_biases.shape[0], dtype=torch.int64, device=gate.balancing_biases.device)
         key = f"_zaya_balance_state_{mode}"
         if not hasattr(gate, key):
             setattr(gate, key, new_balance_state(gate.balancing_biases.shape[0], gate.balancing_biases.device))

@@ -21,6 +21,7 @@ import torch
 
 from zaya_kernels.ops import _validate as check
 from zaya_kernels.ops._registry import register_op
+from zaya_kernels.ops.attention import _values_readable
 from zaya_kernels.reference import router as ref
 
 _OP = "zaya_router"
@@ -260,6 +261,9 @@ def zaya_router(
     """
     check.tensor(_OP, "x", x, contiguous=True, min_ndim=1)
     lead, h = x.shape[:-1], x.shape[-1]
+    if r_prev is not None and (r_prev.dim() < 1 or r_prev.shape[:-1] != lead):
+        raise ValueError(f"zaya::{_OP}: `r_prev` must be [..., R] with x's leading shape {tuple(lead)} (one state "
+                         f"per token), got {tuple(r_prev.shape)}")
     index, weight, r, logits = torch.ops.zaya.zaya_router(
         x.reshape(-1, h), None if r_prev is None else r_prev.reshape(-1, r_prev.shape[-1]), gamma, down_w, down_b,
         norm_w, fc1_w, fc1_b, fc2_w, fc2_b, out_w, balance_bias, float(eps), bool(return_logits))
@@ -325,7 +329,7 @@ def router_balance_update(
         This step's choices (all layers' choices of one router; call once per layer).
     counts : [E+1] int64 or None
         Instead of expert_index: the tokens per class already counted (e.g. summed over micro-batches with
-        `expert_class_counts`, so no choices have to be kept).
+        `expert_class_counts`, so no choices have to be kept); >= 0 (checked where reading it is free: CPU).
     balance_bias : [E+1] float32, updated in place
     state : [2, E+1] float32, updated in place (AdamW: exp_avg, exp_avg_sq; PID: integral, previous error)
     step : [1] int64, updated in place (steps with tokens so far)
@@ -353,6 +357,8 @@ def router_balance_update(
         raise ValueError(f"zaya::{_BAL}: `counts` must be an integer tensor of shape ({num_classes},) (E+1 classes "
                          f"from balance_bias), got {counts.dtype} {tuple(counts.shape)}")
     else:
+        if _values_readable(counts) and counts.numel() and int(counts.min()) < 0:
+            raise ValueError(f"zaya::{_BAL}: `counts` must be >= 0 (tokens per class), got {counts.tolist()}")
         counts = counts.to(device=balance_bias.device, dtype=torch.int64, copy=True)  # all_reduce works in place
     if group is not None:
         import torch.distributed as dist
