@@ -99,8 +99,9 @@ def test_decode_step_kernel_launches():
 
 
 def test_cache_written_by_the_kernels_equals_the_autograd_path():
-    """In inference cca_prepare(_paged/_decode) write k / v straight into the cache (paged-pool view); a forward
-    with autograd copies them afterwards: both give the same cache and logits, prefill and decode."""
+    """In inference cca_prepare(_paged/_decode) write k / v straight into the cache (paged-pool view); a prefill
+    with autograd copies them afterwards: both give the same cache and logits, and the decode after either (no
+    gradients through a cached prefix: test_cache_and_input_errors)."""
     _, ours = pair("gqa2")
     ids = random_ids(2, 6)
     results = []
@@ -108,6 +109,7 @@ def test_cache_written_by_the_kernels_equals_the_autograd_path():
         cache = ours.new_cache(2, 12)
         with torch.set_grad_enabled(grad):
             prefill = ours(ids[:, :5], cache=cache)
+        with torch.no_grad():
             step = ours(ids[:, 5:], cache=cache)
         results.append((prefill.detach(), step.detach(), [k.clone() for k in cache.k_cache + cache.v_cache]))
     (p0, s0, c0), (p1, s1, c1) = results
