@@ -451,6 +451,46 @@ def test_balance_adamw_first_step_is_lr_sign():
     assert_close(bias, torch.tensor([-1e-3, 0.0, 1e-3, 1e-3]), scale=1e-3)
 
 
+def _fake_balanced_model(num_layers, num_classes):
+    """What update_balancing_biases reads of a model: layers[i].mlp.gate.balancing_biases and the recorded counts."""
+    return SimpleNamespace(layers=[SimpleNamespace(mlp=SimpleNamespace(
+        gate=SimpleNamespace(balancing_biases=torch.zeros(num_classes)), _zaya_class_counts=None))
+        for _ in range(num_layers)])
+
+
+@pytest.mark.parametrize("mode", ["adamw", "pid"])
+def test_balancing_state_dict_resumes_the_same_trajectory(mode):
+    """A training checkpoint with balancing_state_dict continues the controllers exactly (AdamW moments and step
+    count, PID integral); restarting them from zero would not."""
+    from zaya_kernels.integrations.transformers import balancing_state_dict, load_balancing_state_dict
+
+    gen = torch.Generator().manual_seed(0)
+    steps = [torch.randint(0, 9, (2, 5), generator=gen) for _ in range(4)]
+    controller = dict(lr=0.1) if mode == "adamw" else dict(kp=0.5, ki=0.2, kd=0.1)
+
+    def step(model, counts):
+        for layer, c in zip(model.layers, counts):
+            layer.mlp._zaya_class_counts = c
+        update_balancing_biases(model, mode=mode, **controller)
+
+    original, resumed, restarted = (_fake_balanced_model(2, 5) for _ in range(3))
+    for counts in steps[:3]:
+        step(original, counts)
+    checkpoint = balancing_state_dict(original)
+    assert sorted(checkpoint) == [f"layers.0.{mode}", f"layers.1.{mode}"]
+    for model in (resumed, restarted):
+        for layer, source in zip(model.layers, original.layers):
+            layer.mlp.gate.balancing_biases.copy_(source.mlp.gate.balancing_biases)
+    load_balancing_state_dict(resumed, checkpoint)
+    for model in (original, resumed, restarted):
+        step(model, steps[3])
+    for a, b, c in zip(original.layers, resumed.layers, restarted.layers):
+        assert torch.equal(a.mlp.gate.balancing_biases, b.mlp.gate.balancing_biases)
+        assert not torch.equal(a.mlp.gate.balancing_biases, c.mlp.gate.balancing_biases)
+    with pytest.raises(ValueError, match="unknown entry 'layers.7.adamw'"):
+        load_balancing_state_dict(resumed, {"layers.7.adamw": checkpoint[f"layers.0.{mode}"]})
+
+
 # ---------------------------------------------------------------- torch.distributed: counts summed over ranks
 def _gloo_worker(rank, world, init_file, out_dir):
     import torch.distributed as dist

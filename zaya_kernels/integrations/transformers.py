@@ -27,7 +27,8 @@ such as LoRA and in-place weight edits such as PEFT's merge act as in transforme
 the cache objects.
 
 Training: after each optimizer step, `update_balancing_biases(model)` moves every layer's balancing biases toward
-equal load with `zaya::router_balance_update` (DESIGN.md 1.5), from the choices the training forwards made.
+equal load with `zaya::router_balance_update` (DESIGN.md 1.5), from the choices the training forwards made; the
+controllers' state goes into a training checkpoint with `balancing_state_dict` / `load_balancing_state_dict`.
 
 Outputs: `last_hidden_state` and `cache`. Not supported, and refused with a ValueError rather than
 silently skipped: `output_hidden_states`, `output_attentions`, `output_router_logits` (transformers records them
@@ -50,6 +51,7 @@ import torch
 from zaya_kernels import ops as zaya_ops
 from zaya_kernels.backend import use_backend
 from zaya_kernels.modules import cca_projections, record_expert_choices, rope_settings
+from zaya_kernels.ops.router import BALANCE_MODES
 
 
 def _zaya_classes():
@@ -390,20 +392,54 @@ def update_balancing_biases(model, *, mode: str = "adamw", include_skip: bool = 
     """
     from zaya_kernels.ops import new_balance_state, router_balance_update
 
-    base = model.model if hasattr(model, "lm_head") else model  # a causal LM (transformers' or zaya_kernels.modules')
     loads = []
-    for layer in base.layers:
+    for layer in _decoder_layers(model):
         counts = getattr(layer.mlp, "_zaya_class_counts", None)
         gate = layer.mlp.gate
+        biases = gate.balancing_biases
         if counts is None:
             if group is None:
                 continue
-            counts = torch.zeros(gate.balancing_biases.shape[0], dtype=torch.int64, device=gate.balancing_biases.device)
+            counts = torch.zeros(biases.shape[0], dtype=torch.int64, device=biases.device)
         key = f"_zaya_balance_state_{mode}"
         if not hasattr(gate, key):
-            setattr(gate, key, new_balance_state(gate.balancing_biases.shape[0], gate.balancing_biases.device))
-        _, layer_loads = router_balance_update(None, gate.balancing_biases, *getattr(gate, key), counts=counts,
+            setattr(gate, key, new_balance_state(biases.shape[0], biases.device))
+        elif getattr(gate, key)[0].device != biases.device:  # the model moved since (model.to(device))
+            setattr(gate, key, tuple(t.to(biases.device) for t in getattr(gate, key)))
+        _, layer_loads = router_balance_update(None, biases, *getattr(gate, key), counts=counts,
                                                mode=mode, include_skip=include_skip, group=group, **controller)
         layer.mlp._zaya_class_counts = None
         loads.append(layer_loads)
     return torch.stack(loads) if loads else None
+
+
+def _decoder_layers(model):
+    base = model.model if hasattr(model, "lm_head") else model  # a causal LM (transformers' or zaya_kernels.modules')
+    return base.layers
+
+
+def balancing_state_dict(model) -> dict:
+    """The balancing controllers' state, for a training checkpoint (it is not in the model's state_dict, which stays
+    transformers'): {"layers.<i>.<mode>": {"state": fp32 [2, E+1], "step": int64 [1]}} for every layer and mode
+    `update_balancing_biases` has run. Restore with `load_balancing_state_dict` to continue the same trajectory
+    (AdamW's moments and step count, the PID integral and previous error)."""
+    out = {}
+    for i, layer in enumerate(_decoder_layers(model)):
+        for mode in BALANCE_MODES:
+            saved = getattr(layer.mlp.gate, f"_zaya_balance_state_{mode}", None)
+            if saved is not None:
+                out[f"layers.{i}.{mode}"] = {"state": saved[0].detach().clone(), "step": saved[1].detach().clone()}
+    return out
+
+
+def load_balancing_state_dict(model, state_dict: dict) -> None:
+    """Restore what `balancing_state_dict` returned (onto each layer's balancing-bias device)."""
+    layers = _decoder_layers(model)
+    for key, value in state_dict.items():
+        _, index, mode = key.split(".")
+        if mode not in BALANCE_MODES or not 0 <= int(index) < len(layers):
+            raise ValueError(f"load_balancing_state_dict: unknown entry {key!r} for a model of {len(layers)} layers")
+        gate = layers[int(index)].mlp.gate
+        device = gate.balancing_biases.device
+        setattr(gate, f"_zaya_balance_state_{mode}", (value["state"].to(device, torch.float32).clone(),
+                                                      value["step"].to(device, torch.int64).clone()))
