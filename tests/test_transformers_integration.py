@@ -299,15 +299,24 @@ def test_training_loss_and_every_gradient_match(backend, name):
 
 
 def test_activation_checkpointing_matches_and_counts_choices_once():
-    """gradient_checkpointing_enable(): each kernelized decoder layer is checkpointed; loss and gradients equal the
-    unmodified model's with checkpointing, and the recomputed forward does not count the expert choices again."""
+    """activation_checkpointing_enable(every_n_layers=2): the kernelized decoder layers transformers marks (0 and 2 of
+    3) are checkpointed, one segment each; loss and gradients equal the unmodified model's with checkpointing, and
+    the recomputed forward does not count the expert choices again."""
     from zaya_kernels.integrations.transformers import update_balancing_biases
 
-    model = tiny_model("gqa2", layers=2).train()
+    model = tiny_model("gqa2", layers=3).train()
     kernelized = kernelize(copy.deepcopy(model), backend="reference")
     plain = kernelize(copy.deepcopy(model), backend="reference")
     for m in (model, kernelized):
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.2x; the older name before
+            m.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=2)
+        else:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    marked = [getattr(layer, "gradient_checkpointing", True) for layer in kernelized.model.layers]
+    segments = []
+    checkpoint_func = kernelized.model._gradient_checkpointing_func
+    kernelized.model._gradient_checkpointing_func = lambda fn, *a, **k: segments.append(fn) or checkpoint_func(
+        fn, *a, **k)
     ids, _ = left_padded_batch()
     # use_cache=False: transformers' own checkpointed ZAYA layers would otherwise read the conv states their first
     # pass wrote into the cache when they are recomputed (the kernelized forward drops the cache itself)
@@ -325,6 +334,7 @@ def test_activation_checkpointing_matches_and_counts_choices_once():
     for a, b in zip(kernelized.model.layers, plain.model.layers):
         assert torch.equal(a.mlp._zaya_class_counts, b.mlp._zaya_class_counts // 2)  # plain ran two forwards
     assert update_balancing_biases(kernelized) is not None
+    assert len(segments) == sum(marked) and (marked == [True, False, True] or all(marked))
 
 
 def test_kernelize_zaya_model_and_bad_input():

@@ -34,9 +34,10 @@ Outputs: `last_hidden_state` and `cache`. Not supported, and refused with a Valu
 silently skipped: `output_hidden_states`, `output_attentions`, `output_router_logits` (transformers records them
 with hooks on the layer modules, whose forwards the fused layer loop does not call; forward hooks registered on
 decoder layers or attention blocks do not fire either), and a RoPE type other than the default with cca=True.
-Activation checkpointing (`gradient_checkpointing_enable()`) checkpoints each decoder layer, without a cache as in
-transformers; the expert choices it recomputes are not counted twice for the balancing. Sequences packed into rows
-by restarting position_ids (no mask, no cache) attend block-diagonally, as in transformers.
+Activation checkpointing (`activation_checkpointing_enable()`) checkpoints the decoder layers it marks (every n-th
+with every_n_layers=n), without a cache as in transformers; the expert choices it recomputes are not counted twice
+for the balancing. Sequences packed into rows by restarting position_ids (no mask, no cache) attend
+block-diagonally, as in transformers.
 Numerics: the kernelized model computes the residual update, router softmax and selection in fp32 (DESIGN.md);
 transformers rounds some of these to the model dtype, so bf16 models agree to bf16 rounding, fp32 models exactly
 up to fp32 rounding.
@@ -342,7 +343,9 @@ def model_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
             return residual, normed, router_state
 
         for idx in range(len(layers)):
-            if checkpointing:  # transformers' activation checkpointing function, one decoder layer per segment
+            # transformers' activation checkpointing function, one decoder layer per segment, on the layers it
+            # marked (activation_checkpointing_enable(every_n_layers=n) marks every n-th)
+            if checkpointing and getattr(layers[idx], "gradient_checkpointing", True):
                 residual, normed, router_state = self._gradient_checkpointing_func(
                     functools.partial(layer_step, idx), residual, normed, router_state)
             else:
