@@ -147,13 +147,16 @@ __global__ void __launch_bounds__(kRouterThreads) zaya_router_decode_kernel(
     const float inv = 1.0f / s;
     int best = 0;
     float best_v = expf(lg[0] - m) * inv + balance_bias[0];
+    bool has_nan = best_v != best_v;
     for (int c = 1; c < C; ++c) {
       const float v = expf(lg[c] - m) * inv + balance_bias[c];
+      has_nan |= v != v;
       if (v > best_v) {  // strict: the lowest index wins ties
         best_v = v;
         best = c;
       }
     }
+    if (has_nan) best = C - 1;  // a NaN score: the skip class, as the reference and the Triton kernel choose
     index_out[t] = best;
     weight_out[t] = expf(lg[best] - m) * inv;
     if (logits_out != nullptr) {

@@ -124,15 +124,30 @@ def test_reference_ties_go_to_lowest_index_and_skip_is_e():
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy inside the interpreter
-def test_nan_input_gives_nan_weight_and_index_in_range():
+def test_nan_scores_choose_the_skip_class_on_every_backend(router_emulation):
+    """A NaN in a token's input (every probability NaN) or in one class's balancing bias: the reference, the Triton
+    kernel and the HIP kernel (emulated) all choose the skip class for the affected rows; the weight is NaN where
+    the probabilities are."""
     args = list(make_router_args(3, 8, 6, 4, prev=False, seed=0))
     args[0] = args[0].clone()
     args[0][1, 2] = float("nan")
-    for backend in ("reference", "triton"):
-        with zaya_kernels.use_backend(backend):
-            index, weight, _, _ = torch.ops.zaya.zaya_router(*args, False)
-        assert index.min() >= 0 and index.max() <= 3, backend
-        assert torch.isnan(weight[1]) and torch.isfinite(weight[[0, 2]]).all(), backend
+    nan_bias = list(args)
+    nan_bias[0], nan_bias[11] = make_router_args(3, 8, 6, 4, prev=False, seed=0)[0], args[11].clone()
+    nan_bias[11][1] = float("nan")
+    expected_free = ref.zaya_router(*args, False)[0]
+    for backend in ("reference", "triton", "hip-emulated"):
+        for case, rows in ((args, [1]), (nan_bias, [0, 1, 2])):
+            if backend == "hip-emulated":
+                index, weight, _, _ = _emulated_router(router_emulation, tuple(case))
+            else:
+                with zaya_kernels.use_backend(backend):
+                    index, weight, _, _ = torch.ops.zaya.zaya_router(*case, False)
+            assert index[rows].tolist() == [3] * len(rows), (backend, index)
+            if case is args:
+                assert torch.isnan(weight[1]) and torch.isfinite(weight[[0, 2]]).all(), backend
+                assert index[[0, 2]].tolist() == expected_free[[0, 2]].tolist(), backend
+            else:
+                assert torch.isfinite(weight).all(), backend
 
 
 # ---------------------------------------------------------------- Triton (interpreter on CPU) vs the reference

@@ -66,7 +66,8 @@ def select(probs: torch.Tensor, balance_bias: torch.Tensor) -> torch.Tensor:
     best = biased.max(-1, keepdim=True).values
     cls = torch.arange(biased.shape[-1], device=biased.device)
     index = torch.where(biased == best, cls, biased.shape[-1]).min(-1).values
-    # NaN rows match nothing: keep the index in range (the weight p[e*] is then NaN, not silently finite)
+    # a row with a NaN score matches nothing and takes the skip class (index E; the weight p[e*] is then NaN where p
+    # is, not silently finite): every backend chooses the same
     return index.clamp(max=biased.shape[-1] - 1).to(torch.int32)
 
 

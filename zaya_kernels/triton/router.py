@@ -86,7 +86,10 @@ def _router_tail(acc, rows, row_mask, rows64, rcols, rmask, r_prev_ptr, gamma_pt
     biased = tl.where(emask[None, :], p + tl.load(bias_ptr + ecols, mask=emask, other=0.0)[None, :], float("-inf"))
     best = tl.max(biased, axis=1)
     index = tl.min(tl.where(biased == best[:, None], ecols[None, :], BLOCK_E), axis=1)
-    index = tl.minimum(index, C - 1)  # only reachable with NaN inputs: keep the index in range
+    # a row with a NaN score takes the skip class, as the reference (tl.max may pass over a NaN; its index is kept
+    # in range either way); its weight is then NaN where p is
+    has_nan = tl.max(tl.where(biased != biased, 1, 0), axis=1) > 0
+    index = tl.where(has_nan, C - 1, tl.minimum(index, C - 1))
     weight = tl.sum(tl.where(ecols[None, :] == index[:, None], p, 0.0), axis=1)
     tl.store(index_ptr + rows, index.to(tl.int32), mask=row_mask)
     tl.store(weight_ptr + rows, weight, mask=row_mask)
