@@ -33,8 +33,8 @@ def shipped_tables_afterwards():
     shipped = (attention.CONFIG_PATH, moe.CONFIG_PATH)
     yield
     assert (attention.CONFIG_PATH, moe.CONFIG_PATH) == shipped
-    attention.reload_config_table()
-    moe.reload_config_table()
+    attention.load_config_table.reload()
+    moe.load_config_table.reload()
 
 
 @pytest.fixture
@@ -50,13 +50,13 @@ def moe_table(tri, tmp_path, monkeypatch):
     path = tmp_path / "moe.json"
     shutil.copy(tri.CONFIG_PATH, path)
     monkeypatch.setattr(tri, "CONFIG_PATH", path)
-    tri.reload_config_table()
+    tri.load_config_table.reload()
     yield path
 
 
 def _use_table(monkeypatch, module, path):
     monkeypatch.setattr(module, "CONFIG_PATH", path)
-    module.reload_config_table()
+    module.load_config_table.reload()
 
 
 def _other_targets_unchanged(before: str, after: str, targets=OTHER_TARGETS):
@@ -170,7 +170,7 @@ def test_moe_write_updates_the_table_in_place_and_keeps_earlier_results(tri, moe
     assert first != before
     _other_targets_unchanged(before, first)
     assert "wrote" in capsys.readouterr().out
-    tri.reload_config_table()
+    tri.load_config_table.reload()
     assert tri.pick_block_m(5, "interpreter") == 16  # the launcher reads the rewritten file
     assert tri.gemm_config("interpreter", 16, "gate_up")["BLOCK_N"] == 32
     assert tune.main(["moe", "--tokens", "40", *common]) == 0

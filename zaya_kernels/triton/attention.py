@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import os
 
 import torch
@@ -52,7 +51,7 @@ import triton
 import triton.language as tl
 
 from zaya_kernels.triton._aot import AotConfig, register_aot
-from zaya_kernels.triton._target import device_target
+from zaya_kernels.triton._target import ConfigTable, device_target
 
 LOG2E = 1.4426950408889634
 CONFIG_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "attention.json")
@@ -496,26 +495,8 @@ def attention_decode_reduce_kernel(
 
 
 # ==================================================================================================== configurations
-def _read_config_table() -> dict:
-    with open(CONFIG_PATH) as f:
-        return json.load(f)["targets"]
-
-
-# Read at import into a module global, not behind lru_cache: torch.compile traces through an lru_cache'd function
-# (and stops at its open()), while a global dict is a constant to it.
-_CONFIG_TABLE = _read_config_table()
-
-
-def reload_config_table() -> dict:
-    """Read CONFIG_PATH again (after the tuner rewrote it, or with CONFIG_PATH pointed at another file)."""
-    global _CONFIG_TABLE
-    _CONFIG_TABLE = _read_config_table()
-    return _CONFIG_TABLE
-
-
-def load_config_table() -> dict:
-    """The tuned launch configurations: {target: {kernel: {block_d: {...}}}} from configs/attention.json."""
-    return _CONFIG_TABLE
+# The tuned launch configurations: {target: {kernel: {block_d: {...}}}} from configs/attention.json
+load_config_table = ConfigTable(__name__, "targets")
 
 
 def block_d_for(head_dim: int) -> int:

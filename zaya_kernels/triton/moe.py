@@ -27,7 +27,6 @@ tile map and both GEMMs must share.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ import triton
 import triton.language as tl
 
 from zaya_kernels.triton._aot import AotConfig, register_aot
-from zaya_kernels.triton._target import device_target
+from zaya_kernels.triton._target import ConfigTable, device_target
 
 CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "moe.json"
 # fp32 inputs multiply in full fp32 (not TF32) so they match the reference; bf16/fp16 inputs are unaffected.
@@ -528,26 +527,8 @@ def moe_unpermute_rows_backward(grad_y, sorted_token_ids, x, routing_weight, num
 
 
 # ---------------------------------------------------------------- configurations
-def _read_config_table() -> dict:
-    with open(CONFIG_PATH) as f:
-        return json.load(f)
-
-
-# Read at import into a module global, not behind lru_cache: torch.compile traces through an lru_cache'd function
-# (and stops at its open()), while a global dict is a constant to it.
-_CONFIG_TABLE = _read_config_table()
-
-
-def reload_config_table() -> dict:
-    """Read CONFIG_PATH again (after the tuner rewrote it, or with CONFIG_PATH pointed at another file)."""
-    global _CONFIG_TABLE
-    _CONFIG_TABLE = _read_config_table()
-    return _CONFIG_TABLE
-
-
-def load_config_table() -> dict:
-    """The parsed zaya_kernels/configs/moe.json."""
-    return _CONFIG_TABLE
+# The parsed zaya_kernels/configs/moe.json
+load_config_table = ConfigTable(__name__)
 
 
 def pick_block_m(num_tokens: int, target: str) -> int:
