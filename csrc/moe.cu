@@ -266,7 +266,9 @@ void moe_dispatch(const at::Tensor& expert_index, int64_t num_experts, int64_t b
   TORCH_CHECK(T <= std::numeric_limits<int32_t>::max(), "moe_dispatch: too many tokens (", T, ")");
   TORCH_CHECK(num_experts >= 1 && num_experts + 2 <= zk::kMoeMaxClasses, "moe_dispatch: num_experts = ",
               num_experts, " outside [1, ", zk::kMoeMaxClasses - 2, "]");
-  TORCH_CHECK(block_m >= 1, "moe_dispatch: block_m must be positive, got ", block_m);
+  // int32 in the kernel (the op allows 16..256)
+  TORCH_CHECK(block_m >= 1 && block_m <= std::numeric_limits<int32_t>::max(), "moe_dispatch: block_m must be in "
+              "[1, 2^31 - 1], got ", block_m);
   const int64_t num_tiles = (T + block_m - 1) / block_m + num_experts;
   moe_check(expert_index, "expert_index", expert_index, T);
   moe_check(counts, "counts", expert_index, num_experts + 1);

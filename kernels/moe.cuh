@@ -57,7 +57,7 @@ __global__ __launch_bounds__(kThreads) void moe_dispatch_kernel(const int32_t* _
       offsets[c] = position;
       s_base[c] = position;
       position += n;
-      tiles += (n + block_m - 1) / block_m;
+      tiles += n / block_m + (n % block_m != 0);  // ceil without n + block_m - 1 (no int32 overflow)
       s_tiles_end[c] = tiles;
     }
     offsets[classes] = position;
