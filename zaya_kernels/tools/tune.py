@@ -316,6 +316,12 @@ class _Tuner(abc.ABC):
             timer = lambda fn, info: median_seconds(fn, kind, repeats)  # noqa: E731
         self.timer = timer
         self._usable: dict = {}
+        self.dtype = _DTYPES[args.dtype]
+        # the tuned table file the result is spliced into, this target's entry as shipped and as being tuned
+        self.file_table = json.loads(Path(self.module.CONFIG_PATH).read_text())
+        self.old_entry = copy.deepcopy(self.file_table["targets"][target])
+        self.entry = copy.deepcopy(self.old_entry)
+        self.results: dict = {}
         self.evaluated = 0
         self.rejected: list[tuple[str, str]] = []
 
@@ -428,13 +434,8 @@ class MoeTuner(_Tuner):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         args = self.args
-        self.dtype = _DTYPES[args.dtype]
         self.H, self.I, self.E = args.hidden, args.intermediate, args.experts
         self.skip_mode = args.skip_mode
-        self.table = json.loads(Path(self.module.CONFIG_PATH).read_text())  # the file the result is spliced into
-        self.results: dict = {}
-        self.old_entry = copy.deepcopy(self.table["targets"][self.target])
-        self.entry = copy.deepcopy(self.old_entry)
         self._inputs: dict = {}
         self._weights = None
         self._candidate = None
@@ -465,7 +466,7 @@ class MoeTuner(_Tuner):
         return self._inputs[T]
 
     def _active(self, info):
-        table = copy.deepcopy(self.table)
+        table = copy.deepcopy(self.file_table)
         entry = copy.deepcopy(self.entry)
         block_m = info["block_m"]
         base = entry["gemm"].get(str(block_m)) or self._bwd_source(info["bucket"])
@@ -703,18 +704,13 @@ class AttentionTuner(_Tuner):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         args = self.args
-        self.dtype = _DTYPES[args.dtype]
         self.hq, self.hkv = args.heads
         self.D = args.head_dim
         self.block_d = str(self.module.block_d_for(self.D))
-        self.targets_table = json.loads(Path(self.module.CONFIG_PATH).read_text())["targets"]
-        self.old_entry = copy.deepcopy(self.targets_table[self.target])
-        self.entry = copy.deepcopy(self.old_entry)
-        self.results: dict = {}
         self._cases: dict = {}
 
     def _active(self, info):
-        table = copy.deepcopy(self.targets_table)
+        table = copy.deepcopy(self.file_table["targets"])
         table[self.target] = copy.deepcopy(self.entry)
         table[self.target][info["kernel"]][self.block_d] = info["cfg"]
         return table_override(self.module, table)
