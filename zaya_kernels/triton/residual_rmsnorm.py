@@ -192,17 +192,21 @@ def residual_rmsnorm_bwd_kernel(
                 tl.store(slot + 2 * H, acc_gr, mask=col_mask)
 
 
-# ---- launch configurations: (BLOCK_N, BLOCK_H, num_warps) by row width; the AOT report compiles each one ----
+# ---- launch configurations by row width: (max H, BLOCK_N, BLOCK_H, forward warps, backward warps); the AOT report
+# compiles each one. A 4096-wide row in registers takes 16 warps in the forward (8 spill with Triton 3.6 on sm_90, whose
+# register budget there is 128) but 8 in the backward (16 warps spill its MODE 2, which keeps more row vectors live).
 MAX_BLOCK_H = 4096
-_CONFIGS = ((256, 8, 256, 4), (1024, 2, 1024, 4), (2048, 1, 2048, 8), (MAX_BLOCK_H, 1, MAX_BLOCK_H, 8))
+_CONFIGS = ((256, 8, 256, 4, 4), (1024, 2, 1024, 4, 4), (2048, 1, 2048, 8, 8), (MAX_BLOCK_H, 1, MAX_BLOCK_H, 16, 8))
+_CHUNKED_CONFIG = (1, MAX_BLOCK_H, 8, 8)  # wider rows: two passes over BLOCK_H chunks
 
 
-def pick_config(H: int) -> tuple[int, int, int, bool]:
-    """(BLOCK_N, BLOCK_H, num_warps, SINGLE_CHUNK) for rows of width H."""
-    for max_h, block_n, block_h, num_warps in _CONFIGS:
+def pick_config(H: int, backward: bool = False) -> tuple[int, int, int, bool]:
+    """(BLOCK_N, BLOCK_H, num_warps, SINGLE_CHUNK) for rows of width H, for the forward or the backward kernel."""
+    for max_h, block_n, block_h, fwd_warps, bwd_warps in _CONFIGS:
         if H <= max_h:
-            return block_n, block_h, num_warps, True
-    return 1, MAX_BLOCK_H, 8, False
+            return block_n, block_h, bwd_warps if backward else fwd_warps, True
+    block_n, block_h, fwd_warps, bwd_warps = _CHUNKED_CONFIG
+    return block_n, block_h, bwd_warps if backward else fwd_warps, False
 
 
 @functools.lru_cache(maxsize=None)
@@ -242,7 +246,7 @@ def residual_rmsnorm_bwd(dy, d_new_residual, x, residual, hs, rs, weight, eps, n
     num_partials = 1 if mode == MODE_RMSNORM else 4
     if N == 0:
         return torch.zeros(num_partials, H, dtype=torch.float32, device=x.device)
-    block_n, block_h, num_warps, single = pick_config(H)
+    block_n, block_h, num_warps, single = pick_config(H, backward=True)
     programs = _grid(N, block_n, x.device)
     alloc = torch.empty if single else torch.zeros  # the chunked path accumulates into its slots
     partials = alloc(programs, num_partials, H, dtype=torch.float32, device=x.device)
@@ -261,28 +265,28 @@ def residual_rmsnorm_bwd(dy, d_new_residual, x, residual, hs, rs, weight, eps, n
 def _aot_configs():
     """Every (config, mode) the launchers can pick, with the dtypes of a bf16 ZAYA model: bf16 activations and
     forward parameters, the fp32 residual (which the final norm, MODE 0, reads); the backward takes fp32 parameters."""
-    shapes = [(bn, bh, nw, True) for _, bn, bh, nw in _CONFIGS] + [(1, MAX_BLOCK_H, 8, False)]
+    shapes = [(*config[1:], True) for config in _CONFIGS] + [(*_CHUNKED_CONFIG, False)]
     fwd, bwd = [], []
-    for block_n, block_h, num_warps, single in shapes:
+    for block_n, block_h, fwd_warps, bwd_warps, single in shapes:
         for mode in (MODE_RMSNORM, MODE_INPUT, MODE_RESIDUAL):
             x_type = "*fp32" if mode == MODE_RMSNORM else "*bf16"  # the final norm reads the fp32 residual
-            tag = f"mode={mode},BLOCK_N={block_n},BLOCK_H={block_h},single={int(single)},warps={num_warps}"
+            tag = f"mode={mode},BLOCK_N={block_n},BLOCK_H={block_h},single={int(single)}"
             consts = {"MODE": mode, "BLOCK_N": block_n, "BLOCK_H": block_h, "SINGLE_CHUNK": single}
             fwd.append(AotConfig(
-                label=tag,
+                label=f"{tag},warps={fwd_warps}",
                 signature={"x_ptr": x_type, "r_ptr": "*fp32", "hs_ptr": "*bf16", "hb_ptr": "*bf16", "rs_ptr": "*bf16",
                            "rb_ptr": "*bf16", "w_ptr": "*bf16", "new_residual_ptr": "*fp32", "normed_ptr": "*bf16",
                            "N": "i32", "H": "i32", "eps": "fp32", "MODE": "constexpr", "BLOCK_N": "constexpr",
                            "BLOCK_H": "constexpr", "SINGLE_CHUNK": "constexpr"},
-                constexprs=consts, num_warps=num_warps))
+                constexprs=consts, num_warps=fwd_warps))
             bwd.append(AotConfig(
-                label=tag + ",dR=1",
+                label=f"{tag},warps={bwd_warps},dR=1",
                 signature={"dy_ptr": "*bf16", "d_new_residual_ptr": "*fp32", "x_ptr": x_type, "r_ptr": "*fp32",
                            "hs_ptr": "*fp32", "rs_ptr": "*fp32", "w_ptr": "*fp32", "norm_input_ptr": "*fp32",
                            "grad_x_ptr": x_type, "grad_r_ptr": "*fp32", "partial_ptr": "*fp32", "N": "i32", "H": "i32",
                            "eps": "fp32", "MODE": "constexpr", "HAS_DR": "constexpr", "BLOCK_N": "constexpr",
                            "BLOCK_H": "constexpr", "SINGLE_CHUNK": "constexpr"},
-                constexprs={**consts, "HAS_DR": mode != MODE_RMSNORM}, num_warps=num_warps))
+                constexprs={**consts, "HAS_DR": mode != MODE_RMSNORM}, num_warps=bwd_warps))
     return fwd, bwd
 
 
