@@ -116,6 +116,23 @@ def test_sequences_packed_by_position_ids(backend):
     assert relative_error(cached, expected_cached) < 5e-5
 
 
+def test_position_ids_of_other_dtypes():
+    """transformers' rotary embedding takes position_ids of any integer dtype (and whole-valued floats); the
+    kernelized model gives the same logits for them (the CCA ops index with int32 / int64) and refuses fractional
+    positions, which the CCA ops cannot apply."""
+    model = tiny_model("gqa2", layers=2)
+    ids = torch.randint(3, 97, (2, 7), generator=torch.Generator().manual_seed(6))
+    positions = torch.arange(3, 10)[None].expand(2, -1)  # as a continuation would send them: not from 0
+    with torch.no_grad():
+        expected = model(input_ids=ids, position_ids=positions).logits
+        kernelize(model, backend="reference")
+        for dtype in (torch.int16, torch.uint8, torch.float32):
+            actual = model(input_ids=ids, position_ids=positions.to(dtype)).logits
+            assert relative_error(actual, expected) < 5e-5, dtype
+        with pytest.raises(ValueError, match="whole numbers"):
+            model(input_ids=ids, position_ids=positions.float() + 0.5)
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_left_padded_batch_decodes_with_the_zaya_attention_op(backend):
     """A left-padded batch (pads of 4, 0 and 7 tokens; a sliding window of 4 shorter than the longest pad run):

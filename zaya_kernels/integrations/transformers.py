@@ -269,6 +269,17 @@ def attention_paths(model) -> list:
     return [getattr(layer.self_attn, "_zaya_attention_path", None) for layer in base.layers]
 
 
+def _integer_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """position_ids of another dtype as int64 (the CCA ops index RoPE with int32 / int64): transformers' rotary
+    embedding takes any integer dtype and whole-valued floats, so those are converted; fractional positions raise."""
+    if position_ids.is_floating_point() and not torch.equal(position_ids, position_ids.round()):
+        raise ValueError(f"zaya kernelize: position_ids must hold whole numbers (the CCA ops apply RoPE at integer "
+                         f"positions), got fractional values of dtype {position_ids.dtype}")
+    if position_ids.is_complex() or position_ids.dtype == torch.bool:
+        raise TypeError(f"zaya kernelize: position_ids must be an integer tensor, got {position_ids.dtype}")
+    return position_ids.to(torch.int64)
+
+
 def model_forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                   use_cache=None, **kwargs):
     """ZayaModel.forward on zaya ops (see the module docstring); same arguments and cache behaviour."""
@@ -293,6 +304,8 @@ def model_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
     if use_cache and cache is None:
         cache = mz.DynamicCache(config=self.config)
     given_positions = position_ids is not None
+    if given_positions and position_ids.dtype not in (torch.int32, torch.int64):
+        position_ids = _integer_positions(position_ids)
     if position_ids is None:
         past_seen_tokens = cache.get_seq_length() if cache is not None else 0
         position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens)[None]
