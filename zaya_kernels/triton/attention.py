@@ -523,6 +523,30 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
+# CUDA and HIP grids take 2^31 - 1 programs on axis 0 but only 65535 on axes 1 and 2. The prefill kernels put the
+# sequence on axis 1 (the query block on axis 0 keeps a sequence's K/V tiles hot), so a batch of more sequences
+# launches in chunks: each launch reads its own slice of cu_seqlens, whose values are the absolute token offsets the
+# kernels index q, k, v and the statistics with. 65532, a multiple of 4: every slice of the int32 cu_seqlens stays
+# 16-byte aligned, the specialisation the AOT report compiles.
+MAX_SEQS_PER_LAUNCH = 65532
+
+
+def _check_offsets(max_seqlen: int, total_tokens: int, num_q_heads: int, head_dim: int) -> None:
+    """The prefill kernels index rows inside a sequence with 32-bit offsets (token * Hq * D; the sequence start is
+    64-bit), and the [Hq, T] statistics with head * T + token: ZAYA1's 8 heads of 128 allow sequences of up to 2M
+    tokens and batches of up to 268M."""
+    if max_seqlen * num_q_heads * head_dim > 2**31 - 1 or num_q_heads * total_tokens > 2**31 - 1:
+        raise ValueError(f"zaya::cca_attention: max_seqlen * Hq * D = {max_seqlen * num_q_heads * head_dim} and "
+                         f"Hq * T = {num_q_heads * total_tokens} must stay below 2**31 (32-bit offsets); got "
+                         f"max_seqlen = {max_seqlen}, T = {total_tokens} tokens")
+
+
+def _sequence_chunks(cu_seqlens: torch.Tensor, batch: int):
+    """(number of sequences, cu_seqlens from the chunk's first sequence on) per prefill launch."""
+    for first in range(0, batch, MAX_SEQS_PER_LAUNCH):
+        yield min(MAX_SEQS_PER_LAUNCH, batch - first), cu_seqlens[first:]
+
+
 # ==================================================================================================== launchers
 def attention_fwd(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window):
     """out [T, Hq, D] q.dtype, lse [Hq, T] fp32. q, k, v contiguous; cu_seqlens int32 [B+1] on q's device."""
@@ -535,14 +559,16 @@ def attention_fwd(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window
     batch = cu_seqlens.shape[0] - 1
     if T == 0 or batch == 0 or max_seqlen <= 0:
         return out, lse
+    _check_offsets(max_seqlen, T, Hq, D)
     cfg = pick_config("fwd", D, q.device)
     heads, chunks = _tile_heads(group, cfg["block_rows"])
-    grid = (triton.cdiv(max_seqlen, cfg["block_rows"] // heads), batch, Hkv * chunks)
-    attention_fwd_kernel[grid](
-        q, k, v, out, lse, cu_seqlens, T, softmax_scale * LOG2E, max(window, 0),
-        num_q_heads=Hq, num_kv_heads=Hkv, head_dim=D, CAUSAL=causal, HAS_WINDOW=window > 0, IEEE_FP32=_ieee(q),
-        HEADS=heads, BLOCK_ROWS=cfg["block_rows"],
-        BLOCK_N=cfg["block_n"], BLOCK_D=block_d_for(D), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    for seqs, cu_chunk in _sequence_chunks(cu_seqlens, batch):
+        grid = (triton.cdiv(max_seqlen, cfg["block_rows"] // heads), seqs, Hkv * chunks)
+        attention_fwd_kernel[grid](
+            q, k, v, out, lse, cu_chunk, T, softmax_scale * LOG2E, max(window, 0),
+            num_q_heads=Hq, num_kv_heads=Hkv, head_dim=D, CAUSAL=causal, HAS_WINDOW=window > 0, IEEE_FP32=_ieee(q),
+            HEADS=heads, BLOCK_ROWS=cfg["block_rows"],
+            BLOCK_N=cfg["block_n"], BLOCK_D=block_d_for(D), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse
 
 
@@ -556,23 +582,26 @@ def attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_s
     batch = cu_seqlens.shape[0] - 1
     if T == 0 or batch == 0 or max_seqlen <= 0:
         return dq, dk, dv
+    _check_offsets(max_seqlen, T, Hq, D)
     delta = torch.empty(Hq, T, dtype=torch.float32, device=q.device)
     common = dict(num_q_heads=Hq, num_kv_heads=Hkv, head_dim=D, CAUSAL=causal, HAS_WINDOW=window > 0,
                   IEEE_FP32=_ieee(q), BLOCK_D=block_d_for(D))
     cfg = pick_config("bwd_dq", D, q.device)
     heads, chunks = _tile_heads(group, cfg["block_rows"])
-    grid = (triton.cdiv(max_seqlen, cfg["block_rows"] // heads), batch, Hkv * chunks)
-    attention_bwd_dq_kernel[grid](
-        q, k, v, out, grad_out, lse, delta, dq, cu_seqlens, T, softmax_scale,
-        softmax_scale * LOG2E, max(window, 0), HEADS=heads, BLOCK_ROWS=cfg["block_rows"], BLOCK_N=cfg["block_n"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
+    for seqs, cu_chunk in _sequence_chunks(cu_seqlens, batch):
+        grid = (triton.cdiv(max_seqlen, cfg["block_rows"] // heads), seqs, Hkv * chunks)
+        attention_bwd_dq_kernel[grid](
+            q, k, v, out, grad_out, lse, delta, dq, cu_chunk, T, softmax_scale,
+            softmax_scale * LOG2E, max(window, 0), HEADS=heads, BLOCK_ROWS=cfg["block_rows"], BLOCK_N=cfg["block_n"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
     cfg = pick_config("bwd_dkdv", D, q.device)
     heads, chunks = _tile_heads(group, cfg["block_rows"])
-    grid = (triton.cdiv(max_seqlen, cfg["block_n"]), batch, Hkv)
-    attention_bwd_dkdv_kernel[grid](
-        q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, T, softmax_scale,
-        softmax_scale * LOG2E, max(window, 0), HEADS=heads, BLOCK_ROWS=cfg["block_rows"], BLOCK_N=cfg["block_n"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
+    for seqs, cu_chunk in _sequence_chunks(cu_seqlens, batch):
+        grid = (triton.cdiv(max_seqlen, cfg["block_n"]), seqs, Hkv)
+        attention_bwd_dkdv_kernel[grid](
+            q, k, v, grad_out, lse, delta, dk, dv, cu_chunk, T, softmax_scale,
+            softmax_scale * LOG2E, max(window, 0), HEADS=heads, BLOCK_ROWS=cfg["block_rows"], BLOCK_N=cfg["block_n"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
     return dq, dk, dv
 
 
@@ -585,6 +614,10 @@ def _target_programs(device: torch.device) -> int:
 
 
 MAX_SPLITS = 64
+# Elements of one decode query tile (rows = query tokens x query heads of a kv group, times BLOCK_D): 256 rows of
+# head dim 128 take all 64 KB of a gfx942 workgroup's LDS (a bigger tile fails to launch there; sm_90 spills from
+# 128 rows on). ZAYA1 decode: 16 rows (4 heads x Q <= 4).
+MAX_DECODE_TILE = 256 * 128
 
 
 def decode_splits(batch: int, kv_programs: int, capacity: int, block_n: int, device: torch.device) -> tuple[int, int]:
@@ -618,6 +651,10 @@ def attention_decode(q, k_cache, v_cache, seq_lens, block_table, softmax_scale, 
     cfg = pick_config("decode", D, q.device)
     heads = min(triton.next_power_of_2(group), cfg["max_heads"])
     rows = max(16, triton.next_power_of_2(num_queries) * heads)
+    if rows * block_d_for(D) > MAX_DECODE_TILE:
+        raise ValueError(f"zaya::cca_attention_decode: the Triton kernel's query tile (next_pow2(Q) x query heads per "
+                         f"tile = {rows} rows of {block_d_for(D)} dims) must stay within {MAX_DECODE_TILE} elements; "
+                         f"got Q = {num_queries} query tokens per sequence (q.shape[1]); use fewer per decode step")
     chunks = triton.cdiv(group, heads)
     paged = block_table is not None
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]

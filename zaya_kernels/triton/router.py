@@ -25,6 +25,11 @@ import triton.language as tl
 from zaya_kernels.triton._aot import AotConfig, register_aot
 
 MAX_R = 512  # BLOCK_R x BLOCK_T fp32 accumulators must stay in registers
+# The output projection's W3^T tile [BLOCK_R, BLOCK_E] and its dot operands live in shared memory: BLOCK_R * BLOCK_E
+# above 256 x 128 needs more than gfx942's 64 KB of LDS per workgroup (C = 129 at R = 256: 128 KB; C = 257: 256 KB,
+# past sm_90's 227 KB too), a launch failure on the GPU that the interpreter never shows.
+MAX_BLOCK_E = 128
+MAX_RE_TILE = 256 * 128
 
 
 @triton.jit
@@ -102,7 +107,7 @@ def zaya_router_fwd_kernel(
     T, H, R, C, eps, H_PER_SPLIT,
     HAS_PREV: tl.constexpr, STORE_LOGITS: tl.constexpr, SPLIT_H: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_E: tl.constexpr,
+    BLOCK_E: tl.constexpr, RELEASE_LANES: tl.constexpr,
 ):
     # grid (token blocks, SPLIT_H). SPLIT_H > 1 (decode): program (t, s) reduces x[:, s*H_PER_SPLIT : ...] only,
     # writes its partial [BLOCK_T, BLOCK_R] to partial_ptr [SPLIT_H, num token blocks, BLOCK_T, BLOCK_R] and bumps
@@ -139,6 +144,13 @@ def zaya_router_fwd_kernel(
         block_stride = tl.num_programs(0).to(tl.int64) * BLOCK_T * BLOCK_R
         my_partial = partial_ptr + tl.program_id(1) * block_stride + pid_t.to(tl.int64) * BLOCK_T * BLOCK_R
         tl.store(my_partial + tile, acc)
+        # The barrier alone does not publish the other waves' stores: it orders the waves, but on AMD (gfx942) it
+        # is a bare s_barrier and the arrival atomic's release waits only for its own wave's stores, so the last
+        # program could sum a partial still in flight. A release atomic in every thread (adding integer 0 to its
+        # own partial: no change) makes each wave wait for its stores before the barrier. RELEASE_LANES >= the
+        # threads of the program, so every wave holds at least one of these atomics.
+        lanes = tl.arange(0, RELEASE_LANES) % (BLOCK_T * BLOCK_R)
+        tl.atomic_add(my_partial.to(tl.pointer_type(tl.int32)) + lanes, 0, sem="release")
         tl.debug_barrier()  # every thread's partial is written before the release below
         arrived = tl.atomic_add(counter_ptr + pid_t, 1, sem="acq_rel")
         if arrived == SPLIT_H - 1:
@@ -168,8 +180,9 @@ def pick_config(T: int, H: int, R: int, C: int) -> dict:
         if max_t is None or T <= max_t:
             break
     block_r = _pow2(R)
+    # RELEASE_LANES: at least one lane per thread (64-wide AMD wavefronts) for the split decode's release atomics
     return dict(BLOCK_T=block_t, BLOCK_K=min(block_k, _pow2(H)), BLOCK_R=block_r, BLOCK_C=min(block_c, block_r),
-                BLOCK_E=_pow2(C), num_warps=num_warps)
+                BLOCK_E=_pow2(C), RELEASE_LANES=64 * num_warps, num_warps=num_warps)
 
 
 # Decode (T <= DECODE_MAX_T): the down projection is split over H across SPLIT_H programs per token block,
@@ -177,7 +190,10 @@ def pick_config(T: int, H: int, R: int, C: int) -> dict:
 DECODE_MAX_T = 64
 SPLIT_CHUNK_H = 256
 MAX_SPLIT = 16
-_COUNTERS: dict = {}  # device -> int32 [64] arrival counters, all zero between launches (the last program resets)
+# Arrival counters, all zero between launches (the last program of each token block resets its own): one int32 [64]
+# buffer per (device, stream) -- per device alone off CUDA -- so launches on two streams never count into one
+# buffer. A launch captured into a CUDA graph gets a fresh zeroed buffer (see _counters).
+_COUNTERS: dict = {}
 
 
 def pick_split(T: int, H: int, block_t: int, block_k: int) -> tuple[int, int]:
@@ -189,11 +205,28 @@ def pick_split(T: int, H: int, block_t: int, block_k: int) -> tuple[int, int]:
     return triton.cdiv(H, per), per
 
 
+def _stream_key(device: torch.device):
+    """The _COUNTERS key of a launch on the current stream: (device, stream id) on CUDA, the device elsewhere."""
+    if device.type == "cuda":
+        return device, torch.cuda.current_stream(device).stream_id
+    return device
+
+
 def _counters(device: torch.device, n: int) -> torch.Tensor:
-    buf = _COUNTERS.get(device)
+    """int32 [>= n] arrival counters, zero, that no launch running concurrently with this one uses.
+
+    Kernels on one stream run one after another, and each leaves its counters at zero: one cached buffer per
+    stream. Under CUDA graph capture a cached buffer is wrong twice over: torch.zeros would only be recorded (the
+    buffer stays uninitialised for eager launches), and graphs replayed on different streams would share it. So a
+    captured launch gets its own zeroed buffer, a memset node in front of it in the graph.
+    """
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(max(64, n), dtype=torch.int32, device=device)
+    key = _stream_key(device)
+    buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:
         buf = torch.zeros(max(64, n), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
+        _COUNTERS[key] = buf
     return buf
 
 
@@ -203,8 +236,8 @@ def zaya_router_fwd(x, r_prev, gamma, down_w, down_b, norm_w, fc1_w, fc1_b, fc2_
     vectors; weights row-major in one dtype; balance_bias fp32 [C]; index int32 [T]; weight fp32 [T]; r [T, R]
     x.dtype; logits fp32 [T, C] or None.
 
-    Decode launches with SPLIT_H > 1 use a per-device arrival counter buffer that every launch leaves at zero: two
-    such launches must not run concurrently on different streams of one device.
+    Decode launches with SPLIT_H > 1 count arrivals in a per-stream counter buffer that every launch leaves at zero
+    (a fresh one per launch under CUDA graph capture): launches on different streams may run concurrently.
     """
     T, H = x.shape
     R = down_w.shape[0]
@@ -212,6 +245,10 @@ def zaya_router_fwd(x, r_prev, gamma, down_w, down_b, norm_w, fc1_w, fc1_b, fc2_
     if R > MAX_R:
         raise ValueError(f"zaya::zaya_router: the Triton kernel supports a router hidden size R <= {MAX_R}, got {R}; "
                          "use the reference backend for wider routers")
+    if _pow2(C) > MAX_BLOCK_E or _pow2(R) * _pow2(C) > MAX_RE_TILE:
+        raise ValueError(f"zaya::zaya_router: the Triton kernel supports C = E + 1 <= {MAX_BLOCK_E} router classes and "
+                         f"pow2(R) * pow2(C) <= {MAX_RE_TILE} (shared memory), got C = {C} (out_w rows) with R = {R}; "
+                         "use the reference backend for more experts")
     if T == 0:
         return
     cfg = pick_config(T, H, R, C)
