@@ -2,7 +2,10 @@
 //
 // The outputs q [B, n_q, D], k [B, n_kv, D] and v [B, n_kv, D] are preallocated by the caller
 // (zaya_kernels/ops/cca.py) in qk's dtype; conv_state [slots, C, k0 + k1 - 2] and value_state [slots, n_kv D / 2]
-// are updated in place. The launcher checks devices, dtypes, shapes and contiguity, then launches on the current
+// are updated in place. qk, v_current and v_delayed may be row-strided (last dim contiguous, row stride >= the row
+// width: column slices of one stacked projection output; the kernel reads them element by element, so no stride
+// needs vector alignment); everything else is contiguous. The launcher checks devices, dtypes, shapes and
+// layouts, then launches on the current
 // stream (no host synchronisation: graph-capturable). B = 0 launches nothing.
 // Dtypes: qk, v_current, v_delayed, q, k, v share A (float32, float16 or bfloat16); the five weights share one dtype,
 // float32 or A (the caller converts other mixes); the two states share one dtype, float32 or A; positions and
@@ -71,6 +74,22 @@ void cca_check(const at::Tensor& t, const char* name, const at::Tensor& qk, at::
               " elements; the kernel indexes with 32 bits (< 2^31)");
 }
 
+// A [rows, width] input read with its row stride: last dim contiguous, rows not overlapping, every element it reads
+// within 32-bit offsets of the data pointer (the kernel's index arithmetic).
+void cca_check_rows(const at::Tensor& t, const char* name, const at::Tensor& qk, int64_t rows, int64_t width) {
+  TORCH_CHECK(t.is_cuda(), "cca_prepare_decode: ", name, ": expected a GPU tensor, got one on ", t.device());
+  TORCH_CHECK(t.device() == qk.device(), "cca_prepare_decode: ", name, ": expected a tensor on ", qk.device(),
+              " (the device of qk), got one on ", t.device());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == width, "cca_prepare_decode: ", name,
+              ": expected shape [", rows, ", ", width, "], got ", t.sizes());
+  TORCH_CHECK((width <= 1 || t.stride(1) == 1) && (rows <= 1 || width == 0 || t.stride(0) >= width),
+              "cca_prepare_decode: ", name, ": expected a contiguous last dim and a row stride >= ", width,
+              ", got strides ", t.strides());
+  const int64_t extent = rows > 0 ? (rows - 1) * t.stride(0) + width : 0;
+  TORCH_CHECK(extent <= std::numeric_limits<int32_t>::max(), "cca_prepare_decode: ", name, " spans ", extent,
+              " elements; the kernel indexes with 32 bits (< 2^31)");
+}
+
 void cca_check_dtype(const at::Tensor& t, const char* name, at::ScalarType dtype, const char* what) {
   TORCH_CHECK(t.scalar_type() == dtype, "cca_prepare_decode: ", name, ": expected dtype ", dtype, " (", what,
               "), got ", t.scalar_type());
@@ -131,9 +150,9 @@ void cca_prepare_decode(const at::Tensor& qk, const at::Tensor& v_current, const
   const int64_t value_dim = num_kv_heads * D / 2;
   const int64_t state_len = k0 + k1 - 2;
 
-  cca_check(qk, "qk", qk, {B, C});
-  cca_check(v_current, "v_current", qk, {B, value_dim});
-  cca_check(v_delayed, "v_delayed", qk, {B, value_dim});
+  cca_check_rows(qk, "qk", qk, B, C);
+  cca_check_rows(v_current, "v_current", qk, B, value_dim);
+  cca_check_rows(v_delayed, "v_delayed", qk, B, value_dim);
   cca_check(conv0_weight, "conv0_weight", qk, {C, k0});
   cca_check(conv0_bias, "conv0_bias", qk, {C});
   cca_check(conv1_weight, "conv1_weight", qk, {C, D, k1});
@@ -216,7 +235,9 @@ void cca_prepare_decode(const at::Tensor& qk, const at::Tensor& v_current, const
           reinterpret_cast<A*>(k.data_ptr()), reinterpret_cast<A*>(v.data_ptr()), static_cast<int>(B),
           static_cast<int>(slots), static_cast<int>(num_q_heads), static_cast<int>(num_kv_heads),
           static_cast<int>(D), static_cast<int>(k0), static_cast<int>(k1), static_cast<int>(rotary_dim),
-          positions.scalar_type() == at::kLong ? 1 : 0, state_indices.scalar_type() == at::kLong ? 1 : 0, cache);
+          positions.scalar_type() == at::kLong ? 1 : 0, state_indices.scalar_type() == at::kLong ? 1 : 0,
+          static_cast<int>(qk.stride(0)), static_cast<int>(v_current.stride(0)), static_cast<int>(v_delayed.stride(0)),
+          cache);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     auto launch = [&](auto weight_tag, auto state_tag) {

@@ -18,8 +18,11 @@
 //
 // Types: TA (activations: qk, v_current, v_delayed, q, k, v), TW (every weight: w0, b0, w1, b1, temperature; TA or
 // float), TS (conv_state and value_state, one dtype: float or TA). Index tensors (positions, state_indices) are int32
-// or int64 (runtime flags). Offsets are 32-bit: every tensor has < 2^31 elements (checked by the launcher).
-// Layouts, all contiguous: qk [B, C]; v_current, v_delayed [B, Vh]; w0 [C, k0]; b0, b1 [C]; w1 [C, D, k1];
+// or int64 (runtime flags). Offsets are 32-bit: every tensor (a row-strided input: its span) has < 2^31 elements
+// (checked by the launcher).
+// Layouts: qk [B, C], v_current, v_delayed [B, Vh] row-strided (last dim contiguous, rows qk_stride / vc_stride /
+// vd_stride elements apart: column slices of one stacked projection output; read element by element, so any stride
+// works), all others contiguous: w0 [C, k0]; b0, b1 [C]; w1 [C, D, k1];
 // temperature [n_kv]; inv_freq fp32 [R/2]; conv_state [slots, C, K]; value_state [slots, Vh]; q [B, n_q, D];
 // k, v [B, n_kv, D].
 //
@@ -47,7 +50,9 @@
 // [num_blocks, block_size, n_kv, D] (TA, last dim contiguous, 64-bit element strides) at slot c = slot_mapping[b]:
 // block c / block_size, offset c % block_size. Rows without a state slot, negative slots and slots >= num_blocks *
 // block_size write nothing. The setup step turns each row's slot into the row's k / v cache pointers in shared
-// memory, so that phases 3-4 need no further scalar registers (gfx942's SGPR file is full).
+// memory, so that phases 3-4 need no further scalar registers (gfx942's SGPR file is full). Likewise it turns the
+// row strides of qk, v_current, v_delayed into each row's pointers (64-bit arithmetic, shared memory) for phases 1
+// and 4: kept as scalars, the three strides made gfx942 spill SGPRs.
 #pragma once
 
 #include "compat.cuh"
@@ -229,12 +234,17 @@ __global__ void ZAYA_CCA_LAUNCH_BOUNDS cca_prepare_decode_kernel(
     const float* __restrict__ inv_freq, TS* __restrict__ conv_state, TS* __restrict__ value_state,
     const void* __restrict__ state_indices, TA* __restrict__ q_out, TA* __restrict__ k_out, TA* __restrict__ v_out,
     int B, int num_slots, int num_q, int num_kv, int D, int k0, int k1, int rotary_dim, int positions_int64,
-    int indices_int64, CcaPagedCache<TA> cache) {
+    int indices_int64, int qk_stride, int vc_stride, int vd_stride, CcaPagedCache<TA> cache) {
   __shared__ float ys[kCcaRows * kCcaMaxConvLen];  // [rows, D * k1]: Y taps, input-major like a W1 row
   __shared__ float zs[kCcaRows * kCcaMaxHeadDim];  // [rows, D]: Z + b1 + coupling residual
   __shared__ int s_slot[kCcaRows];                 // the row's slot; -1: padded row; -2: past the batch
   __shared__ TA* s_k_cache[kCcaRows];  // kWriteCache: the row's k / v cache row of this kv head, or null (no write)
   __shared__ TA* s_v_cache[kCcaRows];
+  // The row's qk / v_current / v_delayed rows (row-strided inputs), set up once: phases 1 and 4 then need neither
+  // the strides nor the base pointers in scalar registers (with them gfx942 spilled SGPRs to VGPR lanes)
+  __shared__ const TA* s_x[kCcaRows];
+  __shared__ const TA* s_vc[kCcaRows];
+  __shared__ const TA* s_vd[kCcaRows];
   constexpr int kR = kCcaRows;
   const int heads = num_q + num_kv;
   const int head = blockIdx.x % heads;
@@ -256,6 +266,10 @@ __global__ void ZAYA_CCA_LAUNCH_BOUNDS cca_prepare_decode_kernel(
       slot = index < 0 || index >= num_slots ? -1 : static_cast<int>(index);
     }
     s_slot[tid] = slot;
+    const bool in_batch = row < B;
+    s_x[tid] = in_batch ? qk + static_cast<int64_t>(row) * qk_stride : nullptr;
+    s_vc[tid] = in_batch ? v_current + static_cast<int64_t>(row) * vc_stride : nullptr;
+    s_vd[tid] = in_batch ? v_delayed + static_cast<int64_t>(row) * vd_stride : nullptr;
     if constexpr (kWriteCache) {
       TA* k_row = nullptr;
       TA* v_row = nullptr;
@@ -294,7 +308,7 @@ __global__ void ZAYA_CCA_LAUNCH_BOUNDS cca_prepare_decode_kernel(
         zs[e] = 0.0f;
         continue;
       }
-      const TA* x = qk + (row0 + r) * C;
+      const TA* x = s_x[r];
       const int c = head * D + i;
       const float x_now = dev::to_float(x[c]);
       TS* state = conv_state + (slot * C + c) * K;
@@ -405,11 +419,11 @@ __global__ void ZAYA_CCA_LAUNCH_BOUNDS cca_prepare_decode_kernel(
       float val = 0.0f;
       if (slot >= 0) {
         if (f < value_dim) {
-          val = dev::to_float(v_current[row * value_dim + f]);
+          val = dev::to_float(s_vc[r][f]);
         } else {
           TS* vs = value_state + slot * value_dim + (f - value_dim);
           val = dev::to_float(*vs);
-          *vs = dev::from_float<TS>(dev::to_float(v_delayed[row * value_dim + (f - value_dim)]));
+          *vs = dev::from_float<TS>(dev::to_float(s_vd[r][f - value_dim]));
         }
       }
       v_out[(row * num_kv + j) * D + d] = dev::from_float<TA>(val);
@@ -430,8 +444,8 @@ namespace kernels {
 #define ZAYA_CCA_INST(TA, TW, TS, PAGED)                                                                           \
   template __global__ void cca_prepare_decode_kernel<TA, TW, TS, PAGED>(                                           \
       const TA*, const TA*, const TA*, const TW*, const TW*, const TW*, const TW*, const TW*, const void*,         \
-      const float*, TS*, TS*, const void*, TA*, TA*, TA*, int, int, int, int, int, int, int, int, int, int,        \
-      CcaPagedCache<TA>);
+      const float*, TS*, TS*, const void*, TA*, TA*, TA*, int, int, int, int, int, int, int, int, int, int, int,   \
+      int, int, CcaPagedCache<TA>);
 #define ZAYA_CCA_INST_BOTH(TA, TW, TS) ZAYA_CCA_INST(TA, TW, TS, false) ZAYA_CCA_INST(TA, TW, TS, true)
 ZAYA_CCA_INST_BOTH(float, float, float)
 ZAYA_CCA_INST_BOTH(half_t, half_t, half_t)

@@ -420,6 +420,22 @@ def test_triton_prefill_matches_reference(heads, kernels, lengths, head_dim, wit
     assert_outputs_close(actual, prefill(case), case, "triton prefill")
 
 
+def test_triton_qk_norm_clamps_tiny_norms_like_the_reference():
+    """Q/K whose norm is below eps (finfo(fp32).eps): the reference divides by max(||U||, eps) (ZayaQKNorm's
+    clamp), so sqrt(D) U / eps, not sqrt(D) U / sqrt(||U||^2 + eps) nor a unit vector. Zero conv biases and
+    qk ~ 1e-9 put every row's ||U|| near 1e-8; normal rows cannot tell these apart."""
+    case = Case(8, 2, 16, 2, 2, [5, 3], seed=7)
+    case.qk = case.qk * 1e-9
+    case.conv0_bias = torch.zeros_like(case.conv0_bias)
+    case.conv1_bias = torch.zeros_like(case.conv1_bias)
+    expected = prefill(case)
+    norms = expected[0].norm(dim=-1)  # a normalised q row has norm sqrt(D) = 4
+    assert 0.0 < norms.min() and norms.max() < 1.0, "the rows must be below the clamp"
+    actual = prefill(case, "triton")
+    assert zaya_kernels.last_backend("cca_prepare") == "triton"
+    assert_outputs_close(actual, expected, case, "triton prefill, tiny norms")
+
+
 @settings(max_examples=10)
 @given(heads=st.sampled_from([(2, 1), (4, 2), (8, 1), (8, 2)]), kernels=kernel_sizes,
        rows=st.integers(1, 5), head_dim=st.sampled_from([16, 32]), state_dtype=st.sampled_from([torch.float32,
@@ -609,7 +625,7 @@ def _bad_prefill(index, value):
         (10, 6, ValueError, r"`qk` has C = 48 channels but \(num_q_heads \+ num_kv_heads\) \* head_dim"),
         (11, 3, ValueError, "must be a multiple of `num_kv_heads`"),
         (0, lambda a: a[0].to(torch.int32), TypeError, "`qk` must have dtype"),
-        (0, lambda a: a[0].t().contiguous().t(), ValueError, "`qk` must be contiguous"),
+        (0, lambda a: a[0].t().contiguous().t(), ValueError, "`qk` must have a contiguous last dim"),
         (3, torch.zeros(48, 5), ValueError, "`conv0_weight` kernel size must be in 1..4"),
         (5, torch.zeros(48, 8, 2, 1), ValueError, "`conv1_weight` must have 3 dimensions"),
         (7, torch.ones(3), ValueError, "`temperature` must have shape"),
@@ -1071,3 +1087,179 @@ def test_gpu_triton_paged_prefill_and_decode_write_the_cache(dtype, block_size, 
         assert_cache_written(k_cache, v_cache, before, step_slots, out[1], out[2], rows_valid=indices >= 0,
                              what=f"gpu triton paged decode (graph replay: {replay})")
 
+
+# ---------------------------------------------------------------- row-strided projection inputs (no copies)
+# zaya_kernels.modules.cca_projections runs one GEMM over the stacked q / k / v_current / v_delayed weights and passes
+# the three column slices of its [T, C + 2 Vh] output as they are: qk, v_current and v_delayed are row-strided views
+# (last dim contiguous, row stride >= width). Every op reads them with their row strides; each test compares against
+# the reference on contiguous copies. The padding columns are NaN: a kernel that read them would show it.
+def _stacked_views(case, pad, gen=None):
+    """(qk, v_current, v_delayed): column slices of one [T, C + 2 Vh + pad] buffer, the layout cca_projections
+    produces (pad = 0) or with `pad` NaN columns after them; with T <= 1 rows, strides are left as torch makes them."""
+    tokens, width = case.qk.shape[0], case.channels + 2 * case.value_dim
+    buf = torch.full((tokens, width + pad), float("nan"), dtype=case.qk.dtype, device=case.qk.device)
+    qk, v_current, v_delayed = buf[:, :width].split([case.channels, case.value_dim, case.value_dim], dim=-1)
+    for view, value in ((qk, case.qk), (v_current, case.v_current), (v_delayed, case.v_delayed)):
+        view.copy_(value)
+    return qk, v_current, v_delayed
+
+
+def _strided_args(case, pad):
+    args = list(case.prefill_args())
+    args[:3] = _stacked_views(case, pad)
+    if args[0].shape[0] > 1:
+        assert not any(t.is_contiguous() for t in args[:3])
+    return args
+
+
+strided_pads = st.sampled_from([0, 1, 3, 16])
+
+
+@settings(max_examples=8, deadline=None)
+@given(heads=st.sampled_from([(2, 1), (4, 2), (8, 2)]), kernels=kernel_sizes,
+       lengths=st.lists(st.sampled_from([0, 1, 2, 5, 17]), min_size=1, max_size=3), pad=strided_pads,
+       with_init=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 2**16))
+@example(heads=(8, 2), kernels=(2, 2), lengths=[2, 17, 1], pad=0, with_init=True, dtype=torch.float32, seed=1)
+@example(heads=(4, 2), kernels=(4, 4), lengths=[1], pad=3, with_init=True, dtype=torch.float16, seed=2)  # T = 1
+@example(heads=(2, 1), kernels=(2, 2), lengths=[0], pad=1, with_init=False, dtype=torch.float32, seed=3)  # T = 0
+def test_strided_inputs_prefill_matches_reference(heads, kernels, lengths, pad, with_init, dtype, seed):
+    """cca_prepare on row-strided qk / v_current / v_delayed (packed varlen, with initial states) equals the
+    reference on contiguous copies, outputs and final states; the reference takes the views too."""
+    case = Case(*heads, 16, *kernels, lengths, dtype=dtype, seed=seed, with_init=with_init)
+    expected = prefill(case)
+    args = _strided_args(case, pad)
+    for backend in ("reference", "triton"):
+        actual = prefill(case, backend, args)
+        assert zaya_kernels.last_backend("cca_prepare") == backend
+        assert_outputs_close(actual, expected, case, f"{backend} prefill, strided inputs")
+
+
+@settings(max_examples=8, deadline=None)
+@given(heads=st.sampled_from([(2, 1), (4, 2), (8, 2)]), kernels=kernel_sizes, rows=st.integers(0, 5),
+       pad=strided_pads, state_dtype=st.sampled_from([torch.float32, torch.float16]),
+       dtype=st.sampled_from([torch.float32, torch.float16]), with_cache=st.booleans(), seed=st.integers(0, 2**16))
+@example(heads=(8, 2), kernels=(2, 2), rows=4, pad=0, state_dtype=torch.float32, dtype=torch.float32,
+         with_cache=True, seed=1)
+@example(heads=(4, 2), kernels=(4, 4), rows=1, pad=3, state_dtype=torch.float16, dtype=torch.float16,
+         with_cache=False, seed=2)
+@example(heads=(2, 1), kernels=(2, 2), rows=0, pad=1, state_dtype=torch.float32, dtype=torch.float32,
+         with_cache=True, seed=3)
+def test_strided_inputs_decode_matches_reference(heads, kernels, rows, pad, state_dtype, dtype, with_cache, seed):
+    """cca_prepare_decode on row-strided inputs (a padded row, state pools, optionally the paged k / v write) gives
+    the reference's outputs, state updates and cache writes on contiguous copies."""
+    case = Case(*heads, 16, *kernels, [rows], dtype=dtype, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    slots = rows + 3
+    conv_state = torch.randn(slots, case.channels, case.state_len, generator=gen).to(state_dtype)
+    value_state = torch.randn(slots, case.value_dim, generator=gen).to(state_dtype)
+    indices = torch.randperm(slots, generator=gen)[:rows].to(torch.int32)
+    if rows > 1:
+        indices[1] = -1  # a padded row
+    cache_args, caches = (), None
+    if with_cache:
+        num_blocks, block_size = rows + 2, 3
+        caches = random_paged_caches(num_blocks, block_size, case.num_kv, 16, dtype, "hnd", gen)
+        cache_slots = _slots(rows, num_blocks * block_size, gen)
+        expected_caches = tuple(c.clone() for c in caches)
+    expected_states = (conv_state.clone(), value_state.clone())
+    if with_cache:
+        cache_args = (cache_slots, *expected_caches)
+    with zaya_kernels.use_backend("reference"):
+        expected = torch.ops.zaya.cca_prepare_decode(case.qk, case.v_current, case.v_delayed, *case.weights(),
+                                                     case.positions, *expected_states, indices, *case.heads(),
+                                                     *cache_args)
+    views = _stacked_views(case, pad)
+    for backend in ("reference", "triton"):
+        states = (conv_state.clone(), value_state.clone())
+        cache_args = (cache_slots, *(c.clone() for c in caches)) if with_cache else ()
+        with zaya_kernels.use_backend(backend):
+            actual = torch.ops.zaya.cca_prepare_decode(*views, *case.weights(), case.positions, *states, indices,
+                                                       *case.heads(), *cache_args)
+        assert zaya_kernels.last_backend("cca_prepare_decode") == backend
+        for name, a, e in zip("qkv", actual, expected):
+            assert_close(a, e, dtype=dtype, reduction=case.reduction(), what=f"{backend} strided decode {name}")
+        for name, a, e in zip(("conv state", "value state"), states, expected_states):
+            assert_close(a, e, dtype=state_dtype, what=f"{backend} strided decode {name}")
+        if with_cache:
+            for name, a, e in zip(("k cache", "v cache"), cache_args[1:], expected_caches):
+                assert_close(a, e, dtype=dtype, reduction=case.reduction(), what=f"{backend} strided decode {name}")
+
+
+@settings(max_examples=6, deadline=None)
+@given(heads=st.sampled_from([(2, 1), (4, 2), (8, 2)]), kernels=kernel_sizes,
+       lengths=st.lists(st.sampled_from([0, 1, 3, 17]), min_size=1, max_size=3), pad=strided_pads,
+       with_init=st.booleans(), seed=st.integers(0, 2**16))
+@example(heads=(8, 2), kernels=(2, 2), lengths=[3, 17], pad=0, with_init=True, seed=1)
+def test_strided_inputs_paged_prefill_matches_reference(heads, kernels, lengths, pad, with_init, seed):
+    """cca_prepare_paged on row-strided inputs: outputs, final states and the k / v cache writes equal the
+    reference's on contiguous copies."""
+    case = Case(*heads, 16, *kernels, lengths, seed=seed, with_init=with_init)
+    gen = torch.Generator().manual_seed(seed)
+    tokens, block_size = sum(lengths), 4
+    num_blocks = tokens // block_size + 2
+    caches = random_paged_caches(num_blocks, block_size, case.num_kv, 16, torch.float32, "nhd", gen)
+    slots = _slots(tokens, num_blocks * block_size, gen, skip_every=3)
+    expected_caches = tuple(c.clone() for c in caches)
+    expected = paged_prefill(case, slots, *expected_caches)
+    args = _strided_args(case, pad)
+    for backend in ("reference", "triton"):
+        k_cache, v_cache = (c.clone() for c in caches)
+        with zaya_kernels.use_backend(backend):
+            actual = torch.ops.zaya.cca_prepare_paged(*args[:14], slots, k_cache, v_cache, *args[14:])
+        assert zaya_kernels.last_backend("cca_prepare_paged") == backend
+        assert_outputs_close(actual, expected, case, f"{backend} paged prefill, strided inputs")
+        for name, a, e in zip(("k cache", "v cache"), (k_cache, v_cache), expected_caches):
+            assert_close(a, e, reduction=case.reduction(), what=f"{backend} strided paged prefill {name}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("lengths,pad", [([5, 1, 7], 0), ([4, 0, 9], 3), ([1], 2)])
+def test_strided_inputs_gradients_match_the_reference(backend, lengths, pad):
+    """The gradients reaching row-strided qk / v_current / v_delayed (slices of one leaf buffer, as the stacked
+    projection's output) equal the reference's for contiguous inputs; the padding columns get none."""
+    case = Case(4, 2, 16, 2, 3, lengths, seed=5, with_init=True)
+    gen = torch.Generator().manual_seed(0)
+    seeds = torch.randint(0, 2**31, (1,), generator=gen).item()
+
+    def loss_of(outputs):
+        g = torch.Generator().manual_seed(seeds)
+        return sum((o.float() * torch.randn(o.shape, generator=g)).sum() for o in outputs)
+
+    leaves = [t.detach().clone().requires_grad_(True) for t in (case.qk, case.v_current, case.v_delayed)]
+    expected = torch.autograd.grad(loss_of(ref.cca_prepare(*leaves, *case.prefill_args()[3:])), leaves)
+    width = case.channels + 2 * case.value_dim
+    buf = torch.cat([case.qk, case.v_current, case.v_delayed, torch.zeros(case.qk.shape[0], pad)], dim=1)
+    buf.requires_grad_(True)
+    views = buf[:, :width].split([case.channels, case.value_dim, case.value_dim], dim=-1)
+    with zaya_kernels.use_backend(backend):
+        outputs = torch.ops.zaya.cca_prepare(*views, *case.prefill_args()[3:])
+    (grad,) = torch.autograd.grad(loss_of(outputs), buf)
+    actual = grad[:, :width].split([case.channels, case.value_dim, case.value_dim], dim=-1)
+    for name, a, e in zip(("qk", "v_current", "v_delayed"), actual, expected):
+        assert_close(a, e, reduction=case.reduction() * 13, what=f"{backend} strided grad {name}")
+    assert torch.equal(grad[:, width:], torch.zeros_like(grad[:, width:]))
+
+
+@pytest.mark.parametrize("name,index", [("qk", 0), ("v_current", 1), ("v_delayed", 2)])
+@pytest.mark.parametrize("layout", ["overlapping rows", "strided last dim"])
+def test_strided_inputs_bad_layouts_raise_clear_errors(name, index, layout):
+    """Rows that overlap (row stride < width) or a last dim that is not contiguous are refused, naming the
+    argument, for every op and backend (what the kernels' row-stride addressing cannot read)."""
+    case = Case(4, 2, 8, 2, 2, [3, 2], with_init=True)
+    t = case.prefill_args()[index]
+    rows, width = t.shape
+    if layout == "overlapping rows":
+        bad = torch.as_strided(torch.randn(rows * width), (rows, width), (width - 1, 1))
+    else:
+        bad = torch.randn(rows, width, 2)[..., 0]
+    message = rf"`{name}` must have a contiguous last dim \(stride 1\) and a row stride >= its width"
+    args = list(case.prefill_args())
+    args[index] = bad
+    conv_state, value_state = torch.zeros(6, case.channels, case.state_len), torch.zeros(6, case.value_dim)
+    decode_args = (*args[:9], conv_state, value_state, torch.arange(5, dtype=torch.int32), *case.heads())
+    for backend in ("reference", "triton"):
+        with zaya_kernels.use_backend(backend):
+            with pytest.raises(ValueError, match=message):
+                torch.ops.zaya.cca_prepare(*args)
+            with pytest.raises(ValueError, match=message):
+                torch.ops.zaya.cca_prepare_decode(*decode_args)

@@ -43,7 +43,8 @@ template <typename TA, typename TW, typename TS>
 static void run(const void* qk, const void* vc, const void* vd, const void* w0, const void* b0, const void* w1,
                 const void* b1, const void* temp, const void* pos, const float* inv_freq, void* conv_state,
                 void* value_state, const void* idx, void* q, void* k, void* v, int B, int slots, int nq, int nkv,
-                int D, int k0, int k1, int rot, int pos64, int idx64, int threads, const EmuCache& ec) {
+                int D, int k0, int k1, int rot, int pos64, int idx64, int threads, const long long* row_strides,
+                const EmuCache& ec) {
   const int tiles = (B + kCcaRows - 1) / kCcaRows;
   CcaPagedCache<TA> cache;
   if (ec.slot_mapping != nullptr) {
@@ -61,23 +62,24 @@ static void run(const void* qk, const void* vc, const void* vd, const void* w0, 
       cca_prepare_decode_kernel<TA, TW, TS, decltype(paged)::value>((const TA*)qk, (const TA*)vc, (const TA*)vd,
           (const TW*)w0, (const TW*)b0, (const TW*)w1, (const TW*)b1, (const TW*)temp, pos, inv_freq,
           (TS*)conv_state, (TS*)value_state, idx, (TA*)q, (TA*)k, (TA*)v, B, slots, nq, nkv, D, k0, k1, rot, pos64,
-          idx64, cache); });
+          idx64, (int)row_strides[0], (int)row_strides[1], (int)row_strides[2], cache); });
   };
   if (ec.slot_mapping != nullptr) launch(std::true_type{});
   else launch(std::false_type{});
 }
 
 // dt: activation dtype code (0 fp32, 1 fp16, 2 bf16); wf / sf: weights / states in fp32 (1) or in the activation
-// dtype (0). slot_mapping null: no cache (the kernel without kWriteCache).
+// dtype (0). row_strides: the row strides of qk, v_current, v_delayed. slot_mapping null: no cache (the kernel
+// without kWriteCache).
 extern "C" int zaya_emu_cca_decode(int dt, int wf, int sf, const void* qk, const void* vc, const void* vd,
     const void* w0, const void* b0, const void* w1, const void* b1, const void* temp, const void* pos,
     const float* inv_freq, void* conv_state, void* value_state, const void* idx, void* q, void* k, void* v, int B,
     int slots, int nq, int nkv, int D, int k0, int k1, int rot, int pos64, int idx64, int threads,
-    const void* slot_mapping, void* k_cache, void* v_cache, const long long* cache_strides,
-    long long num_cache_slots, int block_size, int slot64) {
+    const long long* row_strides, const void* slot_mapping, void* k_cache, void* v_cache,
+    const long long* cache_strides, long long num_cache_slots, int block_size, int slot64) {
   const EmuCache ec{slot_mapping, k_cache, v_cache, cache_strides, num_cache_slots, block_size, slot64};
 #define ZAYA_EMU_RUN(TA, TW, TS) run<TA, TW, TS>(qk, vc, vd, w0, b0, w1, b1, temp, pos, inv_freq, conv_state, \
-    value_state, idx, q, k, v, B, slots, nq, nkv, D, k0, k1, rot, pos64, idx64, threads, ec)
+    value_state, idx, q, k, v, B, slots, nq, nkv, D, k0, k1, rot, pos64, idx64, threads, row_strides, ec)
   if (dt == 0) { ZAYA_EMU_RUN(float, float, float); return 0; }
   if (dt == 1) {
     if (wf && sf) ZAYA_EMU_RUN(half_t, float, float);
@@ -146,6 +148,11 @@ def _ptr(t):
     return ctypes.c_void_p(t.data_ptr())
 
 
+def _row_strides(qk, v_current, v_delayed):
+    """The driver's row strides of the three row-strided inputs (csrc/cca.cu passes qk.stride(0) etc.)."""
+    return (ctypes.c_longlong * 3)(qk.stride(0), v_current.stride(0), v_delayed.stride(0))
+
+
 def _cache_args(cache):
     """The driver's trailing paged-cache arguments for cache = (slot_mapping, k_cache, v_cache) or None."""
     if cache is None:
@@ -175,7 +182,8 @@ def emulated_decode(lib, w, qk, v_current, v_delayed, positions, conv_state, val
         _ptr(qk), _ptr(v_current), _ptr(v_delayed), *[_ptr(t) for t in weights], _ptr(positions), _ptr(inv_freq),
         _ptr(conv_state), _ptr(value_state), _ptr(state_indices), _ptr(q), _ptr(k), _ptr(v), rows,
         conv_state.shape[0], w.num_q, w.num_kv, w.head_dim, w.k0, w.k1, w.rotary_dim,
-        int(positions.dtype == torch.int64), int(state_indices.dtype == torch.int64), threads, *_cache_args(cache))
+        int(positions.dtype == torch.int64), int(state_indices.dtype == torch.int64), threads,
+        _row_strides(qk, v_current, v_delayed), *_cache_args(cache))
     assert rc == 0
     return q, k, v
 
@@ -308,6 +316,9 @@ class _EmulatedLauncher:
         rows, head_dim = qk.shape[0], conv1_weight.shape[1]
         assert q.shape == (rows, num_q_heads, head_dim) and k.shape == v.shape == (rows, num_kv_heads, head_dim)
         assert (slot_mapping is None) == (k_cache is None) == (v_cache is None)
+        for t in (qk, v_current, v_delayed):  # the launcher's layout rule for its row-strided inputs
+            assert t.shape[1] <= 1 or t.stride(1) == 1
+            assert t.shape[0] <= 1 or t.shape[1] == 0 or t.stride(0) >= t.shape[1]
         if k_cache is not None:
             assert k_cache.dtype == v_cache.dtype == act and slot_mapping.dtype in (torch.int32, torch.int64)
             assert k_cache.stride(-1) == v_cache.stride(-1) == 1 and slot_mapping.shape == (rows,)
@@ -317,6 +328,7 @@ class _EmulatedLauncher:
             _ptr(conv_state), _ptr(value_state), _ptr(state_indices), _ptr(q), _ptr(k), _ptr(v), rows,
             conv_state.shape[0], num_q_heads, num_kv_heads, head_dim, conv0_weight.shape[1], conv1_weight.shape[2],
             rotary_dim, int(positions.dtype == torch.int64), int(state_indices.dtype == torch.int64), 256,
+            _row_strides(qk, v_current, v_delayed),
             *_cache_args(None if k_cache is None else (slot_mapping, k_cache, v_cache)))
         assert rc == 0
 
@@ -433,6 +445,50 @@ def test_hip_impl_passes_the_cache_to_the_launcher(cca_emulation, monkeypatch):
     assert torch.equal(k_cache[2, 1], actual[1][0]) and torch.equal(k_cache[0, 1], actual[1][2])
 
 
+def _stacked_views(qk, v_current, v_delayed, pad):
+    """qk, v_current, v_delayed as column slices of one [B, C + 2 Vh + pad] buffer (zaya_kernels.modules'
+    stacked projection output; `pad` NaN columns after them): row-strided views, no copies."""
+    widths = [qk.shape[1], v_current.shape[1], v_delayed.shape[1]]
+    buf = torch.full((qk.shape[0], sum(widths) + pad), float("nan"), dtype=qk.dtype, device=qk.device)
+    views = buf[:, :sum(widths)].split(widths, dim=-1)
+    for view, value in zip(views, (qk, v_current, v_delayed)):
+        view.copy_(value)
+    return views
+
+
+@pytest.mark.parametrize("act,rows,pad,with_cache", [(torch.float32, 3, 0, False), (torch.float16, 11, 5, True),
+                                                     (torch.bfloat16, 1, 2, True), (torch.float32, 0, 1, False)])
+def test_hip_impl_reads_row_strided_inputs(cca_emulation, monkeypatch, act, rows, pad, with_cache):
+    """_hip_decode with qk, v_current, v_delayed as row-strided slices of one buffer (the launcher passes their row
+    strides to the kernel; NaN padding between rows must not be read): the reference's outputs, state updates and
+    cache writes on contiguous copies. 11 rows: two row tiles."""
+    from zaya_kernels.ops import cca as cca_ops
+
+    monkeypatch.setattr(zaya_kernels, "_C", _EmulatedLauncher(cca_emulation))
+    w = Weights(4, 2, 16, 2, 2, 8, dtype=act, seed=rows + pad)
+    gen = torch.Generator().manual_seed(rows)
+    conv_state, value_state, indices = _slot_states(w, torch.float32, rows, gen, padded=(1,) if rows > 1 else ())
+    ref_states = (conv_state.clone(), value_state.clone())
+    qk, v_current, v_delayed = w.tokens(rows, act)
+    positions = torch.arange(rows) * 5
+    cache, ref_cache = (), ()
+    if with_cache:
+        k_cache, v_cache = random_paged_caches(rows + 2, 2, 2, 16, act, "hnd", gen)
+        slot_mapping = torch.randperm(2 * (rows + 2), generator=gen)[:rows]
+        cache, ref_cache = (slot_mapping, k_cache, v_cache), (slot_mapping, k_cache.clone(), v_cache.clone())
+    views = _stacked_views(qk, v_current, v_delayed, pad)
+    if rows > 1:
+        assert not any(t.is_contiguous() for t in views)
+    actual = cca_ops._hip_decode(*views, *w.tuple(), positions, conv_state, value_state, indices, *w.heads(), *cache)
+    expected = ref.cca_prepare_decode(qk, v_current, v_delayed, *w.tuple(), positions, *ref_states, indices,
+                                      *w.heads(), *ref_cache)
+    for name, a, e in zip("qkv", actual, expected):
+        assert_close(a, e, dtype=act, reduction=w.reduction(), what=f"strided {name}")
+    assert torch.equal(conv_state, ref_states[0]) and torch.equal(value_state, ref_states[1])
+    for name, a, e in zip(("k cache", "v cache"), cache[1:], ref_cache[1:]):
+        assert_close(a, e, dtype=act, reduction=w.reduction(), what=f"strided {name}")
+
+
 # ---------------------------------------------------------------- the op with backend "hip" (needs a GPU build)
 @pytest.mark.gpu
 @pytest.mark.parametrize("act,wdt,sdt", [(torch.bfloat16, torch.bfloat16, torch.float32),
@@ -537,3 +593,35 @@ def test_gpu_hip_decode_writes_paged_cache(act, sdt, block_size):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(k_cache.cpu(), expected_k) and torch.equal(v_cache.cpu(), expected_v)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,pad", [(8, 0), (61, 24), (1, 3)])
+def test_gpu_hip_decode_reads_row_strided_inputs(act, rows, pad):
+    """The compiled launcher with qk, v_current, v_delayed as row-strided slices of one buffer (ZAYA1-8B shapes, the
+    stacked-projection layout and a padded one), with the paged write: the reference on contiguous copies."""
+    w = Weights(8, 2, 128, 2, 2, 64, dtype=act, seed=rows, device="cuda")
+    gen = torch.Generator().manual_seed(rows)
+    conv_state = torch.randn(rows + 4, w.channels, 2, generator=gen).cuda()
+    value_state = torch.randn(rows + 4, w.value_dim, generator=gen).cuda()
+    indices = torch.randperm(rows + 4, generator=gen)[:rows].to(torch.int32).cuda()
+    ref_states = (conv_state.clone(), value_state.clone())
+    qk, v_current, v_delayed = w.tokens(rows, act)
+    positions = (torch.arange(rows) * 7).cuda()
+    k_cache, v_cache = random_paged_caches(rows + 1, 16, 2, 128, act, "hnd", gen, device="cuda")
+    slot_mapping = torch.randperm((rows + 1) * 16, generator=gen)[:rows].cuda()
+    ref_cache = (slot_mapping, k_cache.clone(), v_cache.clone())
+    with zaya_kernels.use_backend("hip"):
+        actual = torch.ops.zaya.cca_prepare_decode(*_stacked_views(qk, v_current, v_delayed, pad), *w.tuple(),
+                                                   positions, conv_state, value_state, indices, *w.heads(),
+                                                   slot_mapping, k_cache, v_cache)
+    assert zaya_kernels.last_backend("cca_prepare_decode") == "hip"
+    expected = ref.cca_prepare_decode(qk, v_current, v_delayed, *w.tuple(), positions, *ref_states, indices,
+                                      *w.heads(), *ref_cache)
+    for name, a, e in zip("qkv", actual, expected):
+        assert_close(a, e, dtype=act, reduction=w.reduction(), what=f"strided {name}")
+    assert_close(conv_state, ref_states[0], what="conv state")
+    assert_close(value_state, ref_states[1], what="value state")
+    for name, a, e in zip(("k cache", "v cache"), (k_cache, v_cache), ref_cache[1:]):
+        assert_close(a, e, dtype=act, reduction=w.reduction(), what=f"strided {name}")

@@ -165,6 +165,41 @@ def test_decode_token_by_token_equals_prefill(backend, name):
     assert_close(torch.cat(steps, dim=1), full, scale=4.0)
 
 
+def test_inference_passes_the_stacked_projection_slices_to_the_cca_ops_uncopied(monkeypatch):
+    """Inference runs the four CCA projections as one GEMM and hands its three column slices to zaya::cca_prepare /
+    zaya::cca_prepare_decode as row-strided views: at a batch-2 decode step and a prefill, qk, v_current and
+    v_delayed are views of one storage with the GEMM output's row stride (no copy kernels per layer)."""
+    from zaya_kernels import ops as zaya_ops
+
+    _, ours = pair("gqa2")
+    config = ours.config
+    head_dim = config.head_dim
+    width = (config.num_attention_heads + 2 * config.num_key_value_heads) * head_dim  # [Q0 | K0 | Vc | Vd]
+    seen = []
+
+    def recording(name):
+        original = getattr(zaya_ops, name)
+
+        def call(qk, v_current, v_delayed, *args, **kwargs):
+            seen.append((name, qk, v_current, v_delayed))
+            return original(qk, v_current, v_delayed, *args, **kwargs)
+        return call
+
+    for name in ("cca_prepare", "cca_prepare_decode"):
+        monkeypatch.setattr(zaya_ops, name, recording(name))
+    cache = ours.new_cache(2, 8)
+    with torch.no_grad(), use_backend("reference"):
+        ours(random_ids(2, 5), cache=cache)
+        ours(random_ids(2, 1, seed=4), cache=cache)
+    names = [name for name, *_ in seen]
+    assert names == ["cca_prepare"] * len(ours.model.layers) + ["cca_prepare_decode"] * len(ours.model.layers)
+    for name, qk, v_current, v_delayed in seen:
+        assert qk.shape[0] == v_current.shape[0] > 1
+        storages = {t.untyped_storage().data_ptr() for t in (qk, v_current, v_delayed)}
+        assert len(storages) == 1, f"{name}: the projection slices were copied"
+        assert qk.stride() == v_current.stride() == v_delayed.stride() == (width, 1), name
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_packed_varlen_and_chunked_prefill_equal_whole_sequences(backend):
     _, ours = pair("gqa2")

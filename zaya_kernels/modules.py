@@ -270,17 +270,20 @@ class CCAProjection(nn.Module):
 
 def cca_projections(proj: nn.Module, x: torch.Tensor, stacked: bool = True):
     """The four CCA input projections of `proj` (q_proj, k_proj, v_proj_current, v_proj_delayed: nn.Linear, ours or
-    transformers' ZayaCCAProjection) -> (qk [T, C] = [Q0 | K0], v_current, v_delayed [T, n_kv D / 2]), contiguous.
+    transformers' ZayaCCAProjection) -> (qk [T, C] = [Q0 | K0], v_current, v_delayed [T, n_kv D / 2]), each with a
+    contiguous last dim; stacked, they are column slices of one [T, C + n_kv D] output (row stride C + n_kv D), which
+    the CCA preparation ops take as they are (row-strided inputs), so no copy is made.
 
-    stacked (inference): one GEMM over the four weights stacked, kept on `proj`: at decode one launch instead of
-    four plus a cat, and with T = 1 the three column slices are already contiguous. It costs one extra copy of these
-    weights in memory, and is rebuilt whenever a weight or bias is replaced or changed in place through autograd-
-    visible ops (its version counter); an in-place edit through `.data` bypasses that counter and is NOT seen (call
-    `forget_stacked_projections(model)` after one). Used only where nothing else can be bypassed: all four are
-    plain nn.Linear (an adapter wrapping one, e.g. LoRA, runs its own forward), no parameter needs a gradient (so
-    bias-only training gets its gradients), none is an inference-mode tensor (no version counter) and torch.compile
-    is not tracing (it cannot compare data pointers). Otherwise, and with stacked=False (what `kernelize` uses: a
-    transformers model's weights are the user's to edit, e.g. by PEFT's merge), the four modules' own forwards run.
+    stacked (inference): one GEMM over the four weights stacked, kept on `proj`: one launch instead of four plus a
+    cat, and no copies of the three slices (the kernels read them with their row strides). It costs one extra copy
+    of these weights in memory, and is rebuilt whenever a weight or bias is replaced or changed in place through
+    autograd-visible ops (its version counter); an in-place edit through `.data` bypasses that counter and is NOT
+    seen (call `forget_stacked_projections(model)` after one). Used only where nothing else can be bypassed: all
+    four are plain nn.Linear (an adapter wrapping one, e.g. LoRA, runs its own forward), no parameter needs a
+    gradient (so bias-only training gets its gradients), none is an inference-mode tensor (no version counter) and
+    torch.compile is not tracing (it cannot compare data pointers). Otherwise, and with stacked=False (what
+    `kernelize` uses: a transformers model's weights are the user's to edit, e.g. by PEFT's merge), the four
+    modules' own forwards run.
     """
     linears = (proj.q_proj, proj.k_proj, proj.v_proj_current, proj.v_proj_delayed)
     params = [p for lin in linears for p in (getattr(lin, "weight", None), getattr(lin, "bias", None))
@@ -296,8 +299,10 @@ def cca_projections(proj: nn.Module, x: torch.Tensor, stacked: bool = True):
         cached = proj._zaya_stacked_qkv = (key, weight, bias)
     out = nn.functional.linear(x, cached[1], cached[2])
     sizes = [lin.out_features for lin in linears]
+    # views, not copies: zaya::cca_prepare / _decode / _paged read row-strided inputs (the three copies were three
+    # extra launches per layer and a read + write of every projection output at T > 1)
     qk, v_current, v_delayed = out.split([sizes[0] + sizes[1], sizes[2], sizes[3]], dim=-1)
-    return qk.contiguous(), v_current.contiguous(), v_delayed.contiguous()
+    return qk, v_current, v_delayed
 
 
 def _stackable(linears, params) -> bool:

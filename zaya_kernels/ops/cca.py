@@ -57,7 +57,10 @@ FLAG_DTYPES = (torch.bool, torch.int32, torch.int64)
 def _validate_common(op, qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature,
                      positions, num_q_heads, num_kv_heads, rotary_dim, rope_theta):
     """Checks shared by every CCA op; returns (T, C, D, k0, k1, value_dim)."""
-    check.tensor(op, "qk", qk, ndim=2, dtypes=check.FLOAT_DTYPES, contiguous=True)
+    # qk, v_current and v_delayed may be row-strided views (the kernels take their row strides): the modules split
+    # one stacked projection GEMM's output into them without a copy
+    check.tensor(op, "qk", qk, ndim=2, dtypes=check.FLOAT_DTYPES)
+    check.row_strided(op, "qk", qk)
     tokens, channels = qk.shape
     dev = qk.device
     for name, value in (("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads)):
@@ -90,7 +93,8 @@ def _validate_common(op, qk, v_current, v_delayed, conv0_weight, conv0_bias, con
                          "value channels are current-token, half previous-token)")
     value_dim = num_kv_heads * head_dim // 2
     for name, t in (("v_current", v_current), ("v_delayed", v_delayed)):
-        check.tensor(op, name, t, dtypes=check.FLOAT_DTYPES, shape=(tokens, value_dim), device=dev, contiguous=True)
+        check.tensor(op, name, t, dtypes=check.FLOAT_DTYPES, shape=(tokens, value_dim), device=dev)
+        check.row_strided(op, name, t)
     check.tensor(op, "positions", positions, dtypes=INDEX_DTYPES, shape=(tokens,), device=dev, contiguous=True)
     if not isinstance(rotary_dim, int) or rotary_dim < 0 or rotary_dim > head_dim or rotary_dim % 2:
         raise ValueError(f"zaya::{op}: `rotary_dim` must be an even int in 0..head_dim={head_dim}, got {rotary_dim!r}")
@@ -316,6 +320,10 @@ def _triton_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_wei
 def _triton_bwd(grad_q, grad_k, grad_v, grad_conv, grad_value, *fwd_args):
     from zaya_kernels.triton import cca as tri_bwd
 
+    # The backward kernels read qk with row stride C: a row-strided qk (a slice of the stacked projection output,
+    # which the forward takes as is) is copied here. One [T, C] copy per backward, small next to the backward's own
+    # [T, C] fp32 workspaces; the value projections are only indexed by torch (any strides).
+    fwd_args = (fwd_args[0].contiguous(),) + fwd_args[1:]
     return tri_bwd.cca_prepare_bwd(grad_q, grad_k, grad_v, grad_conv, grad_value, *fwd_args)
 
 
@@ -485,10 +493,12 @@ def cca_prepare(
 
     Parameters
     ----------
-    qk : [T, C] float32 / float16 / bfloat16 (activation dtype A), contiguous
-        X = [Q0 | K0]: all q heads then all k heads, C = (num_q_heads + num_kv_heads) * D.
-    v_current, v_delayed : [T, num_kv_heads * D / 2], any float dtype
-        The current- and delayed-value projections (transformers' v_proj_current / v_proj_delayed outputs).
+    qk : [T, C] float32 / float16 / bfloat16 (activation dtype A), last dim contiguous, row stride >= C
+        X = [Q0 | K0]: all q heads then all k heads, C = (num_q_heads + num_kv_heads) * D. Rows may be padded
+        (a column slice of a wider buffer, e.g. of one stacked projection GEMM's output): no copy is made.
+    v_current, v_delayed : [T, num_kv_heads * D / 2], any float dtype, last dim contiguous, row stride >= the width
+        The current- and delayed-value projections (transformers' v_proj_current / v_proj_delayed outputs); row
+        strides as qk's (each its own).
     conv0_weight : [C, k0]   depthwise conv weight (transformers' conv_qk_depthwise.weight[:, 0]), 1 <= k0 <= 4
     conv0_bias : [C]
     conv1_weight : [C, D, k1]  grouped conv weight (conv_qk_grouped.weight; groups = heads), 1 <= k1 <= 4
@@ -666,8 +676,8 @@ def cca_prepare_decode(
 
     Parameters
     ----------
-    qk : [B, C] A, contiguous
-    v_current, v_delayed : [B, num_kv_heads * D / 2]
+    qk : [B, C] A, last dim contiguous, row stride >= C (rows may be padded: a column slice of a wider buffer)
+    v_current, v_delayed : [B, num_kv_heads * D / 2], last dim contiguous, row strides >= the width (as qk)
     conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature : as in `cca_prepare`
     positions : [B] int32 / int64
     conv_state : [slots, C, k0 + k1 - 2] float32 / bfloat16 / float16, updated in place

@@ -106,13 +106,13 @@ def _sequence_of(cu_ptr, tokens, NUM_SEQS, SEARCH_STEPS):
 
 @triton.jit
 def _shifted_x(qk_ptr, conv_state_ptr, tokens, token_mask, seq, seq_start, has_state, channels, dmask, shift, C,
-               STATE_LEN: tl.constexpr, HAS_STATE: tl.constexpr):
-    """X_{t - shift} [BLOCK_T, channels] for the given channels: packed X inside the sequence, else the sequence's
-    conv state column STATE_LEN - (seq_start - (t - shift)), else 0 (a fresh sequence)."""
+               QK_STRIDE, STATE_LEN: tl.constexpr, HAS_STATE: tl.constexpr):
+    """X_{t - shift} [BLOCK_T, channels] for the given channels: packed X (row stride QK_STRIDE) inside the sequence,
+    else the sequence's conv state column STATE_LEN - (seq_start - (t - shift)), else 0 (a fresh sequence)."""
     src = tokens - shift
     inside = src >= seq_start
     mask = token_mask[:, None] & dmask[None, :]
-    x = tl.load(qk_ptr + src.to(tl.int64)[:, None] * C + channels[None, :], mask=mask & inside[:, None],
+    x = tl.load(qk_ptr + src.to(tl.int64)[:, None] * QK_STRIDE + channels[None, :], mask=mask & inside[:, None],
                 other=0.0).to(tl.float32)
     if HAS_STATE:
         col = STATE_LEN + src - seq_start
@@ -147,13 +147,14 @@ def _store_cache(out, dims, dmask, cache_rows, keep, cache_ptr):
 @triton.jit
 def _value_rows(vc_ptr, vd_ptr, value_state_ptr, v_ptr, head, tokens, token_mask, row_valid, seq, seq_start,
                 has_state, slot_ptr, v_cache_ptr, CACHE_SLOTS, CACHE_BLOCK, V_STRIDE_BLOCK, V_STRIDE_SLOT,
-                V_STRIDE_HEAD, NUM_Q, NUM_KV, HEAD_DIM, HAS_STATE: tl.constexpr, DECODE: tl.constexpr,
-                WRITE_CACHE: tl.constexpr):
+                V_STRIDE_HEAD, VC_STRIDE, VD_STRIDE, NUM_Q, NUM_KV, HEAD_DIM, HAS_STATE: tl.constexpr,
+                DECODE: tl.constexpr, WRITE_CACHE: tl.constexpr):
     """v rows [BLOCK_T, D] of kv head j = head - n_q. Flat value index f = j D + d (value_dim = n_kv D / 2):
     f < value_dim is Vc_t[f]; the rest is Vd_{t-1}[f - value_dim] of the previous token of the sequence, else of
     the sequence's value state seq, else 0. Rows that are not row_valid get zeros.
     DECODE (every row its own sequence, seq = its slot): the delayed part is the slot's value state, which the
     row's Vd_t then replaces, after a barrier (other threads of the program may still be reading it).
+    v_current / v_delayed rows are VC_STRIDE / VD_STRIDE elements apart (row-strided views).
     WRITE_CACHE: the rows also go to v_cache at slot_mapping (valid rows with a slot in range only)."""
     value_dim = NUM_KV * HEAD_DIM // 2
     state_rows = seq.to(tl.int64)[:, None] * value_dim
@@ -169,7 +170,7 @@ def _value_rows(vc_ptr, vd_ptr, value_state_ptr, v_ptr, head, tokens, token_mask
         flat = (head - NUM_Q) * HEAD_DIM + dims
         mask = token_mask[:, None] & (dims < HEAD_DIM)[None, :]
         is_current = flat < value_dim
-        current = tl.load(vc_ptr + tokens.to(tl.int64)[:, None] * value_dim + flat[None, :],
+        current = tl.load(vc_ptr + tokens.to(tl.int64)[:, None] * VC_STRIDE + flat[None, :],
                           mask=mask & is_current[None, :], other=0.0).to(tl.float32)
         delayed_col = flat - value_dim
         delayed_mask = mask & (~is_current)[None, :]
@@ -177,12 +178,12 @@ def _value_rows(vc_ptr, vd_ptr, value_state_ptr, v_ptr, head, tokens, token_mask
         if DECODE:
             from_state = delayed_mask & row_valid[:, None]
             delayed = tl.load(value_state_ptr + state_offs, mask=from_state, other=0.0).to(tl.float32)
-            newest = tl.load(vd_ptr + tokens.to(tl.int64)[:, None] * value_dim + delayed_col[None, :],
+            newest = tl.load(vd_ptr + tokens.to(tl.int64)[:, None] * VD_STRIDE + delayed_col[None, :],
                              mask=from_state, other=0.0)
         else:
             prev = tokens - 1
             prev_inside = prev >= seq_start
-            delayed = tl.load(vd_ptr + prev.to(tl.int64)[:, None] * value_dim + delayed_col[None, :],
+            delayed = tl.load(vd_ptr + prev.to(tl.int64)[:, None] * VD_STRIDE + delayed_col[None, :],
                               mask=delayed_mask & prev_inside[:, None], other=0.0).to(tl.float32)
             if HAS_STATE:
                 from_state = delayed_mask & (~prev_inside & has_state)[:, None]
@@ -200,15 +201,16 @@ def _value_rows(vc_ptr, vd_ptr, value_state_ptr, v_ptr, head, tokens, token_mask
 
 @triton.jit
 def _pre_norm_head(qk_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, state_ptr, head, tokens, token_mask, seq, seq_start,
-                   has_state, lo, lo_mask, rest, rest_mask, half, C, NUM_Q, HEAD_DIM, GROUP, STATE_LEN,
+                   has_state, lo, lo_mask, rest, rest_mask, half, C, QK_STRIDE, NUM_Q, HEAD_DIM, GROUP, STATE_LEN,
                    K0: tl.constexpr, K1: tl.constexpr, HAS_STATE: tl.constexpr, BLOCK_T: tl.constexpr,
                    BLOCK_I: tl.constexpr, IEEE_DOT: tl.constexpr):
     """U = b1 + coupling residual + sum_j1 Y_{t - (k1 - 1 - j1)} @ W1[head, :, :, j1]^T for BLOCK_T tokens of one
     head (the pre-norm q or k), in the column blocks lo [BLOCK_T, BLOCK_HALF], hi (= lo + half) and rest, zero
     outside their masks. Y comes from the X halo of _shifted_x (conv state row `seq`), rounded to A. The forward
-    and the backward (which recomputes U) share this, so they see the same numbers."""
+    and the backward (which recomputes U) share this, so they see the same numbers. qk rows are QK_STRIDE apart
+    (the backward passes C: it reads a contiguous copy)."""
     act_dtype = qk_ptr.dtype.element_ty
-    row_offsets = tokens.to(tl.int64) * C
+    row_offsets = tokens.to(tl.int64) * QK_STRIDE
     u_lo = _conv_start(b1_ptr, qk_ptr, row_offsets, token_mask, lo, lo_mask, head, NUM_Q, HEAD_DIM, GROUP)
     u_hi = _conv_start(b1_ptr, qk_ptr, row_offsets, token_mask, lo + half, lo_mask, head, NUM_Q, HEAD_DIM, GROUP)
     u_rest = _conv_start(b1_ptr, qk_ptr, row_offsets, token_mask, rest, rest_mask, head, NUM_Q, HEAD_DIM, GROUP)
@@ -225,7 +227,7 @@ def _pre_norm_head(qk_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, state_ptr, head, toke
                 shift = (K1 - 1 - j1) + (K0 - 1 - j0)
                 w0 = tl.load(w0_ptr + in_channels * K0 + j0, mask=imask, other=0.0).to(tl.float32)
                 y += w0[None, :] * _shifted_x(qk_ptr, state_ptr, tokens, token_mask, seq, seq_start, has_state,
-                                              in_channels, imask, shift, C, STATE_LEN, HAS_STATE)
+                                              in_channels, imask, shift, C, QK_STRIDE, STATE_LEN, HAS_STATE)
             y = y.to(act_dtype)
             u_lo = _conv_tap(u_lo, y, w1_ptr, head, inputs, imask, lo, lo_mask, j1, HEAD_DIM, K1, IEEE_DOT)
             u_hi = _conv_tap(u_hi, y, w1_ptr, head, inputs, imask, lo + half, lo_mask, j1, HEAD_DIM, K1, IEEE_DOT)
@@ -239,7 +241,7 @@ def _pre_norm_head(qk_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, state_ptr, head, toke
 @triton.jit
 def _project_head(qk_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, conv_state_ptr, temp_ptr, pos_ptr, inv_freq_ptr, q_ptr,
                   k_ptr, head, tokens, token_mask, row_valid, seq, seq_start, has_state, slot_ptr, k_cache_ptr,
-                  CACHE_SLOTS, CACHE_BLOCK, K_STRIDE_BLOCK, K_STRIDE_SLOT, K_STRIDE_HEAD, EPS: tl.constexpr,
+                  CACHE_SLOTS, CACHE_BLOCK, K_STRIDE_BLOCK, K_STRIDE_SLOT, K_STRIDE_HEAD, QK_STRIDE, EPS: tl.constexpr,
                   HEAD_SCALE: tl.constexpr, NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
                   ROTARY_DIM: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, HAS_STATE: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr,
@@ -261,8 +263,8 @@ def _project_head(qk_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, conv_state_ptr, temp_p
     rest_mask = rest < HEAD_DIM
     z_lo, z_hi, z_rest = _pre_norm_head(qk_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, conv_state_ptr, head, tokens,
                                         token_mask, seq, seq_start, has_state, lo, lo_mask, rest, rest_mask, half, C,
-                                        NUM_Q, HEAD_DIM, GROUP, STATE_LEN, K0, K1, HAS_STATE, BLOCK_T, BLOCK_I,
-                                        IEEE_DOT)
+                                        QK_STRIDE, NUM_Q, HEAD_DIM, GROUP, STATE_LEN, K0, K1, HAS_STATE, BLOCK_T,
+                                        BLOCK_I, IEEE_DOT)
 
     # QK norm (keys times their temperature), then NeoX RoPE: lo' = lo cos - hi sin, hi' = hi cos + lo sin.
     sum_sq = tl.sum(z_lo * z_lo, axis=1) + tl.sum(z_hi * z_hi, axis=1) + tl.sum(z_rest * z_rest, axis=1)
@@ -315,14 +317,15 @@ def cca_prepare_kernel(
     qk_ptr, vc_ptr, vd_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, temp_ptr, pos_ptr, cu_ptr, inv_freq_ptr,
     init_conv_ptr, init_value_ptr, has_init_ptr, q_ptr, k_ptr, v_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
     T, NUM_SEQS, SEARCH_STEPS, CACHE_SLOTS, CACHE_BLOCK, K_STRIDE_BLOCK, K_STRIDE_SLOT, K_STRIDE_HEAD,
-    V_STRIDE_BLOCK, V_STRIDE_SLOT, V_STRIDE_HEAD, EPS: tl.constexpr, HEAD_SCALE: tl.constexpr,
+    V_STRIDE_BLOCK, V_STRIDE_SLOT, V_STRIDE_HEAD, QK_STRIDE, VC_STRIDE, VD_STRIDE, EPS: tl.constexpr,
+    HEAD_SCALE: tl.constexpr,
     NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, K0: tl.constexpr,
     K1: tl.constexpr, HAS_INIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr, IEEE_DOT: tl.constexpr, WRITE_CACHE: tl.constexpr,
 ):
     """Prefill of BLOCK_T packed tokens for one head (a tile may span several sequences). The initial-state
     pointers are None without HAS_INIT; the paged-cache arguments (slot_ptr .. V_STRIDE_HEAD) None without
-    WRITE_CACHE."""
+    WRITE_CACHE. QK_STRIDE, VC_STRIDE, VD_STRIDE: the row strides of qk, v_current, v_delayed (row-strided views)."""
     # Model sizes are constexpr (one specialisation per model: fewer scalar registers, constant index arithmetic).
     # Values first: what only they use is then dead before the conv loop instead of held across it. Each part
     # finds its rows' sequences itself (a few cached loads of cu_seqlens): with one shared set, ptxas capped the
@@ -333,13 +336,13 @@ def cca_prepare_kernel(
                                                                      HAS_INIT, BLOCK_T)
         _value_rows(vc_ptr, vd_ptr, init_value_ptr, v_ptr, head, tokens, token_mask, token_mask, seq, seq_start,
                     has_init, slot_ptr, v_cache_ptr, CACHE_SLOTS, CACHE_BLOCK, V_STRIDE_BLOCK, V_STRIDE_SLOT,
-                    V_STRIDE_HEAD, NUM_Q, NUM_KV, HEAD_DIM, HAS_INIT, False, WRITE_CACHE)
+                    V_STRIDE_HEAD, VC_STRIDE, VD_STRIDE, NUM_Q, NUM_KV, HEAD_DIM, HAS_INIT, False, WRITE_CACHE)
     tokens, token_mask, seq, seq_start, has_init = _prefill_rows(cu_ptr, has_init_ptr, T, NUM_SEQS, SEARCH_STEPS,
                                                                  HAS_INIT, BLOCK_T)
     _project_head(qk_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, init_conv_ptr, temp_ptr, pos_ptr, inv_freq_ptr, q_ptr, k_ptr,
                   head, tokens, token_mask, token_mask, seq, seq_start, has_init, slot_ptr, k_cache_ptr, CACHE_SLOTS,
-                  CACHE_BLOCK, K_STRIDE_BLOCK, K_STRIDE_SLOT, K_STRIDE_HEAD, EPS, HEAD_SCALE, NUM_Q, NUM_KV,
-                  HEAD_DIM, ROTARY_DIM, K0, K1, HAS_INIT, BLOCK_T, BLOCK_I, BLOCK_HALF, BLOCK_REST, IEEE_DOT,
+                  CACHE_BLOCK, K_STRIDE_BLOCK, K_STRIDE_SLOT, K_STRIDE_HEAD, QK_STRIDE, EPS, HEAD_SCALE, NUM_Q,
+                  NUM_KV, HEAD_DIM, ROTARY_DIM, K0, K1, HAS_INIT, BLOCK_T, BLOCK_I, BLOCK_HALF, BLOCK_REST, IEEE_DOT,
                   WRITE_CACHE)
 
 
@@ -354,9 +357,10 @@ def _decode_rows(state_index_ptr, ROWS, NUM_SLOTS, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def _shift_conv_state(qk_ptr, conv_state_ptr, rows, row_valid, slot, head, C: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      STATE_LEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Shift this head's conv-state channels of each valid row's slot by one column (the newest is the row's X).
+def _shift_conv_state(qk_ptr, conv_state_ptr, rows, row_valid, slot, head, QK_STRIDE, C: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, STATE_LEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Shift this head's conv-state channels of each valid row's slot by one column (the newest is the row's X, qk
+    rows QK_STRIDE apart).
     Everything is loaded before a barrier and stored after it: other threads of the program may still be reading
     the old columns."""
     dims = tl.arange(0, BLOCK_D)
@@ -365,7 +369,7 @@ def _shift_conv_state(qk_ptr, conv_state_ptr, rows, row_valid, slot, head, C: tl
     mask2 = row_valid[:, None] & dmask[None, :]  # row_valid implies rows < ROWS
     base2 = (slot.to(tl.int64)[:, None] * C + channels[None, :]) * STATE_LEN
     if STATE_LEN <= 2:  # ZAYA's k0 = k1 = 2: two [rows, D] tiles instead of the general 3D one (fewer registers)
-        newest2 = tl.load(qk_ptr + rows.to(tl.int64)[:, None] * C + channels[None, :], mask=mask2, other=0.0)
+        newest2 = tl.load(qk_ptr + rows.to(tl.int64)[:, None] * QK_STRIDE + channels[None, :], mask=mask2, other=0.0)
         if STATE_LEN == 2:
             older2 = tl.load(conv_state_ptr + base2 + 1, mask=mask2, other=0.0)
     else:
@@ -374,7 +378,7 @@ def _shift_conv_state(qk_ptr, conv_state_ptr, rows, row_valid, slot, head, C: tl
         mask3 = mask2[:, :, None] & (col3 < STATE_LEN)
         state_offs = base2[:, :, None] + col3
         older = tl.load(conv_state_ptr + state_offs + 1, mask=mask3 & (col3 + 1 < STATE_LEN), other=0.0)
-        newest = tl.load(qk_ptr + rows.to(tl.int64)[:, None] * C + channels[None, :], mask=mask2, other=0.0)
+        newest = tl.load(qk_ptr + rows.to(tl.int64)[:, None] * QK_STRIDE + channels[None, :], mask=mask2, other=0.0)
         new_state = tl.where(col3 + 1 < STATE_LEN, older.to(tl.float32), newest.to(tl.float32)[:, :, None])
     tl.debug_barrier()
     if STATE_LEN == 2:
@@ -390,7 +394,7 @@ def cca_decode_kernel(
     qk_ptr, vc_ptr, vd_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, temp_ptr, pos_ptr, inv_freq_ptr,
     conv_state_ptr, value_state_ptr, state_index_ptr, q_ptr, k_ptr, v_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
     ROWS, NUM_SLOTS, CACHE_SLOTS, CACHE_BLOCK, K_STRIDE_BLOCK, K_STRIDE_SLOT, K_STRIDE_HEAD, V_STRIDE_BLOCK,
-    V_STRIDE_SLOT, V_STRIDE_HEAD, EPS: tl.constexpr, HEAD_SCALE: tl.constexpr,
+    V_STRIDE_SLOT, V_STRIDE_HEAD, QK_STRIDE, VC_STRIDE, VD_STRIDE, EPS: tl.constexpr, HEAD_SCALE: tl.constexpr,
     NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, K0: tl.constexpr,
     K1: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr, BLOCK_K: tl.constexpr, IEEE_DOT: tl.constexpr,
@@ -399,7 +403,8 @@ def cca_decode_kernel(
     """Decode of BLOCK_T rows for one head: row t is a one-token sequence whose history is slot state_index[t] of
     conv_state [slots, C, K] and value_state [slots, n_kv D / 2]; this program then updates its own head's
     elements of those slots in place. WRITE_CACHE: kv heads also store k / v of the rows that have a state slot
-    into the paged caches (the cache arguments are None without it)."""
+    into the paged caches (the cache arguments are None without it). QK_STRIDE, VC_STRIDE, VD_STRIDE: the row
+    strides of qk, v_current, v_delayed (row-strided views)."""
     head = tl.program_id(1)
     # Each part loads its row values itself rather than keeping one set: where a tile gives a wave whole rows they
     # are scalars, one set per row, and kept they would be held across the conv loop (gfx942: 89 SGPRs, not 76).
@@ -407,26 +412,27 @@ def cca_decode_kernel(
         rows, row_mask, row_valid, slot = _decode_rows(state_index_ptr, ROWS, NUM_SLOTS, BLOCK_T)
         _value_rows(vc_ptr, vd_ptr, value_state_ptr, v_ptr, head, rows, row_mask, row_valid, slot, rows,
                     row_valid, slot_ptr, v_cache_ptr, CACHE_SLOTS, CACHE_BLOCK, V_STRIDE_BLOCK, V_STRIDE_SLOT,
-                    V_STRIDE_HEAD, NUM_Q, NUM_KV, HEAD_DIM, True, True, WRITE_CACHE)
+                    V_STRIDE_HEAD, VC_STRIDE, VD_STRIDE, NUM_Q, NUM_KV, HEAD_DIM, True, True, WRITE_CACHE)
     # seq_start = the row itself: the conv halo before it comes from the slot's conv state
     rows, row_mask, row_valid, slot = _decode_rows(state_index_ptr, ROWS, NUM_SLOTS, BLOCK_T)
     _project_head(qk_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, conv_state_ptr, temp_ptr, pos_ptr, inv_freq_ptr, q_ptr,
                   k_ptr, head, rows, row_mask, row_valid, slot, rows, row_valid, slot_ptr, k_cache_ptr, CACHE_SLOTS,
-                  CACHE_BLOCK, K_STRIDE_BLOCK, K_STRIDE_SLOT, K_STRIDE_HEAD, EPS, HEAD_SCALE, NUM_Q, NUM_KV,
-                  HEAD_DIM, ROTARY_DIM, K0, K1, True, BLOCK_T, BLOCK_I, BLOCK_HALF, BLOCK_REST, IEEE_DOT, WRITE_CACHE)
+                  CACHE_BLOCK, K_STRIDE_BLOCK, K_STRIDE_SLOT, K_STRIDE_HEAD, QK_STRIDE, EPS, HEAD_SCALE, NUM_Q,
+                  NUM_KV, HEAD_DIM, ROTARY_DIM, K0, K1, True, BLOCK_T, BLOCK_I, BLOCK_HALF, BLOCK_REST, IEEE_DOT,
+                  WRITE_CACHE)
     rows, row_mask, row_valid, slot = _decode_rows(state_index_ptr, ROWS, NUM_SLOTS, BLOCK_T)
-    _shift_conv_state(qk_ptr, conv_state_ptr, rows, row_valid, slot, head, (NUM_Q + NUM_KV) * HEAD_DIM, HEAD_DIM,
-                      K0 + K1 - 2, BLOCK_D, BLOCK_K)
+    _shift_conv_state(qk_ptr, conv_state_ptr, rows, row_valid, slot, head, QK_STRIDE, (NUM_Q + NUM_KV) * HEAD_DIM,
+                      HEAD_DIM, K0 + K1 - 2, BLOCK_D, BLOCK_K)
 
 
 @triton.jit
 def cca_final_states_kernel(
     qk_ptr, vd_ptr, cu_ptr, init_conv_ptr, init_value_ptr, has_init_ptr, final_conv_ptr, final_value_ptr,
-    C, VALUE_DIM,
+    C, VALUE_DIM, QK_STRIDE, VD_STRIDE,
     STATE_LEN: tl.constexpr, HAS_INIT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Final states of sequence b: conv columns X_{end - K + i} (i < K; from X, the initial state or 0) and
-    Vd_{end - 1}."""
+    Vd_{end - 1} (qk / v_delayed rows QK_STRIDE / VD_STRIDE apart)."""
     seq = tl.program_id(0)
     start = tl.load(cu_ptr + seq)
     end = tl.load(cu_ptr + seq + 1)
@@ -441,7 +447,7 @@ def cca_final_states_kernel(
         src = end - STATE_LEN + cols
         inside = src >= start
         mask = cmask[:, None] & (cols < STATE_LEN)[None, :]
-        x = tl.load(qk_ptr + src.to(tl.int64)[None, :] * C + channels[:, None], mask=mask & inside[None, :],
+        x = tl.load(qk_ptr + src.to(tl.int64)[None, :] * QK_STRIDE + channels[:, None], mask=mask & inside[None, :],
                     other=0.0).to(tl.float32)
         if HAS_INIT:
             state_col = STATE_LEN + src - start
@@ -451,7 +457,7 @@ def cca_final_states_kernel(
         tl.store(final_conv_ptr + (seq.to(tl.int64) * C + channels[:, None]) * STATE_LEN + cols[None, :], x, mask=mask)
     vmask = channels < VALUE_DIM
     nonempty = (tl.zeros_like(channels) + end) > start  # as a block: the interpreter rejects scalar-masked loads
-    last = tl.load(vd_ptr + (end - 1).to(tl.int64) * VALUE_DIM + channels, mask=vmask & nonempty,
+    last = tl.load(vd_ptr + (end - 1).to(tl.int64) * VD_STRIDE + channels, mask=vmask & nonempty,
                    other=0.0).to(tl.float32)
     if HAS_INIT:
         state = tl.load(init_value_ptr + seq.to(tl.int64) * VALUE_DIM + channels, mask=vmask & ~nonempty & has_init,
@@ -496,6 +502,7 @@ def _fp32(t):
     return t if t.dtype == torch.float32 else t.float()
 
 
+ROW_STRIDE_NAMES = ("QK_STRIDE", "VC_STRIDE", "VD_STRIDE")
 CACHE_ARG_NAMES = ("slot_ptr", "k_cache_ptr", "v_cache_ptr", "CACHE_SLOTS", "CACHE_BLOCK", "K_STRIDE_BLOCK",
                    "K_STRIDE_SLOT", "K_STRIDE_HEAD", "V_STRIDE_BLOCK", "V_STRIDE_SLOT", "V_STRIDE_HEAD")
 
@@ -512,6 +519,12 @@ def _cache_args(cache) -> dict:
             "K_STRIDE_BLOCK": k_cache.stride(0), "K_STRIDE_SLOT": k_cache.stride(1), "K_STRIDE_HEAD": k_cache.stride(2),
             "V_STRIDE_BLOCK": v_cache.stride(0), "V_STRIDE_SLOT": v_cache.stride(1), "V_STRIDE_HEAD": v_cache.stride(2),
             "WRITE_CACHE": True}
+
+
+def _row_strides(qk, v_current, v_delayed) -> dict:
+    """The kernels' row strides of the three projection inputs (row-strided views, last dim contiguous: checked by
+    zaya_kernels.ops.cca)."""
+    return {"QK_STRIDE": qk.stride(0), "VC_STRIDE": v_current.stride(0), "VD_STRIDE": v_delayed.stride(0)}
 
 
 def cca_prepare_fwd(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature,
@@ -533,7 +546,8 @@ def cca_prepare_fwd(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_we
         cca_prepare_kernel[(triton.cdiv(tokens, BLOCK_T), num_q_heads + num_kv_heads)](
             qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature, positions,
             cu_seqlens, inv_freq, *init_args, q, k, v, T=tokens, NUM_SEQS=num_seqs,
-            SEARCH_STEPS=max(1, num_seqs).bit_length(), **_cache_args(cache), EPS=eps, HEAD_SCALE=head_dim**0.5,
+            SEARCH_STEPS=max(1, num_seqs).bit_length(), **_cache_args(cache), **_row_strides(qk, v_current, v_delayed),
+            EPS=eps, HEAD_SCALE=head_dim**0.5,
             NUM_Q=num_q_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, K0=k0, K1=k1,
             HAS_INIT=has_init, BLOCK_T=BLOCK_T, **_blocks(head_dim, rotary_dim, decode=False),
             IEEE_DOT=qk.dtype == torch.float32, num_warps=NUM_WARPS,
@@ -542,7 +556,7 @@ def cca_prepare_fwd(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_we
         state_len = k0 + k1 - 2
         cca_final_states_kernel[(num_seqs, triton.cdiv(channels, FINAL_BLOCK_C))](
             qk, v_delayed, cu_seqlens, *init_args, final_conv_state, final_value_state, channels, v_current.shape[1],
-            STATE_LEN=state_len, HAS_INIT=has_init, BLOCK_C=FINAL_BLOCK_C,
+            qk.stride(0), v_delayed.stride(0), STATE_LEN=state_len, HAS_INIT=has_init, BLOCK_C=FINAL_BLOCK_C,
             BLOCK_K=triton.next_power_of_2(max(1, state_len)), num_warps=4,
         )
 
@@ -560,7 +574,8 @@ def cca_prepare_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1
     cca_decode_kernel[(triton.cdiv(rows, DECODE_BLOCK_ROWS), num_q_heads + num_kv_heads)](
         qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature, positions,
         _inv_freq(rotary_dim, rope_theta, qk.device), conv_state, value_state, state_indices, q, k, v,
-        ROWS=rows, NUM_SLOTS=conv_state.shape[0], **_cache_args(cache), EPS=torch.finfo(qk.dtype).eps,
+        ROWS=rows, NUM_SLOTS=conv_state.shape[0], **_cache_args(cache), **_row_strides(qk, v_current, v_delayed),
+        EPS=torch.finfo(qk.dtype).eps,
         HEAD_SCALE=head_dim**0.5,
         NUM_Q=num_q_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, K0=k0, K1=k1,
         BLOCK_T=DECODE_BLOCK_ROWS, **_blocks(head_dim, rotary_dim, decode=True, k0=k0, k1=k1),
@@ -578,10 +593,11 @@ def _aot_configs():
     prefill_args = ("qk_ptr", "vc_ptr", "vd_ptr", "w0_ptr", "b0_ptr", "w1_ptr", "b1_ptr", "temp_ptr", "pos_ptr",
                     "cu_ptr", "inv_freq_ptr", "init_conv_ptr", "init_value_ptr", "has_init_ptr", "q_ptr", "k_ptr",
                     "v_ptr", "slot_ptr", "k_cache_ptr", "v_cache_ptr", "T", "NUM_SEQS", "SEARCH_STEPS",
-                    *CACHE_ARG_NAMES[3:])
+                    *CACHE_ARG_NAMES[3:], *ROW_STRIDE_NAMES)
     decode_args = ("qk_ptr", "vc_ptr", "vd_ptr", "w0_ptr", "b0_ptr", "w1_ptr", "b1_ptr", "temp_ptr", "pos_ptr",
                    "inv_freq_ptr", "conv_state_ptr", "value_state_ptr", "state_index_ptr", "q_ptr", "k_ptr", "v_ptr",
-                   "slot_ptr", "k_cache_ptr", "v_cache_ptr", "ROWS", "NUM_SLOTS", *CACHE_ARG_NAMES[3:])
+                   "slot_ptr", "k_cache_ptr", "v_cache_ptr", "ROWS", "NUM_SLOTS", *CACHE_ARG_NAMES[3:],
+                   *ROW_STRIDE_NAMES)
     # (activation dtype, state dtype, HAS_INIT, DECODE, WRITE_CACHE)
     variants = (("bf16", "fp32", False, False, False), ("bf16", "fp32", True, False, False),
                 ("fp32", "fp32", False, False, False), ("bf16", "fp32", True, True, False),
@@ -597,7 +613,7 @@ def _aot_configs():
         types.update({"inv_freq_ptr": "*fp32", "pos_ptr": "*i64", "cu_ptr": "*i32", "has_init_ptr": "*i32",
                       "state_index_ptr": "*i32", "T": "i32", "NUM_SEQS": "i32", "SEARCH_STEPS": "i32", "ROWS": "i32",
                       "NUM_SLOTS": "i32", "slot_ptr": "*i64", "k_cache_ptr": f"*{act}", "v_cache_ptr": f"*{act}"})
-        types.update({name: "i32" for name in CACHE_ARG_NAMES[3:]})
+        types.update({name: "i32" for name in (*CACHE_ARG_NAMES[3:], *ROW_STRIDE_NAMES)})
         block_t = DECODE_BLOCK_ROWS if decode else BLOCK_T
         consts = {"EPS": torch.finfo(torch.bfloat16 if act == "bf16" else torch.float32).eps,
                   "HEAD_SCALE": head_dim**0.5, "NUM_Q": 8, "NUM_KV": 2, "HEAD_DIM": head_dim,
@@ -623,7 +639,8 @@ def _aot_configs():
             final_consts = {"STATE_LEN": state_len, "HAS_INIT": has_init, "BLOCK_C": FINAL_BLOCK_C, "BLOCK_K": 2}
             final_sig = {"qk_ptr": f"*{act}", "vd_ptr": f"*{act}", "cu_ptr": "*i32", "init_conv_ptr": "*fp32",
                          "init_value_ptr": "*fp32", "has_init_ptr": "*i32", "final_conv_ptr": "*fp32",
-                         "final_value_ptr": "*fp32", "C": "i32", "VALUE_DIM": "i32"}
+                         "final_value_ptr": "*fp32", "C": "i32", "VALUE_DIM": "i32", "QK_STRIDE": "i32",
+                         "VD_STRIDE": "i32"}
             final_sig.update({name: "constexpr" for name in final_consts})
             final.append(AotConfig(label=f"{act},K={state_len},init={int(has_init)}", signature=final_sig,
                                    constexprs=final_consts, num_warps=4))
@@ -746,7 +763,7 @@ def cca_bwd_grad_z_kernel(
     # Forward recompute of U (pre-norm q / k of this head): the forward's own code.
     u_lo, u_hi, u_rest = _pre_norm_head(qk_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, init_conv_ptr, head, tokens,
                                         token_mask, seq, seq_start, has_init, lo, lo_mask, rest, rest_mask, half, C,
-                                        NUM_Q, HEAD_DIM, GROUP, STATE_LEN, K0, K1, HAS_INIT, BLOCK_T, BLOCK_I,
+                                        C, NUM_Q, HEAD_DIM, GROUP, STATE_LEN, K0, K1, HAS_INIT, BLOCK_T, BLOCK_I,
                                         IEEE_DOT)
     norm = tl.sqrt(tl.sum(u_lo * u_lo, axis=1) + tl.sum(u_hi * u_hi, axis=1) + tl.sum(u_rest * u_rest, axis=1))
     denom = tl.maximum(norm, EPS)
@@ -866,7 +883,8 @@ def cca_bwd_weights_kernel(
         for j0 in tl.static_range(K0):
             w0 = tl.load(w0_ptr + in_channels * K0 + j0, mask=imask, other=0.0).to(tl.float32)
             y += w0[None, :] * _shifted_x(qk_ptr, init_conv_ptr, tokens, token_mask, seq, seq_start, has_init,
-                                          in_channels, imask, (K1 - 1 - j1) + (K0 - 1 - j0), C, STATE_LEN, HAS_INIT)
+                                          in_channels, imask, (K1 - 1 - j1) + (K0 - 1 - j0), C, C, STATE_LEN,
+                                          HAS_INIT)
         y = y.to(act_dtype)
         if IEEE_DOT:
             acc = tl.dot(tl.trans(gz), y, acc, input_precision="ieee")
@@ -942,7 +960,7 @@ def cca_bwd_grad_x_kernel(
             p = tl.load(p_ptr + (tokens + j1 * T).to(tl.int64)[:, None] * C + channels[None, :], mask=mask,
                         other=0.0)
             x = _shifted_x(qk_ptr, init_conv_ptr, tokens, token_mask, seq, seq_start, has_init, channels, dmask,
-                           (K0 - 1 - j0) + (K1 - 1 - j1), C, STATE_LEN, HAS_INIT)
+                           (K0 - 1 - j0) + (K1 - 1 - j1), C, C, STATE_LEN, HAS_INIT)
             weight += tl.sum(p * x, axis=0)
         tl.store(gw0_part_ptr + (tile.to(tl.int64) * C + channels) * K0 + j0, weight, mask=dmask)
 
