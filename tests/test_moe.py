@@ -946,6 +946,15 @@ def test_row_ops_check_a_dispatch_permutation_again_once_it_is_modified():
         moe_permute_rows(x, sorted_ids, 4)
 
 
+def test_row_ops_check_a_part_of_a_dispatch_permutation():
+    """Only the whole permutation moe_dispatch returned is trusted: a slice of it is not a permutation of its own
+    0..T-1 (here [3, 0, 1] for T = 3) and must be checked, not read out of range."""
+    _, _, sorted_ids, _, _, _ = moe_dispatch(torch.tensor([1, 1, 1, 0], dtype=torch.int32), 2)
+    assert sorted_ids.tolist() == [3, 0, 1, 2]
+    for backend in ROW_BACKENDS:
+        with zaya_kernels.use_backend(backend), pytest.raises(ValueError, match="value 3 >= T = 3"):
+            moe_permute_rows(torch.randn(3, 2), sorted_ids[:3], 3)
+
 def test_moe_skips_the_value_check_only_for_an_unmodified_router_index():
     """zaya_router's expert index is valid by construction (moe reads no values back for it); once modified it is
     checked again."""

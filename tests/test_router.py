@@ -4,6 +4,7 @@ the HIP kernel on the host emulation, exact ties, gradients, torch.library integ
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 import time
@@ -190,6 +191,28 @@ def test_triton_forward_matches_reference(t, h, r, c, prev, dtype, return_logits
     fp32 = dtype == torch.float32
     check_choice(index, weight, torch.softmax(e_logits, -1), args[11], what=f"triton T={t} H={h} R={r} C={c}",
                  dtype=tol_dtype, tie_tol=1e-5 if fp32 else 1e-2)
+
+
+def test_triton_norm_reads_r_rounded_to_the_activation_dtype():
+    """The router state r is rounded to x.dtype and the RMSNorm reads that rounded r (the reference's precision
+    model; transformers stores r in the activation dtype too). fp16 x with fp32 weights, fc1 = A * I with the
+    bias -A * u_ref: the reference's z1 is ~0, and the unrounded r would move it by A * (r's fp16 rounding), ~1."""
+    amp, h = 1.0e4, 16
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(1, h, generator=gen).half()
+        down_w = torch.randn(h, h, generator=gen) * h ** -0.5
+        zeros = torch.zeros(h)
+        r_ref = ref.router_state(x, None, None, down_w, zeros).half().float()
+        assert not torch.equal(r_ref, ref.router_state(x, None, None, down_w, zeros)), "r must need rounding"
+        u_ref = r_ref * torch.rsqrt(r_ref.pow(2).mean(-1, keepdim=True) + 1e-5)
+        out_w = torch.randn(3, h, generator=gen)
+        args = (x, None, None, down_w, zeros, torch.ones(h), amp * torch.eye(h), -amp * u_ref[0], torch.eye(h), zeros,
+                out_w, torch.zeros(3), 1e-5)
+        with zaya_kernels.use_backend("triton"):
+            _, _, _, logits = torch.ops.zaya.zaya_router(*args, True)
+        _, _, _, e_logits = ref.zaya_router(*args, True)
+        assert_close(logits, e_logits, dtype=torch.float32, reduction=h, scale=amp, what=f"seed {seed}")
 
 
 # ---------------------------------------------------------------- gradients
@@ -464,6 +487,48 @@ def test_balance_adamw_first_step_is_lr_sign():
     router_balance_update(torch.tensor([0, 0, 0, 1, 2, 3, 0, 1]), bias, state, step, lr=1e-3)
     # loads 4/8, 2/8, 1/8, 1/8 vs target 1/4
     assert_close(bias, torch.tensor([-1e-3, 0.0, 1e-3, 1e-3]), scale=1e-3)
+
+
+def test_balance_pid_steps_follow_the_formula():
+    """Two PID steps against the rule written out in fp64: no derivative term on the first step, the second's
+    derivative is err2 - err1 (the stored previous error); with include_skip=False the skip class stays frozen and
+    the target is 1/E. (The convergence tests cannot tell a wrong derivative from the right one.)"""
+    kp, ki, kd = 0.1, 0.01, 0.5
+    for include_skip in (True, False):
+        state, step = new_balance_state(4)
+        bias = torch.zeros(4)
+        counts = ([4, 2, 1, 1], [1, 1, 1, 5])
+        errors = []
+        for c in counts:
+            router_balance_update(None, bias, state, step, counts=torch.tensor(c), mode="pid",
+                                  include_skip=include_skip, kp=kp, ki=ki, kd=kd)
+            n = 4 if include_skip else 3
+            total = sum(c) if include_skip else sum(c[:3])
+            errors.append([c[i] / total - 1.0 / n if (include_skip or i < 3) else 0.0 for i in range(4)])
+        e1, e2 = errors
+        expected = [-((kp + ki) * e1[i]) - (kp * e2[i] + ki * (e1[i] + e2[i]) + kd * (e2[i] - e1[i]))
+                    for i in range(4)]
+        assert_close(bias, torch.tensor(expected, dtype=torch.float64), dtype=torch.float32, scale=0.1,
+                     what=f"include_skip={include_skip}")
+        assert step.item() == 2
+
+
+def test_balance_adamw_two_steps_follow_the_formula():
+    """Two AdamW steps against the rule written out in fp64: the second step's bias corrections use t = 2 (the
+    first step alone cannot tell t = 1 from t = 2)."""
+    lr, b1, b2, eps = 1e-3, 0.9, 0.999, 1e-8
+    state, step = new_balance_state(4)
+    bias = torch.zeros(4)
+    m, v, expected = [0.0] * 4, [0.0] * 4, [0.0] * 4
+    for t, c in enumerate(([4, 2, 1, 1], [1, 1, 1, 5]), start=1):
+        router_balance_update(None, bias, state, step, counts=torch.tensor(c), lr=lr, betas=(b1, b2), eps=eps)
+        for i in range(4):
+            err = c[i] / sum(c) - 0.25
+            m[i] = b1 * m[i] + (1 - b1) * err
+            v[i] = b2 * v[i] + (1 - b2) * err * err
+            expected[i] -= lr * (m[i] / (1 - b1**t)) / (math.sqrt(v[i] / (1 - b2**t)) + eps)
+    assert_close(bias, torch.tensor(expected, dtype=torch.float64), dtype=torch.float32, scale=lr)
+    assert step.item() == 2
 
 
 def _fake_balanced_model(num_layers, num_classes):
