@@ -252,6 +252,27 @@ def test_triton_backward_matches_autograd_of_reference(lens, heads, d, causal, w
         assert_close(a, e, dtype=torch.float32, reduction=max(lens) * d * group, scale=scale, what=f"d{name}")
 
 
+def test_triton_sliding_window_edge_at_every_key_block_offset():
+    """Every window 1..17 against the fp64 reference (forward and gradients), two query heads per kv head: some
+    tile then sits exactly on a window edge (interpreter BLOCK_N 16, BLOCK_M 8): the forward's first key of a query
+    tile's window is the last key of a 16-key block (windows 2 and 10), and the backward's last query that sees a
+    key block starts a query tile (windows 2 and 10); a range one off there skips a whole block. The random
+    windows of the tests above rarely hit these."""
+    q, k, v, cu = make_prefill([40], 2, 1, 16, torch.float32, 11, requires_grad=True)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(12))
+    scale = grad_scale(q, k, v, grad_out, 16**-0.5)
+    for window in range(1, 18):
+        with zaya_kernels.use_backend("triton"):
+            out, lse = torch.ops.zaya.cca_attention(q, k, v, cu, 40, None, True, window)
+            grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        expected, expected_lse = ref.cca_attention(*fp64(q, k, v), cu, 40, None, True, window)
+        assert_close(out, expected.detach(), dtype=torch.float32, reduction=40 * 16, scale=output_scale(v),
+                     what=f"out window={window}")
+        assert_close(lse, expected_lse.detach(), dtype=torch.float32, reduction=40 * 16, what=f"lse window={window}")
+        for name, a, e in zip("qkv", grads, reference_grads(q, k, v, cu, 40, True, window, grad_out)):
+            assert_close(a, e, dtype=torch.float32, reduction=40 * 16 * 2, scale=scale, what=f"d{name} window={window}")
+
+
 def test_triton_backward_is_deterministic():
     """Two runs give the same bits, and those equal (within rounding) autograd through the fp64 reference."""
     q, k, v, cu = make_prefill([19, 33, 7], 4, 2, 32, torch.float32, 5, requires_grad=True)
@@ -440,7 +461,8 @@ def test_triton_decode_last_token_equals_last_prefill_row():
 @pytest.mark.parametrize("paged,dtype", [(False, torch.float32), (True, torch.float16)])
 def test_triton_decode_with_one_cache_not_16_byte_aligned(misaligned, paged, dtype):
     """Caches that are non-dense views (a D-wide slice of a wider buffer) with equal strides, one of them starting
-    off a 16-byte boundary: the kernel reads both with one set of strides, so the launcher may not copy one alone."""
+    off a 16-byte boundary: the kernel reads both with one set of strides, so the launcher may not copy one alone;
+    the whole-cache copy is announced with a RuntimeWarning (a slow path is never silent)."""
     lens, hq, hkv, d, block_size = [5, 8], 2, 1, 16, 4
     _, paged_cache, table, q, seq_lens, _, _ = _decode_case(lens, (hq, hkv), d, block_size, dtype, 7)
     contiguous = _decode_case(lens, (hq, hkv), d, block_size, dtype, 7)[0]
@@ -453,7 +475,7 @@ def test_triton_decode_with_one_cache_not_16_byte_aligned(misaligned, paged, dty
         caches[i] = view
     assert (caches[0].data_ptr() % 16 != 0) == (misaligned == "k") and caches[0].stride() == caches[1].stride()
     block_table = table if paged else None
-    with zaya_kernels.use_backend("triton"):
+    with zaya_kernels.use_backend("triton"), pytest.warns(RuntimeWarning, match="copied on every call"):
         out = torch.ops.zaya.cca_attention_decode(q, *caches, seq_lens, block_table)
     expected = ref.cca_attention_decode(q.double(), *(c.double() for c in caches), seq_lens, block_table)
     assert_close(out, expected, dtype=dtype, reduction=max(lens) * d, scale=output_scale(caches[1]))

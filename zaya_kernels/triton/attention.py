@@ -45,6 +45,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import warnings
 
 import torch
 import triton
@@ -639,7 +640,12 @@ def attention_decode(q, k_cache, v_cache, seq_lens, block_table, softmax_scale, 
     q = _aligned(q)
     if k_cache.data_ptr() % 16 or v_cache.data_ptr() % 16:
         # the kernel reads both caches with k_cache's strides: copy both into one (contiguous) layout, never one
-        # alone (a copy of a non-dense view gets other strides)
+        # alone (a copy of a non-dense view gets other strides). Correct but a whole-cache copy per call: said aloud.
+        warnings.warn(f"zaya::cca_attention_decode (triton): k_cache / v_cache do not start on a 16-byte boundary "
+                      f"(data_ptr % 16 = {k_cache.data_ptr() % 16} / {v_cache.data_ptr() % 16}), so both caches "
+                      f"({2 * k_cache.numel() * k_cache.element_size() / 2**20:.1f} MiB) are copied on every call; "
+                      f"allocate them aligned (e.g. not as a view at an odd element offset)",
+                      RuntimeWarning, stacklevel=2)
         k_cache, v_cache = (t.clone(memory_format=torch.contiguous_format) for t in (k_cache, v_cache))
     B, Hq, D = q.shape[0], q.shape[-2], q.shape[-1]
     num_queries = q.shape[1] if q.dim() == 4 else 1
