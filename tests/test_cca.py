@@ -422,8 +422,9 @@ def test_triton_prefill_matches_reference(heads, kernels, lengths, head_dim, wit
 
 def test_triton_qk_norm_clamps_tiny_norms_like_the_reference():
     """Q/K whose norm is below eps (finfo(fp32).eps): the reference divides by max(||U||, eps) (ZayaQKNorm's
-    clamp), so sqrt(D) U / eps, not sqrt(D) U / sqrt(||U||^2 + eps) nor a unit vector. Zero conv biases and
-    qk ~ 1e-9 put every row's ||U|| near 1e-8; normal rows cannot tell these apart."""
+    clamp), so sqrt(D) U / eps, not sqrt(D) U / sqrt(||U||^2 + eps) nor a unit vector, and no gradient flows
+    through the clamped norm. Zero conv biases and qk ~ 1e-9 put every row's ||U|| near 1e-8; normal rows cannot
+    tell these apart."""
     case = Case(8, 2, 16, 2, 2, [5, 3], seed=7)
     case.qk = case.qk * 1e-9
     case.conv0_bias = torch.zeros_like(case.conv0_bias)
@@ -434,6 +435,12 @@ def test_triton_qk_norm_clamps_tiny_norms_like_the_reference():
     actual = prefill(case, "triton")
     assert zaya_kernels.last_backend("cca_prepare") == "triton"
     assert_outputs_close(actual, expected, case, "triton prefill, tiny norms")
+
+    with zaya_kernels.use_backend("triton"):
+        actual = _projection_grads(case, torch.ops.zaya.cca_prepare)
+    expected = _projection_grads(case, ref.cca_prepare)
+    for name, a, e in zip(GRAD_NAMES, actual, expected):
+        assert_close(a, e, reduction=case.reduction() * 13, what=f"tiny norms grad {name}")
 
 
 @settings(max_examples=10)
@@ -492,23 +499,26 @@ def _differentiable(case):
                                                               *case.weights())]
 
 
+GRAD_NAMES = ("qk", "v_current", "v_delayed", "w0", "b0", "w1", "b1", "temp")
+
+
+def _projection_grads(case, fn):
+    """Gradients of GRAD_NAMES' inputs for a fixed random upstream gradient (seed 0) on every output of fn."""
+    gen = torch.Generator().manual_seed(0)
+    inputs = _differentiable(case)
+    outputs = fn(*inputs, case.positions, case.cu_seqlens, *case.heads(), *case.init)
+    loss = sum((o.float() * torch.randn(o.shape, generator=gen)).sum() for o in outputs)
+    return torch.autograd.grad(loss, inputs)
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("with_init", [False, True])
 def test_gradients_match_autograd_through_the_reference(backend, with_init):
     case = Case(4, 2, 16, 2, 3, [5, 1, 7], seed=3, with_init=with_init)
-    gen = torch.Generator().manual_seed(0)
-
-    def grads(fn):
-        inputs = _differentiable(case)
-        outputs = fn(*inputs, case.positions, case.cu_seqlens, *case.heads(), *case.init)
-        loss = sum((o.float() * torch.randn(o.shape, generator=gen)).sum() for o in outputs)
-        return torch.autograd.grad(loss, inputs)
-
     with zaya_kernels.use_backend(backend):
-        actual = grads(torch.ops.zaya.cca_prepare)
-    gen.manual_seed(0)
-    expected = grads(ref.cca_prepare)
-    for name, a, e in zip(("qk", "v_current", "v_delayed", "w0", "b0", "w1", "b1", "temp"), actual, expected):
+        actual = _projection_grads(case, torch.ops.zaya.cca_prepare)
+    expected = _projection_grads(case, ref.cca_prepare)
+    for name, a, e in zip(GRAD_NAMES, actual, expected):
         assert_close(a, e, reduction=case.reduction() * 13, what=f"{backend} grad {name}")
 
 
