@@ -317,13 +317,18 @@ sys.stdout.write(compiled.asm["amdgcn"])
 
 
 def _stores_complete_before_arrival(asm: str) -> bool:
-    """In gfx942 assembly of the split decode: between the last global / buffer store before the arrival (the
-    acquire-release atomic, the one followed by buffer_inv) and the s_barrier in front of it, every wave waits for
-    its stores (s_waitcnt vmcnt(0))."""
-    lines = asm.splitlines()
-    inv = next(i for i, line in enumerate(lines) if line.strip().startswith("buffer_inv"))
-    arrival = max(i for i in range(inv) if "_atomic_add" in lines[i])
-    barrier = max(i for i in range(arrival) if lines[i].strip() == "s_barrier")
+    """In gfx942 assembly of the split decode: between the last global / buffer store before the arrival and the
+    s_barrier in front of it, every wave waits for its stores (s_waitcnt vmcnt(0)). The arrival is the
+    acquire-release atomic: buffer_wbl2 (release) just before it and buffer_inv (acquire) just after; the partials'
+    release atomics have no buffer_inv after them (Triton 3.9) or no buffer_wbl2 before them (Triton 3.6)."""
+    lines = [line.strip() for line in asm.splitlines()]
+
+    def near(i, prefix, before, after):
+        return any(lines[j].startswith(prefix) for j in range(max(0, i - before), min(len(lines), i + after + 1)))
+
+    arrival = next(i for i, line in enumerate(lines)
+                   if "_atomic_add" in line and near(i, "buffer_wbl2", 2, 0) and near(i, "buffer_inv", 0, 3))
+    barrier = max(i for i in range(arrival) if lines[i] == "s_barrier")
     last_store = max(i for i in range(barrier) if re.match(r"\s*(buffer|global)_store", lines[i]))
     return any("s_waitcnt vmcnt(0)" in line for line in lines[last_store:barrier])
 
