@@ -100,3 +100,16 @@ def random_paged_caches(num_blocks, block_size, num_kv, head_dim, dtype, layout,
         return torch.randn(num_blocks, block_size, num_kv, head_dim, generator=gen).to(dtype).to(device)
 
     return one(), one()
+
+
+def stacked_row_views(tensors, pad: int = 0):
+    """The 2D `tensors` [rows, width_i] copied into column slices of one [rows, sum(width_i) + pad] buffer (the layout
+    of zaya_kernels.modules' stacked q/k/v projection output), with `pad` NaN columns after them: row-strided views,
+    so a kernel that ignores the row stride reads NaN or another slice."""
+    widths = [t.shape[1] for t in tensors]
+    first = tensors[0]
+    buf = torch.full((first.shape[0], sum(widths) + pad), float("nan"), dtype=first.dtype, device=first.device)
+    views = buf[:, :sum(widths)].split(widths, dim=-1)
+    for view, value in zip(views, tensors):
+        view.copy_(value)
+    return views

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import zaya_kernels
 from zaya_kernels.reference import cca as ref
 
-from helpers import assert_close, random_paged_caches
+from helpers import assert_close, random_paged_caches, stacked_row_views
 
 THETA = 10_000.0
 
@@ -1103,20 +1103,9 @@ def test_gpu_triton_paged_prefill_and_decode_write_the_cache(dtype, block_size, 
 # the three column slices of its [T, C + 2 Vh] output as they are: qk, v_current and v_delayed are row-strided views
 # (last dim contiguous, row stride >= width). Every op reads them with their row strides; each test compares against
 # the reference on contiguous copies. The padding columns are NaN: a kernel that read them would show it.
-def _stacked_views(case, pad, gen=None):
-    """(qk, v_current, v_delayed): column slices of one [T, C + 2 Vh + pad] buffer, the layout cca_projections
-    produces (pad = 0) or with `pad` NaN columns after them; with T <= 1 rows, strides are left as torch makes them."""
-    tokens, width = case.qk.shape[0], case.channels + 2 * case.value_dim
-    buf = torch.full((tokens, width + pad), float("nan"), dtype=case.qk.dtype, device=case.qk.device)
-    qk, v_current, v_delayed = buf[:, :width].split([case.channels, case.value_dim, case.value_dim], dim=-1)
-    for view, value in ((qk, case.qk), (v_current, case.v_current), (v_delayed, case.v_delayed)):
-        view.copy_(value)
-    return qk, v_current, v_delayed
-
-
 def _strided_args(case, pad):
     args = list(case.prefill_args())
-    args[:3] = _stacked_views(case, pad)
+    args[:3] = stacked_row_views((case.qk, case.v_current, case.v_delayed), pad)
     if args[0].shape[0] > 1:
         assert not any(t.is_contiguous() for t in args[:3])
     return args
@@ -1178,7 +1167,7 @@ def test_strided_inputs_decode_matches_reference(heads, kernels, rows, pad, stat
         expected = torch.ops.zaya.cca_prepare_decode(case.qk, case.v_current, case.v_delayed, *case.weights(),
                                                      case.positions, *expected_states, indices, *case.heads(),
                                                      *cache_args)
-    views = _stacked_views(case, pad)
+    views = stacked_row_views((case.qk, case.v_current, case.v_delayed), pad)
     for backend in ("reference", "triton"):
         states = (conv_state.clone(), value_state.clone())
         cache_args = (cache_slots, *(c.clone() for c in caches)) if with_cache else ()

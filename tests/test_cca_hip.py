@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import zaya_kernels
 from zaya_kernels.reference import cca as ref
 
-from helpers import assert_close, compile_host_emulation, random_paged_caches
+from helpers import assert_close, compile_host_emulation, random_paged_caches, stacked_row_views
 
 THETA = 10_000.0
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -445,17 +445,6 @@ def test_hip_impl_passes_the_cache_to_the_launcher(cca_emulation, monkeypatch):
     assert torch.equal(k_cache[2, 1], actual[1][0]) and torch.equal(k_cache[0, 1], actual[1][2])
 
 
-def _stacked_views(qk, v_current, v_delayed, pad):
-    """qk, v_current, v_delayed as column slices of one [B, C + 2 Vh + pad] buffer (zaya_kernels.modules'
-    stacked projection output; `pad` NaN columns after them): row-strided views, no copies."""
-    widths = [qk.shape[1], v_current.shape[1], v_delayed.shape[1]]
-    buf = torch.full((qk.shape[0], sum(widths) + pad), float("nan"), dtype=qk.dtype, device=qk.device)
-    views = buf[:, :sum(widths)].split(widths, dim=-1)
-    for view, value in zip(views, (qk, v_current, v_delayed)):
-        view.copy_(value)
-    return views
-
-
 @pytest.mark.parametrize("act,rows,pad,with_cache", [(torch.float32, 3, 0, False), (torch.float16, 11, 5, True),
                                                      (torch.bfloat16, 1, 2, True), (torch.float32, 0, 1, False)])
 def test_hip_impl_reads_row_strided_inputs(cca_emulation, monkeypatch, act, rows, pad, with_cache):
@@ -476,7 +465,7 @@ def test_hip_impl_reads_row_strided_inputs(cca_emulation, monkeypatch, act, rows
         k_cache, v_cache = random_paged_caches(rows + 2, 2, 2, 16, act, "hnd", gen)
         slot_mapping = torch.randperm(2 * (rows + 2), generator=gen)[:rows]
         cache, ref_cache = (slot_mapping, k_cache, v_cache), (slot_mapping, k_cache.clone(), v_cache.clone())
-    views = _stacked_views(qk, v_current, v_delayed, pad)
+    views = stacked_row_views((qk, v_current, v_delayed), pad)
     if rows > 1:
         assert not any(t.is_contiguous() for t in views)
     actual = cca_ops._hip_decode(*views, *w.tuple(), positions, conv_state, value_state, indices, *w.heads(), *cache)
@@ -613,7 +602,7 @@ def test_gpu_hip_decode_reads_row_strided_inputs(act, rows, pad):
     slot_mapping = torch.randperm((rows + 1) * 16, generator=gen)[:rows].cuda()
     ref_cache = (slot_mapping, k_cache.clone(), v_cache.clone())
     with zaya_kernels.use_backend("hip"):
-        actual = torch.ops.zaya.cca_prepare_decode(*_stacked_views(qk, v_current, v_delayed, pad), *w.tuple(),
+        actual = torch.ops.zaya.cca_prepare_decode(*stacked_row_views((qk, v_current, v_delayed), pad), *w.tuple(),
                                                    positions, conv_state, value_state, indices, *w.heads(),
                                                    slot_mapping, k_cache, v_cache)
     assert zaya_kernels.last_backend("cca_prepare_decode") == "hip"
