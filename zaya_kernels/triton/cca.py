@@ -358,35 +358,31 @@ def _decode_rows(state_index_ptr, ROWS, NUM_SLOTS, BLOCK_T: tl.constexpr):
 
 @triton.jit
 def _shift_conv_state(qk_ptr, conv_state_ptr, rows, row_valid, slot, head, QK_STRIDE, C: tl.constexpr,
-                      HEAD_DIM: tl.constexpr, STATE_LEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+                      HEAD_DIM: tl.constexpr, STATE_LEN: tl.constexpr, BLOCK_D: tl.constexpr):
     """Shift this head's conv-state channels of each valid row's slot by one column (the newest is the row's X, qk
     rows QK_STRIDE apart).
-    Everything is loaded before a barrier and stored after it: other threads of the program may still be reading
-    the old columns."""
+    Nothing is stored before a barrier: other threads of the program may still be reading the old columns (the
+    conv). After it, each thread moves its own elements column by column (the same [rows, D] layout every time, so
+    a column is read before the same thread overwrites it): one [rows, D] tile live at a time, where the whole
+    [rows, D, STATE_LEN] state at once spilled 2.6 KB on sm_90 at k0 = k1 = 4."""
     dims = tl.arange(0, BLOCK_D)
     dmask = dims < HEAD_DIM
     channels = head * HEAD_DIM + dims
     mask2 = row_valid[:, None] & dmask[None, :]  # row_valid implies rows < ROWS
     base2 = (slot.to(tl.int64)[:, None] * C + channels[None, :]) * STATE_LEN
-    if STATE_LEN <= 2:  # ZAYA's k0 = k1 = 2: two [rows, D] tiles instead of the general 3D one (fewer registers)
-        newest2 = tl.load(qk_ptr + rows.to(tl.int64)[:, None] * QK_STRIDE + channels[None, :], mask=mask2, other=0.0)
-        if STATE_LEN == 2:
-            older2 = tl.load(conv_state_ptr + base2 + 1, mask=mask2, other=0.0)
-    else:
-        cols = tl.arange(0, BLOCK_K)
-        col3 = cols[None, None, :]
-        mask3 = mask2[:, :, None] & (col3 < STATE_LEN)
-        state_offs = base2[:, :, None] + col3
-        older = tl.load(conv_state_ptr + state_offs + 1, mask=mask3 & (col3 + 1 < STATE_LEN), other=0.0)
-        newest = tl.load(qk_ptr + rows.to(tl.int64)[:, None] * QK_STRIDE + channels[None, :], mask=mask2, other=0.0)
-        new_state = tl.where(col3 + 1 < STATE_LEN, older.to(tl.float32), newest.to(tl.float32)[:, :, None])
+    # ZAYA's k0 = k1 = 2 (STATE_LEN 2): both loads before the barrier, so their latency overlaps it
+    newest = tl.load(qk_ptr + rows.to(tl.int64)[:, None] * QK_STRIDE + channels[None, :], mask=mask2, other=0.0)
+    if STATE_LEN == 2:
+        older = tl.load(conv_state_ptr + base2 + 1, mask=mask2, other=0.0)
     tl.debug_barrier()
     if STATE_LEN == 2:
-        tl.store(conv_state_ptr + base2, older2.to(conv_state_ptr.dtype.element_ty), mask=mask2)
-    if STATE_LEN <= 2 and STATE_LEN > 0:
-        tl.store(conv_state_ptr + base2 + STATE_LEN - 1, newest2.to(conv_state_ptr.dtype.element_ty), mask=mask2)
+        tl.store(conv_state_ptr + base2, older, mask=mask2)
     if STATE_LEN > 2:
-        tl.store(conv_state_ptr + state_offs, new_state.to(conv_state_ptr.dtype.element_ty), mask=mask3)
+        for col in tl.static_range(STATE_LEN - 1):
+            column = tl.load(conv_state_ptr + base2 + col + 1, mask=mask2, other=0.0)
+            tl.store(conv_state_ptr + base2 + col, column, mask=mask2)
+    if STATE_LEN > 0:
+        tl.store(conv_state_ptr + base2 + STATE_LEN - 1, newest.to(conv_state_ptr.dtype.element_ty), mask=mask2)
 
 
 @triton.jit
@@ -397,8 +393,7 @@ def cca_decode_kernel(
     V_STRIDE_SLOT, V_STRIDE_HEAD, QK_STRIDE, VC_STRIDE, VD_STRIDE, EPS: tl.constexpr, HEAD_SCALE: tl.constexpr,
     NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, K0: tl.constexpr,
     K1: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr,
-    BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr, BLOCK_K: tl.constexpr, IEEE_DOT: tl.constexpr,
-    WRITE_CACHE: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr, IEEE_DOT: tl.constexpr, WRITE_CACHE: tl.constexpr,
 ):
     """Decode of BLOCK_T rows for one head: row t is a one-token sequence whose history is slot state_index[t] of
     conv_state [slots, C, K] and value_state [slots, n_kv D / 2]; this program then updates its own head's
@@ -422,7 +417,7 @@ def cca_decode_kernel(
                   WRITE_CACHE)
     rows, row_mask, row_valid, slot = _decode_rows(state_index_ptr, ROWS, NUM_SLOTS, BLOCK_T)
     _shift_conv_state(qk_ptr, conv_state_ptr, rows, row_valid, slot, head, QK_STRIDE, (NUM_Q + NUM_KV) * HEAD_DIM,
-                      HEAD_DIM, K0 + K1 - 2, BLOCK_D, BLOCK_K)
+                      HEAD_DIM, K0 + K1 - 2, BLOCK_D)
 
 
 @triton.jit
@@ -469,7 +464,16 @@ def cca_final_states_kernel(
 # ---------------------------------------------------------------- launchers
 BLOCK_T = 16  # rows per prefill program: 32 and 64 spill (scalar registers on gfx942/gfx950, vector ones on sm_90)
 CONV_BLOCK_I = 16  # input channels per grouped-conv step: [16, D] weight tiles (32 spills on sm_90)
-NUM_WARPS = 4
+NUM_WARPS = 4  # the backward kernels; the forward ones: forward_num_warps
+
+
+def forward_num_warps(head_dim: int, k0: int, k1: int, fp32: bool, decode: bool) -> int:
+    """Warps per forward program (prefill and decode), from the AOT report (Triton 3.9; gfx942 and gfx950 spill at
+    neither count): 4 at ZAYA1's shape (D 128, k0 = k1 = 2) and for the bf16 prefill at D > 128 (8 spill there on
+    sm_90); 8 elsewhere (with 4, ptxas spills on sm_90 at D 64 and 96, at D 256 in fp32, and when k0 + k1 > 4)."""
+    if (head_dim, k0, k1) == (128, 2, 2) or (head_dim > 128 and not fp32 and not decode):
+        return 4
+    return 8
 DECODE_BLOCK_ROWS = 16  # the smallest tile tl.dot takes; decode batches share each weight tile
 FINAL_BLOCK_C = 128
 _inv_freq_cache: dict = {}
@@ -485,16 +489,16 @@ def _inv_freq(rotary_dim: int, theta: float, device: torch.device) -> torch.Tens
     return _inv_freq_cache[key]
 
 
-def _blocks(head_dim: int, rotary_dim: int, decode: bool, k0: int = 0, k1: int = 0) -> dict:
+def _blocks(head_dim: int, rotary_dim: int, decode: bool) -> dict:
     """Block sizes (constexprs) for a head of D dims with R rotary dims; tl.dot needs every dimension >= 16.
-    BLOCK_D (whole head) and BLOCK_K (conv-state columns) are for the decode kernel's conv-state shift."""
+    BLOCK_D (whole head) is for the decode kernel's conv-state shift."""
     def block(n):
         return max(16, triton.next_power_of_2(max(1, n)))
 
     blocks = {"BLOCK_I": min(CONV_BLOCK_I, block(head_dim)), "BLOCK_HALF": block(rotary_dim // 2),
               "BLOCK_REST": block(head_dim - rotary_dim)}
     if decode:
-        blocks.update(BLOCK_D=block(head_dim), BLOCK_K=triton.next_power_of_2(max(1, k0 + k1 - 2)))
+        blocks.update(BLOCK_D=block(head_dim))
     return blocks
 
 
@@ -550,7 +554,8 @@ def cca_prepare_fwd(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_we
             EPS=eps, HEAD_SCALE=head_dim**0.5,
             NUM_Q=num_q_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, K0=k0, K1=k1,
             HAS_INIT=has_init, BLOCK_T=BLOCK_T, **_blocks(head_dim, rotary_dim, decode=False),
-            IEEE_DOT=qk.dtype == torch.float32, num_warps=NUM_WARPS,
+            IEEE_DOT=qk.dtype == torch.float32,
+            num_warps=forward_num_warps(head_dim, k0, k1, qk.dtype == torch.float32, decode=False),
         )
     if num_seqs > 0:
         state_len = k0 + k1 - 2
@@ -578,17 +583,18 @@ def cca_prepare_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1
         EPS=torch.finfo(qk.dtype).eps,
         HEAD_SCALE=head_dim**0.5,
         NUM_Q=num_q_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, K0=k0, K1=k1,
-        BLOCK_T=DECODE_BLOCK_ROWS, **_blocks(head_dim, rotary_dim, decode=True, k0=k0, k1=k1),
-        IEEE_DOT=qk.dtype == torch.float32, num_warps=NUM_WARPS,
+        BLOCK_T=DECODE_BLOCK_ROWS, **_blocks(head_dim, rotary_dim, decode=True),
+        IEEE_DOT=qk.dtype == torch.float32,
+        num_warps=forward_num_warps(head_dim, k0, k1, qk.dtype == torch.float32, decode=True),
     )
 
 
-def _aot_configs():
+def _aot_configs(head_dim=128, rotary_dim=64, k0=2, k1=2, variants=None):
     """The configurations ZAYA1 runs: D = 128 (BLOCK_D 128), k0 = k1 = 2, bf16 activations (and fp32 for the IEEE
     prefill path), prefill with and without initial states, decode with fp32 and bf16 states; the paged KV-cache
     write (WRITE_CACHE) once per kernel: bf16 chunked prefill (initial states) and bf16 decode with fp32 states,
-    int64 slot_mapping as vLLM passes it."""
-    head_dim, rotary_dim, k0, k1 = 128, 64, 2, 2
+    int64 slot_mapping as vLLM passes it. Other model shapes (head_dim, rotary_dim, k0, k1) with a subset of the
+    variants: see _OTHER_SHAPES."""
     state_len = k0 + k1 - 2
     prefill_args = ("qk_ptr", "vc_ptr", "vd_ptr", "w0_ptr", "b0_ptr", "w1_ptr", "b1_ptr", "temp_ptr", "pos_ptr",
                     "cu_ptr", "inv_freq_ptr", "init_conv_ptr", "init_value_ptr", "has_init_ptr", "q_ptr", "k_ptr",
@@ -599,7 +605,7 @@ def _aot_configs():
                    "slot_ptr", "k_cache_ptr", "v_cache_ptr", "ROWS", "NUM_SLOTS", *CACHE_ARG_NAMES[3:],
                    *ROW_STRIDE_NAMES)
     # (activation dtype, state dtype, HAS_INIT, DECODE, WRITE_CACHE)
-    variants = (("bf16", "fp32", False, False, False), ("bf16", "fp32", True, False, False),
+    variants = variants or (("bf16", "fp32", False, False, False), ("bf16", "fp32", True, False, False),
                 ("fp32", "fp32", False, False, False), ("bf16", "fp32", True, True, False),
                 ("bf16", "bf16", True, True, False), ("bf16", "fp32", True, False, True),
                 ("bf16", "fp32", True, True, True))
@@ -618,7 +624,7 @@ def _aot_configs():
         consts = {"EPS": torch.finfo(torch.bfloat16 if act == "bf16" else torch.float32).eps,
                   "HEAD_SCALE": head_dim**0.5, "NUM_Q": 8, "NUM_KV": 2, "HEAD_DIM": head_dim,
                   "ROTARY_DIM": rotary_dim, "K0": k0, "K1": k1, "BLOCK_T": block_t,
-                  **_blocks(head_dim, rotary_dim, decode, k0, k1), "IEEE_DOT": act == "fp32",
+                  **_blocks(head_dim, rotary_dim, decode), "IEEE_DOT": act == "fp32",
                   "WRITE_CACHE": write_cache}
         if not write_cache:  # passed as None
             consts.update(dict.fromkeys(CACHE_ARG_NAMES))
@@ -633,10 +639,12 @@ def _aot_configs():
         label = (f"{mode},{act},D={head_dim},R={rotary_dim},k0={k0},k1={k1},BLOCK_T={block_t}"
                  + (",paged_cache" if write_cache else ""))
         (decode_configs if decode else prefill).append(
-            AotConfig(label=label, signature=signature, constexprs=consts, num_warps=NUM_WARPS,
+            AotConfig(label=label, signature=signature, constexprs=consts,
+                      num_warps=forward_num_warps(head_dim, k0, k1, act == "fp32", decode),
                       matrix_expected=act == "bf16"))
         if not decode and not write_cache:  # the final-states kernel has no cache variant
-            final_consts = {"STATE_LEN": state_len, "HAS_INIT": has_init, "BLOCK_C": FINAL_BLOCK_C, "BLOCK_K": 2}
+            final_consts = {"STATE_LEN": state_len, "HAS_INIT": has_init, "BLOCK_C": FINAL_BLOCK_C,
+                            "BLOCK_K": triton.next_power_of_2(max(1, state_len))}
             final_sig = {"qk_ptr": f"*{act}", "vd_ptr": f"*{act}", "cu_ptr": "*i32", "init_conv_ptr": "*fp32",
                          "init_value_ptr": "*fp32", "has_init_ptr": "*i32", "final_conv_ptr": "*fp32",
                          "final_value_ptr": "*fp32", "C": "i32", "VALUE_DIM": "i32", "QK_STRIDE": "i32",
@@ -647,7 +655,19 @@ def _aot_configs():
     return prefill, decode_configs, final
 
 
+# Model shapes other than ZAYA1's that the kernels take (D a multiple of 16 up to 256, k0 and k1 up to 4): the bf16
+# chunked prefill, the fp32 prefill and the bf16 decode. Not every shape is spill-free on sm_90: under Triton 3.9's
+# --regAllocOptLevel=2 ptxas spills some prefill shapes at either warp count (e.g. D 96 with k0 = k1 = 4: 108 B at
+# 4 warps, 136 B at 8); AMD spills at none of those measured.
+_OTHER_SHAPES = ((64, 32, 2, 2), (256, 128, 2, 2), (128, 64, 4, 4))
+_OTHER_VARIANTS = (("bf16", "fp32", True, False, False), ("fp32", "fp32", False, False, False),
+                   ("bf16", "fp32", True, True, False))
 _prefill_configs, _decode_configs, _final_configs = _aot_configs()
+for _shape in _OTHER_SHAPES:
+    for _all, _more in zip((_prefill_configs, _decode_configs, _final_configs),
+                           _aot_configs(*_shape, variants=_OTHER_VARIANTS)):
+        _labels = {config.label for config in _all}
+        _all.extend(config for config in _more if config.label not in _labels)  # final states: by K only
 register_aot("cca_prepare", cca_prepare_kernel, _prefill_configs)
 register_aot("cca_prepare_decode", cca_decode_kernel, _decode_configs)
 register_aot("cca_final_states", cca_final_states_kernel, _final_configs)
