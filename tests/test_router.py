@@ -162,6 +162,8 @@ def test_nan_scores_choose_the_skip_class_on_every_backend(router_emulation):
 @example(t=17, h=65, r=31, c=9, prev=True, dtype=torch.float16, return_logits=True, split_chunk=16, seed=3)
 @example(t=40, h=80, r=40, c=20, prev=False, dtype=torch.float32, return_logits=True, split_chunk=256, seed=4)
 @example(t=5, h=24, r=16, c=65, prev=True, dtype=torch.float32, return_logits=True, split_chunk=16, seed=5)  # BLOCK_E 128
+# BLOCK_R 512 (R past 256): BLOCK_T and BLOCK_K capped at 16: three token tiles, three K steps over H
+@example(t=40, h=40, r=300, c=17, prev=True, dtype=torch.float32, return_logits=True, split_chunk=256, seed=6)
 def test_triton_forward_matches_reference(t, h, r, c, prev, dtype, return_logits, split_chunk, seed):
     """split_chunk 16 makes decode launches (T <= 64) split the down projection over H even at these small H."""
     from zaya_kernels.triton import router as tri

@@ -168,6 +168,10 @@ def zaya_router_fwd_kernel(
 # ---- launch configurations: (max T, BLOCK_T, BLOCK_K, BLOCK_C, num_warps); the AOT report compiles each one ----
 # Chosen for zero spills at the ZAYA1-8B shape (R 256) on gfx942, gfx950 and sm_90; BLOCK_T 64 spills there.
 _CONFIGS = ((16, 16, 32, 16, 8), (None, 32, 32, 16, 8))
+# Wider routers keep the tiles of R 256: BLOCK_T x BLOCK_R (the fp32 accumulators) and BLOCK_K x BLOCK_R (the Wd^T
+# tile) stay within 32 x 256 (at R 512, BLOCK_T 32 spilled 828 B on sm_90 and 56 VGPRs on gfx942; BLOCK_T 16 with
+# BLOCK_K 32 still 36 B on sm_90; BLOCK_T 16 with BLOCK_K 16 none, measured with the AOT report).
+MAX_R_TILE = 32 * 256
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -180,6 +184,8 @@ def pick_config(T: int, H: int, R: int, C: int) -> dict:
         if max_t is None or T <= max_t:
             break
     block_r = _pow2(R)
+    block_t = max(16, min(block_t, MAX_R_TILE // block_r))
+    block_k = max(16, min(block_k, MAX_R_TILE // block_r))
     # RELEASE_LANES: at least one lane per thread (64-wide AMD wavefronts) for the split decode's release atomics
     return dict(BLOCK_T=block_t, BLOCK_K=min(block_k, _pow2(H)), BLOCK_R=block_r, BLOCK_C=min(block_c, block_r),
                 BLOCK_E=_pow2(C), RELEASE_LANES=64 * num_warps, num_warps=num_warps)
@@ -270,12 +276,13 @@ def zaya_router_fwd(x, r_prev, gamma, down_w, down_b, norm_w, fc1_w, fc1_b, fc2_
     )
 
 
-def _aot_configs(H: int = 2048, R: int = 256, C: int = 17):
+def _aot_configs(H: int = 2048, R: int = 256, C: int = 17, token_counts=(1, 64, 8192)):
     """ZAYA1-8B router (H 2048, R 256, 16 experts + skip), bf16 activations and parameters (fp32 balancing biases,
     as in a bf16 transformers model): every launch config the
-    launcher picks at T = 1 (split decode), 64 (split decode, BLOCK_T 32) and 8192 (prefill)."""
+    launcher picks at T = 1 (split decode), 64 (split decode, BLOCK_T 32) and 8192 (prefill). Other shapes: see
+    register_aot below."""
     configs = []
-    for T in (1, 64, 8192):
+    for T in token_counts:
         cfg = pick_config(T, H, R, C)
         num_warps = cfg.pop("num_warps")
         split, _ = pick_split(T, H, cfg["BLOCK_T"], cfg["BLOCK_K"])
@@ -295,4 +302,5 @@ def _aot_configs(H: int = 2048, R: int = 256, C: int = 17):
     return configs
 
 
-register_aot("router_fwd", zaya_router_fwd_kernel, _aot_configs())
+# and the widest router the launcher takes (R 512), at decode and prefill
+register_aot("router_fwd", zaya_router_fwd_kernel, _aot_configs() + _aot_configs(R=MAX_R, C=17, token_counts=(1, 8192)))
