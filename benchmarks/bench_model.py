@@ -40,7 +40,7 @@ def _models(device):
         hf = ZayaForCausalLM(ZayaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                         num_key_value_heads=2, head_dim=16, moe_intermediate_size=64, num_experts=4,
                                         router_hidden_size=32, max_position_embeddings=512)).eval()
-    kernelized = kernelize(copy.deepcopy(hf), backend="auto")
+    kernelized = kernelize(copy.deepcopy(hf), backend="auto", stack_projections=True)  # serving: one q/k/v GEMM
     with torch.device("meta"):
         modules = ZayaModules(hf.config)
     modules.load_state_dict(hf.state_dict(), assign=True)  # shares hf's tensors

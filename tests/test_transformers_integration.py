@@ -253,6 +253,52 @@ def test_qkv_projections_run_as_the_user_left_them():
                            model.generate(ids, max_new_tokens=3, do_sample=False))
 
 
+@pytest.mark.parametrize("backend,name", [("reference", "biased"), ("triton", "gqa2")])
+def test_stacked_projections_match_and_follow_weight_edits(backend, name):
+    """kernelize(stack_projections=True): one GEMM over each layer's stacked q/k/v weights in inference forwards
+    gives the unmodified model's logits and greedy tokens; an in-place edit through autograd-visible ops is seen,
+    one through .data after forget_stacked_projections; training forwards run the modules (gradients match)."""
+    from zaya_kernels.modules import forget_stacked_projections
+
+    model = tiny_model(name)
+    ours = kernelize(copy.deepcopy(model), backend=backend, stack_projections=True)
+    ids, mask = left_padded_batch()
+    tokens_at = mask.bool()
+
+    def check(what):
+        with torch.no_grad():
+            expected = model(input_ids=ids, attention_mask=mask).logits
+            actual = ours(input_ids=ids, attention_mask=mask).logits
+        assert relative_error(actual[tokens_at], expected[tokens_at]) < 5e-5, what
+
+    check("stacked")
+    assert all(hasattr(layer.self_attn.qkv_proj, "_zaya_stacked_qkv") for layer in ours.model.layers)
+    with torch.no_grad():
+        tokens = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        assert torch.equal(tokens, model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4,
+                                                  do_sample=False))
+        for m in (model, ours):
+            m.model.layers[1].self_attn.qkv_proj.v_proj_delayed.weight.mul_(1.5)  # bumps the version counter
+    check("after an in-place edit")
+    for m in (model, ours):
+        m.model.layers[2].self_attn.qkv_proj.q_proj.weight.data.mul_(0.5)  # no version counter bump
+    forget_stacked_projections(ours)
+    check("after a .data edit and forget_stacked_projections")
+    ours.train()
+    model.train()
+    expected_loss = model(input_ids=ids, labels=ids).loss
+    loss = ours(input_ids=ids, labels=ids).loss
+    assert abs(loss.item() - expected_loss.item()) < 5e-5 * expected_loss.item()
+    expected_loss.backward()
+    loss.backward()
+    for layer, expected_layer in zip(ours.model.layers, model.model.layers):
+        for lin in ("q_proj", "k_proj", "v_proj_current", "v_proj_delayed"):
+            assert_close(getattr(layer.self_attn.qkv_proj, lin).weight.grad,
+                         getattr(expected_layer.self_attn.qkv_proj, lin).weight.grad, reduction=512, what=lin)
+    with pytest.raises(ValueError, match="stack_projections=True needs cca=True"):
+        kernelize(tiny_model(name), cca=False, stack_projections=True)
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_gradients_through_a_cached_prefix_take_transformers_attention(backend):
     """A prompt cached under no_grad, then a continuation scored with gradients (RL-style): the new tokens attend

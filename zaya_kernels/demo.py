@@ -214,7 +214,8 @@ def run_model_demo(model_path=None, new_tokens=None, batch=1) -> int:
     print(f"model: {what}; {model.config.num_hidden_layers} layers, batch {batch}, prompt {prompt_len} tokens, "
           f"{new_tokens} new tokens on {device}")
     base_logits, base_tokens, base_prefill, base_decode = _generate(model, ids, new_tokens, device, "transformers")
-    kernelized = kernelize(copy.deepcopy(model) if not on_gpu or model_path is None else model, backend="auto")
+    kernelized = kernelize(copy.deepcopy(model) if not on_gpu or model_path is None else model, backend="auto",
+                           stack_projections=True)  # serving: one q/k/v GEMM per layer
     k_logits, k_tokens, k_prefill, k_decode = _generate(kernelized, ids, new_tokens, device, "kernelized")
     k_backends = {op: _backend.last_backend(op) for op in ("cca_prepare", "cca_attention_decode", "zaya_router",
                                                             "moe_experts", "residual_scale_rmsnorm")}

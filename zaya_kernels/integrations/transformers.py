@@ -22,9 +22,13 @@ ops do not apply: a padded batch's prefill in training mode (the pad positions' 
 balancing), any other padding pattern, a static cache, attention dropout in training, and new tokens after a cached
 prefix when gradients are wanted (the decode kernels have no backward).
 `attention_paths(model)` tells which path each layer took last.
-What always runs as transformers' code: the q/k/v and o linear layers (their modules' own forwards, so adapters
-such as LoRA and in-place weight edits such as PEFT's merge act as in transformers), the embeddings, the LM head,
-the cache objects.
+What always runs as transformers' code: the o linear layer and, by default, the q/k/v linear layers (their
+modules' own forwards, so adapters such as LoRA and in-place weight edits such as PEFT's merge act as in
+transformers), the embeddings, the LM head, the cache objects. `kernelize(model, stack_projections=True)` (for
+serving) runs the four q/k/v projections of each layer as one GEMM over a stacked copy of their weights in inference
+forwards, as zaya_kernels.modules does (`cca_projections`: four launches and a cat fewer per layer; the copy is
+rebuilt when a weight is replaced or changed through autograd-visible ops, but not after an edit through `.data`:
+then call `zaya_kernels.modules.forget_stacked_projections(model)`).
 
 Training: after each optimizer step, `update_balancing_biases(model)` moves every layer's balancing biases toward
 equal load with `zaya::router_balance_update` (DESIGN.md 1.5), from the choices the training forwards made; the
@@ -118,8 +122,10 @@ def attention_forward(attn, hidden_states, position_ids, attention_mask, cache, 
     conv_mask = attention_mask.get("conv")
     if conv_mask is not None:  # padding tokens are zero before the projections, as in transformers
         hidden_states = hidden_states * conv_mask[:, :, None].to(hidden_states.dtype)
-    # the projection modules' own forwards: a stacked weight copy could miss a user's edit (see cca_projections)
-    qk, v_current, v_delayed = cca_projections(proj, hidden_states.reshape(batch * seq, -1), stacked=False)
+    # by default the projection modules' own forwards: a stacked weight copy could miss a user's edit through
+    # `.data` (see cca_projections); kernelize(stack_projections=True) opts in
+    qk, v_current, v_delayed = cca_projections(proj, hidden_states.reshape(batch * seq, -1),
+                                               stacked=getattr(attn, "_zaya_stack_projections", False))
     conv_state = cache.get_conv_state(attn.layer_idx, state_idx=0) if cache is not None else None
     value_state = cache.get_recurrent_state(attn.layer_idx, state_idx=0) if cache is not None else None
     rotary_dim, rope_theta = rope_settings(config, attn.layer_type)
@@ -134,7 +140,7 @@ def attention_forward(attn, hidden_states, position_ids, attention_mask, cache, 
             value_state = (delayed_bias.expand(batch, -1) if delayed_bias is not None else
                            torch.zeros(batch, v_delayed.shape[-1], dtype=qk.dtype, device=qk.device))
     q, k, v, final_conv, final_value = zaya_ops.cca_prepare(
-        qk.contiguous(), v_current.contiguous(), v_delayed.contiguous(), proj.conv_qk_depthwise.weight.squeeze(1),
+        qk, v_current, v_delayed, proj.conv_qk_depthwise.weight.squeeze(1),
         proj.conv_qk_depthwise.bias, proj.conv_qk_grouped.weight, proj.conv_qk_grouped.bias, attn.qk_norm.temp,
         position_ids.expand(batch, seq).reshape(-1).contiguous(), cu_seqlens,
         config.num_attention_heads, config.num_key_value_heads, rotary_dim, rope_theta,
@@ -366,11 +372,15 @@ def model_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
     return mz.MoeModelOutputWithPast(last_hidden_state=normed, cache=cache if use_cache else None)
 
 
-def kernelize(model, backend: str = "auto", cca: bool = True):
+def kernelize(model, backend: str = "auto", cca: bool = True, stack_projections: bool = False):
     """Swap the zaya ops into a transformers ZayaForCausalLM or ZayaModel in place and return it.
 
     backend: the zaya backend the model's ops use (auto, triton, hip or reference), whatever the global setting.
     cca: run the CCA projection on `zaya::cca_prepare` (False keeps transformers' projection module).
+    stack_projections: in inference forwards (no gradient wanted), one GEMM over a stacked copy of each layer's
+    q/k/v projection weights instead of their four modules (see the module docstring: an edit of those weights
+    through `.data` then needs `forget_stacked_projections(model)`; adapters such as LoRA still run their own
+    forwards). Only with cca=True.
     Call it once; calling it again only changes these settings.
     """
     mz = _zaya_classes()
@@ -379,11 +389,16 @@ def kernelize(model, backend: str = "auto", cca: bool = True):
         raise TypeError(f"kernelize: expected a transformers ZayaForCausalLM or ZayaModel, got {type(model).__name__}")
     with use_backend(backend):  # validates the name now rather than at the first forward
         pass
+    if stack_projections and not cca:
+        raise ValueError("kernelize: stack_projections=True needs cca=True (with cca=False transformers' own "
+                         "projection module runs)")
     if cca:  # a RoPE variant cca_prepare does not implement fails now, not with wrong logits later
         for layer_type in set(base.config.layer_types):
             rope_settings(base.config, layer_type)
     base._zaya_backend = backend
     base._zaya_cca = cca
+    for layer in base.layers:
+        layer.self_attn._zaya_stack_projections = stack_projections
     base.forward = types.MethodType(model_forward, base)
     for layer in base.layers:
         gate = layer.mlp.gate
