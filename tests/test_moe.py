@@ -246,6 +246,25 @@ def test_triton_dispatch_picks_the_chunked_path_above_the_threshold(monkeypatch,
             assert torch.equal(a, e), path
 
 
+@pytest.mark.parametrize("skip_mode", [0, 1])
+@pytest.mark.parametrize("routing", ["random", "all_skipped"])
+def test_triton_forward_writes_every_row_of_a_poisoned_output(skip_mode, routing):
+    """The launcher writes every row of y (experts' rows in moe_down_kernel, skipped tokens' rows in the skip tiles
+    of moe_gate_up_kernel): y starts as NaN, not torch.empty's leftovers. H = 100 > I = 12: a skip-tile program
+    loops over several column blocks (the gate_up grid has one column block of 16 or 32)."""
+    from zaya_kernels.triton import moe as tri
+
+    T, E, H, I = 37, 3, 100, 12
+    x, gate_up, down, index, weight = make_inputs(T, E, H, I, torch.float32, routing, 21)
+    assert (index == E).any()
+    expected = ref.moe_per_token(x, gate_up, down, index, weight, skip_mode)
+    for block_m in (16, 32):
+        _, offsets, sorted_ids, _, tile_expert, tile_start = ref.moe_dispatch(index, E, block_m)
+        y = torch.full_like(x, float("nan"))
+        tri.moe_experts(x, gate_up, down, weight, sorted_ids, offsets, tile_expert, tile_start, block_m, skip_mode, y)
+        assert_close(y, expected, reduction=max(H, I), what=f"triton forward, block_m {block_m}")
+
+
 def test_triton_forward_many_experts():
     """E = 64 (the dispatch's one-hot is 128 classes wide) with most experts empty."""
     x, gate_up, down, index, weight = make_inputs(30, 64, 16, 16, torch.float32, "random", 5)

@@ -13,13 +13,14 @@ sorted rows of one class, so only the experts some token uses are ever read (the
 weights) and padding is at most one partial tile per class.
   GEMM 1 (`moe_gate_up_kernel`): gathers x rows by token id, multiplies by gate and up rows of gate_up[e]
       (two fp32 accumulators for the same BLOCK_N columns n and I + n) and stores a = SiLU(g) * u, rounded to the
-      activation dtype, at the sorted rows of a [T, I] buffer. Skip tiles and unused tiles exit at once.
+      activation dtype, at the sorted rows of a [T, I] buffer. Unused tiles exit at once; the programs of a skip
+      tile write its tokens' y rows (0 or w x, `_skip_tile`) and exit: no launch of their own. An earlier skip
+      branch in the GEMMs made AMD spill SGPRs; this one costs none of the AOT configs a spill, a parked SGPR or
+      occupancy (gfx942: 51 -> 86 SGPRs at most, of 102).
   GEMM 2 (`moe_down_kernel`): a [rows, I] x down[e]^T, times the routing weight in fp32, stored straight into y at
       the token's row (top-1: one writer per row, no reduction, no atomics).
-  Skipped tokens (`moe_skip_kernel`, sorted positions offsets[E] .. T-1): y = 0 or w x. A separate launch: a skip
-      branch inside the GEMM kernels made the AMD compiler spill SGPRs in their main loop.
 Backward (`moe_experts_backward`): bwd_act (g, u recomputed with q = dy down[e] in one K loop; writes [dg, du], a
-and the routing-weight partials), bwd_dx (grad_x = [dg, du] gate_up[e]), the skip kernel (w dy, <dy, x>) and
+and the routing-weight partials), bwd_dx (grad_x = [dg, du] gate_up[e]), moe_skip_bwd_kernel (w dy, <dy, x>) and
 moe_wgrad_kernel twice (grad_gate_up[e] = [dg, du]_e^T x_e, grad_down[e] = (w dy)_e^T a_e, K = the expert's tokens).
 Launch configurations (block sizes, warps, stages) come from zaya_kernels/configs/moe.json, per target (gfx942,
 gfx950, sm_90, and the CPU interpreter) and token-count bucket; the bucket also fixes BLOCK_M, which the dispatch
@@ -148,14 +149,38 @@ def moe_dispatch_place_kernel(
 
 # ---------------------------------------------------------------- grouped GEMM 1: gather, gate/up, SiLU * up
 @triton.jit
+def _skip_tile(x_ptr, weight_ptr, y_ptr, sorted_ptr, tile_start_ptr, tile, T, H, SKIP_MODE: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y rows of one skip-class tile (sorted rows tile_start[tile] .. +BLOCK_M, below T: the skip class is last):
+    0 or w x, over the columns pid(1) * BLOCK_N + j * num_programs(1) * BLOCK_N."""
+    rows = tl.load(tile_start_ptr + tile) + tl.arange(0, BLOCK_M)
+    row_mask = rows < T
+    tokens = tl.load(sorted_ptr + rows, mask=row_mask, other=0)
+    if SKIP_MODE == 1:
+        w = tl.load(weight_ptr + tokens, mask=row_mask, other=0.0).to(tl.float32)
+    for c0 in range(tl.program_id(1) * BLOCK_N, H, tl.num_programs(1) * BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        mask = row_mask[:, None] & (cols < H)[None, :]
+        offs = tokens[:, None] * H + cols[None, :]
+        if SKIP_MODE == 1:
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(y_ptr + offs, (w[:, None] * x).to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(y_ptr + offs, tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def moe_gate_up_kernel(
-    x_ptr, gate_up_ptr, act_ptr, sorted_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr,
-    H, I, E,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, gate_up_ptr, act_ptr, weight_ptr, y_ptr, sorted_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr,
+    T, H, I, E,
+    SKIP_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     tile = tl.program_id(0)
     expert = tl.load(tile_expert_ptr + tile)
-    if (expert < 0) | (expert >= E):  # unused tile or skip tile: no expert work
+    if expert == E:  # a skip-class tile: its tokens' y rows (0 or w x), here rather than in a launch of their own
+        _skip_tile(x_ptr, weight_ptr, y_ptr, sorted_ptr, tile_start_ptr, tile, T, H, SKIP_MODE, BLOCK_M, BLOCK_N)
+        return
+    if (expert < 0) | (expert > E):  # unused tile
         return
     row0 = tl.load(tile_start_ptr + tile)
     row_end = tl.load(offsets_ptr + expert + 1)
@@ -196,7 +221,7 @@ def moe_down_kernel(
 ):
     tile = tl.program_id(0)
     expert = tl.load(tile_expert_ptr + tile)
-    if (expert < 0) | (expert >= E):  # unused tile or skip tile (moe_skip_kernel writes those rows)
+    if (expert < 0) | (expert >= E):  # unused tile or skip tile (moe_gate_up_kernel writes those rows)
         return
     row0 = tl.load(tile_start_ptr + tile)
     row_end = tl.load(offsets_ptr + expert + 1)
@@ -290,7 +315,7 @@ def moe_bwd_dx_kernel(
     H, I, E,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """grad_x[token] = [dg, du] gate_up[e] (K = 2I), stored at the token's row (skipped tokens: moe_skip_kernel)."""
+    """grad_x[token] = [dg, du] gate_up[e] (K = 2I), stored at the token's row (skipped tokens: moe_skip_bwd_kernel)."""
     tile = tl.program_id(0)
     expert = tl.load(tile_expert_ptr + tile)
     if (expert < 0) | (expert >= E):
@@ -367,15 +392,14 @@ def moe_wgrad_kernel(
 
 # ---------------------------------------------------------------- skipped tokens
 @triton.jit
-def moe_skip_kernel(
-    src_ptr, x_ptr, weight_ptr, out_ptr, wpart_ptr, sorted_ptr, offsets_ptr,
+def moe_skip_bwd_kernel(
+    grad_y_ptr, x_ptr, weight_ptr, grad_x_ptr, wpart_ptr, sorted_ptr, offsets_ptr,
     T, H, E,
-    SKIP_MODE: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    SKIP_MODE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """Rows of the skipped tokens (sorted positions offsets[E] .. T-1), kept out of the GEMM kernels (a branch
-    there costs the GEMM loop its registers). Forward (src = x): out = w x (skip_mode 1) or 0. Backward
-    (src = grad_y): out = grad_x = w dy or 0, and with skip_mode 1 the routing-weight partial <dy, x> of these
-    columns into wpart[column block, sorted row]."""
+    """Backward rows of the skipped tokens (sorted positions offsets[E] .. T-1), kept out of the backward GEMM
+    kernels (a branch there costs their loops registers): grad_x = w dy (skip_mode 1) or 0, and with skip_mode 1
+    the routing-weight partial <dy, x> of these columns into wpart[column block, sorted row]."""
     first = tl.load(offsets_ptr + E)
     rows = first + tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     if first + tl.program_id(0) * BLOCK_T >= T:
@@ -388,26 +412,15 @@ def moe_skip_kernel(
     offs = tokens[:, None] * H + cols[None, :]
     if SKIP_MODE == 1:
         w = tl.load(weight_ptr + tokens, mask=row_mask, other=0.0).to(tl.float32)
-        src = tl.load(src_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs, (w[:, None] * src).to(out_ptr.dtype.element_ty), mask=mask)
-        if BACKWARD:
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(wpart_ptr + pid_h * T + rows, tl.sum(src * x, axis=1), mask=row_mask)
+        dy = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(grad_x_ptr + offs, (w[:, None] * dy).to(grad_x_ptr.dtype.element_ty), mask=mask)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(wpart_ptr + pid_h * T + rows, tl.sum(dy * x, axis=1), mask=row_mask)
     else:
-        tl.store(out_ptr + offs, tl.zeros((BLOCK_T, BLOCK_H), dtype=out_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_x_ptr + offs, tl.zeros((BLOCK_T, BLOCK_H), dtype=grad_x_ptr.dtype.element_ty), mask=mask)
 
 
 SKIP_BLOCK_T, SKIP_BLOCK_H = 16, 256
-
-
-def _launch_skip(src, x, routing_weight, out, wpart, sorted_token_ids, offsets, skip_mode, backward):
-    T, H = x.shape
-    E = offsets.shape[0] - 2
-    block_h = min(SKIP_BLOCK_H, triton.next_power_of_2(H))
-    moe_skip_kernel[(triton.cdiv(T, SKIP_BLOCK_T), triton.cdiv(H, block_h))](
-        src, x, routing_weight, out, wpart if wpart is not None else routing_weight, sorted_token_ids, offsets,
-        T, H, E, SKIP_MODE=skip_mode, BACKWARD=backward, BLOCK_T=SKIP_BLOCK_T, BLOCK_H=block_h, num_warps=4,
-    )
 
 
 # ---------------------------------------------------------------- expert parallelism: row gather / scatter-back
@@ -623,8 +636,8 @@ def moe_experts(x, gate_up, down, routing_weight, sorted_token_ids, offsets, til
     act = torch.empty(T, I, dtype=x.dtype, device=x.device)  # SiLU(g) * u at sorted rows
     cfg1 = gemm_config(target, block_m, "gate_up")
     moe_gate_up_kernel[(tiles, triton.cdiv(I, cfg1["BLOCK_N"]))](
-        x, gate_up, act, sorted_token_ids, offsets, tile_expert, tile_start, H, I, E,
-        BLOCK_M=block_m, BLOCK_N=cfg1["BLOCK_N"], BLOCK_K=cfg1["BLOCK_K"],
+        x, gate_up, act, routing_weight, y, sorted_token_ids, offsets, tile_expert, tile_start, T, H, I, E,
+        SKIP_MODE=skip_mode, BLOCK_M=block_m, BLOCK_N=cfg1["BLOCK_N"], BLOCK_K=cfg1["BLOCK_K"],
         num_warps=cfg1["num_warps"], num_stages=cfg1["num_stages"],
     )
     cfg2 = gemm_config(target, block_m, "down")
@@ -633,7 +646,6 @@ def moe_experts(x, gate_up, down, routing_weight, sorted_token_ids, offsets, til
         BLOCK_M=block_m, BLOCK_N=cfg2["BLOCK_N"], BLOCK_K=cfg2["BLOCK_K"],
         num_warps=cfg2["num_warps"], num_stages=cfg2["num_stages"],
     )
-    _launch_skip(x, x, routing_weight, y, None, sorted_token_ids, offsets, skip_mode, False)
 
 
 def moe_experts_backward(grad_y, x, gate_up, down, routing_weight, sorted_token_ids, offsets, tile_expert,
@@ -672,7 +684,11 @@ def moe_experts_backward(grad_y, x, gate_up, down, routing_weight, sorted_token_
         BLOCK_M=block_m, BLOCK_N=cfg_dx["BLOCK_N"], BLOCK_K=cfg_dx["BLOCK_K"],
         num_warps=cfg_dx["num_warps"], num_stages=cfg_dx["num_stages"],
     )
-    _launch_skip(grad_y, x, routing_weight, grad_x, wpart, sorted_token_ids, offsets, skip_mode, True)
+    block_h = min(SKIP_BLOCK_H, triton.next_power_of_2(H))
+    moe_skip_bwd_kernel[(triton.cdiv(T, SKIP_BLOCK_T), triton.cdiv(H, block_h))](
+        grad_y, x, routing_weight, grad_x, wpart, sorted_token_ids, offsets, T, H, E,
+        SKIP_MODE=skip_mode, BLOCK_T=SKIP_BLOCK_T, BLOCK_H=block_h, num_warps=4,
+    )
     wgrad = dict(BLOCK_M=cfg_w["BLOCK_M"], BLOCK_N=cfg_w["BLOCK_N"], BLOCK_K=cfg_w["BLOCK_K"],
                  num_warps=cfg_w["num_warps"], num_stages=cfg_w["num_stages"])
     moe_wgrad_kernel[(E, triton.cdiv(two_i, cfg_w["BLOCK_M"]), triton.cdiv(H, cfg_w["BLOCK_N"]))](
@@ -697,7 +713,8 @@ def _gemm_signature(kernel_name: str) -> tuple[dict, dict]:
     ints = {"H": "i32", "I": "i32", "E": "i32"}
     index = {a: "*i32" for a in _INDEX_ARGS}
     if kernel_name == "gate_up":
-        return {"x_ptr": "*bf16", "gate_up_ptr": "*bf16", "act_ptr": "*bf16", **index, **ints}, {}
+        return {"x_ptr": "*bf16", "gate_up_ptr": "*bf16", "act_ptr": "*bf16", "weight_ptr": "*fp32", "y_ptr": "*bf16",
+                **index, "T": "i32", **ints}, {}
     if kernel_name == "down":
         return {"act_ptr": "*bf16", "down_ptr": "*bf16", "weight_ptr": "*fp32", "y_ptr": "*bf16", **index, **ints}, {}
     if kernel_name == "bwd_act":
@@ -719,18 +736,15 @@ def _aot_configs() -> dict:
     """Kernel name -> the AotConfigs of every configuration the tables of gfx942, gfx950 and sm_90 can launch."""
     table = load_config_table()["targets"]
     out = {name: [] for name in ("moe_dispatch", "moe_dispatch_count", "moe_dispatch_scan", "moe_dispatch_place",
-                                 "moe_gate_up", "moe_down", "moe_bwd_act", "moe_bwd_dx", "moe_wgrad", "moe_skip")}
+                                 "moe_gate_up", "moe_down", "moe_bwd_act", "moe_bwd_dx", "moe_wgrad", "moe_skip_bwd")}
     for skip_mode in (0, 1):
-        for backward in (False, True):
-            out["moe_skip"].append(AotConfig(
-                label=f"SKIP_MODE={skip_mode},BACKWARD={int(backward)},BLOCK_T={SKIP_BLOCK_T},BLOCK_H={SKIP_BLOCK_H}",
-                signature={"src_ptr": "*bf16", "x_ptr": "*bf16", "weight_ptr": "*fp32", "out_ptr": "*bf16",
-                           "wpart_ptr": "*fp32", "sorted_ptr": "*i32", "offsets_ptr": "*i32", "T": "i32", "H": "i32",
-                           "E": "i32", "SKIP_MODE": "constexpr", "BACKWARD": "constexpr", "BLOCK_T": "constexpr",
-                           "BLOCK_H": "constexpr"},
-                constexprs={"SKIP_MODE": skip_mode, "BACKWARD": backward, "BLOCK_T": SKIP_BLOCK_T,
-                            "BLOCK_H": SKIP_BLOCK_H},
-                num_warps=4))
+        out["moe_skip_bwd"].append(AotConfig(
+            label=f"SKIP_MODE={skip_mode},BLOCK_T={SKIP_BLOCK_T},BLOCK_H={SKIP_BLOCK_H}",
+            signature={"grad_y_ptr": "*bf16", "x_ptr": "*bf16", "weight_ptr": "*fp32", "grad_x_ptr": "*bf16",
+                       "wpart_ptr": "*fp32", "sorted_ptr": "*i32", "offsets_ptr": "*i32", "T": "i32", "H": "i32",
+                       "E": "i32", "SKIP_MODE": "constexpr", "BLOCK_T": "constexpr", "BLOCK_H": "constexpr"},
+            constexprs={"SKIP_MODE": skip_mode, "BLOCK_T": SKIP_BLOCK_T, "BLOCK_H": SKIP_BLOCK_H},
+            num_warps=4))
     out.update({name: [] for name in ("moe_permute_rows", "moe_unpermute_rows", "moe_unpermute_rows_bwd")})
     # Row gather / scatter-back: ZAYA's bf16 hidden rows (H >= 256) and the narrow rows the gather also moves (fp32
     # routing weights and int32 expert ids, H = 1).
@@ -811,10 +825,14 @@ def _aot_configs() -> dict:
                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], matrix_expected=True))
                     continue
                 signature, consts = _gemm_signature(name)
-                consts = {**consts, "BLOCK_M": block_m, **tiles}
-                out[f"moe_{name}"].append(AotConfig(
-                    label=f"BLOCK_M={block_m},{label}", signature={**signature, **{c: "constexpr" for c in consts}},
-                    constexprs=consts, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], matrix_expected=True))
+                for skip_mode in ((0, 1) if name == "gate_up" else (None,)):  # gate_up also writes the skip rows
+                    mode = {} if skip_mode is None else {"SKIP_MODE": skip_mode}
+                    all_consts = {**consts, **mode, "BLOCK_M": block_m, **tiles}
+                    out[f"moe_{name}"].append(AotConfig(
+                        label=",".join(f"{k}={v}" for k, v in mode.items()) + ("," if mode else "")
+                        + f"BLOCK_M={block_m},{label}", signature={**signature, **{c: "constexpr" for c in all_consts}},
+                        constexprs=all_consts, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                        matrix_expected=True))
     return out
 
 
@@ -822,7 +840,7 @@ _KERNELS = {"moe_dispatch": moe_dispatch_kernel, "moe_dispatch_count": moe_dispa
             "moe_dispatch_scan": moe_dispatch_scan_kernel, "moe_dispatch_place": moe_dispatch_place_kernel,
             "moe_gate_up": moe_gate_up_kernel, "moe_down": moe_down_kernel,
             "moe_bwd_act": moe_bwd_act_kernel, "moe_bwd_dx": moe_bwd_dx_kernel, "moe_wgrad": moe_wgrad_kernel,
-            "moe_skip": moe_skip_kernel, "moe_permute_rows": moe_permute_rows_kernel,
+            "moe_skip_bwd": moe_skip_bwd_kernel, "moe_permute_rows": moe_permute_rows_kernel,
             "moe_unpermute_rows": moe_unpermute_rows_kernel, "moe_unpermute_rows_bwd": moe_unpermute_rows_bwd_kernel}
 for _name, _configs in _aot_configs().items():
     register_aot(_name, _KERNELS[_name], _configs)
