@@ -19,6 +19,8 @@ weight 0), work the count leaves out.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -91,6 +93,7 @@ def cases(device: str):
     import zaya_kernels
     from zaya_kernels import backend
     from zaya_kernels.ops import moe, moe_block_m
+    from zaya_kernels.ops.moe import BY_TOKEN_MAX_TOKENS
 
     on_gpu = device == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -146,10 +149,12 @@ def cases(device: str):
             if has_grouped_mm:
                 providers["torch._grouped_mm"] = lambda a=(x, gate_up, down, index, weight): _grouped_mm_moe(*a)
             for name in zaya_backends:
-                def run_forward(a=(x, gate_up, down, index, weight), name=name):
+                def run_forward(a=(x, gate_up, down, index, weight), name=name, **kwargs):
                     with zaya_kernels.use_backend(name):
-                        return moe(*a)
+                        return moe(*a, **kwargs)
                 providers[f"zaya-{name}"] = run_forward
+                if tokens <= BY_TOKEN_MAX_TOKENS:  # `moe` ran moe_experts_by_token: the dispatch path alongside
+                    providers[f"zaya-{name}-dispatch"] = functools.partial(run_forward, block_m=block_m)
             yield "moe_experts", {**shape, "gflop": 6 * routed * H * I / 1e9}, fwd_bytes, providers
 
             # forward + backward (both inside the timed call)

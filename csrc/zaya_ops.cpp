@@ -54,6 +54,10 @@ TORCH_LIBRARY(zaya, m) {
   m.def(
       "moe_experts(Tensor x, Tensor gate_up, Tensor down, Tensor routing_weight, Tensor sorted_token_ids, "
       "Tensor offsets, Tensor tile_expert, Tensor tile_start, int block_m, int skip_mode) -> Tensor");
+  // The same y for a few tokens without a dispatch (decode): expert_index int32 [T] read by the kernels themselves.
+  m.def(
+      "moe_experts_by_token(Tensor x, Tensor gate_up, Tensor down, Tensor expert_index, Tensor routing_weight, "
+      "int skip_mode) -> Tensor");
   m.def(
       "moe_experts_backward(Tensor grad_y, Tensor x, Tensor gate_up, Tensor down, Tensor routing_weight, "
       "Tensor sorted_token_ids, Tensor offsets, Tensor tile_expert, Tensor tile_start, int block_m, int skip_mode) "

@@ -65,9 +65,9 @@ def test_logits_and_greedy_tokens_match_transformers(backend, name):
 def test_decode_step_kernel_launches():
     """The Triton kernels one decode step launches (interpreter launches counted by kernel), per layer: the CCA
     preparation in one launch (issue 3), the router in one (issue 5), the attention in one (here one split per
-    sequence; a long context on a GPU with idle SMs adds the split-K reduction, tested in test_attention), the MoE
-    dispatch and both grouped GEMMs (the first also writes the skipped tokens' rows), two fused residual norms; plus
-    the model-input norm. A new
+    sequence; a long context on a GPU with idle SMs adds the split-K reduction, tested in test_attention), the MoE's
+    two expert GEMMs by token (moe_experts_by_token: 2 tokens, no dispatch launch; the first GEMM also writes the
+    skipped tokens' rows), two fused residual norms; plus the model-input norm. A new
     launch on this path must show up here."""
     import collections
 
@@ -92,7 +92,7 @@ def test_decode_step_kernel_launches():
         finally:
             interpreter.InterpretedFunction.run = run
     per_layer = {"cca_decode_kernel": 1, "attention_decode_split_kernel": 1,
-                 "zaya_router_fwd_kernel": 1, "moe_dispatch_kernel": 1, "moe_gate_up_kernel": 1, "moe_down_kernel": 1,
+                 "zaya_router_fwd_kernel": 1, "moe_gate_up_kernel": 1, "moe_down_kernel": 1,
                  "residual_rmsnorm_fwd_kernel": 2}  # the skipped tokens' rows: in moe_gate_up_kernel
     expected = collections.Counter({name: n * layers for name, n in per_layer.items()})
     expected["residual_rmsnorm_fwd_kernel"] += 1  # the model input's scaling fused with layer 0's norm

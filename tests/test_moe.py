@@ -265,6 +265,59 @@ def test_triton_forward_writes_every_row_of_a_poisoned_output(skip_mode, routing
         assert_close(y, expected, reduction=max(H, I), what=f"triton forward, block_m {block_m}")
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # the interpreter's NaN warning: a read of unwritten memory
+@settings(max_examples=20)
+@given(T=st.integers(0, 7), E=st.integers(1, 8), H=st.integers(1, 40), I=st.integers(1, 40),
+       dtype=st.sampled_from([torch.float32, torch.float16]), routing=st.sampled_from(ROUTINGS),
+       skip_mode=st.sampled_from([0, 1]), backend=st.sampled_from(["reference", "triton"]),
+       seed=st.integers(0, 2**16))
+# H > the gate_up grid's columns (a skipped token's program loops over H); several K steps of both GEMMs
+@example(T=3, E=2, H=100, I=12, dtype=torch.float32, routing="random", skip_mode=1, backend="triton", seed=1)
+@example(T=4, E=3, H=70, I=72, dtype=torch.float16, routing="one_expert", skip_mode=0, backend="triton", seed=2)
+@example(T=1, E=16, H=48, I=40, dtype=torch.float32, routing="none_skipped", skip_mode=0, backend="triton", seed=3)
+@example(T=2, E=4, H=33, I=20, dtype=torch.float32, routing="all_skipped", skip_mode=0, backend="triton", seed=4)
+@example(T=0, E=4, H=16, I=16, dtype=torch.float32, routing="random", skip_mode=1, backend="triton", seed=5)
+def test_experts_by_token_matches_per_token_loop(T, E, H, I, dtype, routing, skip_mode, backend, seed):
+    """zaya::moe_experts_by_token (no dispatch: the kernels read expert_index) against the per-token loop; the
+    Triton launcher writes into a NaN-poisoned y, so a row it leaves unwritten fails."""
+    from zaya_kernels.triton import moe as tri
+
+    x, gate_up, down, index, weight = make_inputs(T, E, H, I, dtype, routing, seed)
+    expected = ref.moe_per_token(x, gate_up, down, index, weight, skip_mode)
+    with zaya_kernels.use_backend(backend):
+        actual = torch.ops.zaya.moe_experts_by_token(x, gate_up, down, index, weight, skip_mode)
+    assert zaya_kernels.last_backend("moe_experts_by_token") == backend
+    assert actual.dtype == dtype and actual.shape == x.shape
+    assert_close(actual, expected, dtype=dtype, reduction=max(H, I), what=f"{backend} by token")
+    if backend == "triton":
+        poisoned = torch.full_like(x, float("nan"))
+        tri.moe_experts_by_token(x, gate_up, down, index, weight, skip_mode, poisoned)
+        assert_close(poisoned, expected, dtype=dtype, reduction=max(H, I), what="triton by token, poisoned y")
+
+
+def test_moe_runs_by_token_for_a_few_tokens_without_gradients(monkeypatch):
+    """zaya_kernels.ops.moe: at most BY_TOKEN_MAX_TOKENS tokens and no gradient wanted -> moe_experts_by_token (no
+    dispatch); more tokens, a gradient wanted or an explicit block_m -> moe_dispatch + moe_experts. Same results."""
+    from zaya_kernels import backend as _backend
+    from zaya_kernels.ops.moe import BY_TOKEN_MAX_TOKENS
+
+    def ran(T, requires_grad=False, **kwargs):
+        monkeypatch.setattr(_backend, "_last_backend", {})
+        x, gate_up, down, index, weight = make_inputs(T, 3, 16, 8, torch.float32, "random", T,
+                                                      requires_grad=requires_grad)
+        with zaya_kernels.use_backend("triton"):
+            y = moe(x, gate_up, down, index, weight, 1, **kwargs)
+        assert_close(y, ref.moe_per_token(x, gate_up, down, index, weight, 1), reduction=16, what=f"T={T}")
+        return {op for op in ("moe_experts_by_token", "moe_dispatch", "moe_experts") if _backend.last_backend(op)}
+
+    assert ran(1) == ran(BY_TOKEN_MAX_TOKENS) == {"moe_experts_by_token"}
+    assert ran(BY_TOKEN_MAX_TOKENS + 1) == {"moe_dispatch", "moe_experts"}
+    assert ran(2, requires_grad=True) == {"moe_dispatch", "moe_experts"}
+    assert ran(2, block_m=16) == {"moe_dispatch", "moe_experts"}
+    with torch.no_grad():
+        assert ran(2, requires_grad=True) == {"moe_experts_by_token"}
+
+
 def test_triton_forward_many_experts():
     """E = 64 (the dispatch's one-hot is 128 classes wide) with most experts empty."""
     x, gate_up, down, index, weight = make_inputs(30, 64, 16, 16, torch.float32, "random", 5)
@@ -310,6 +363,8 @@ def test_opcheck(backend):
     with zaya_kernels.use_backend(backend):
         torch.library.opcheck(torch.ops.zaya.moe_dispatch.default, (index, 3, 16))
         torch.library.opcheck(torch.ops.zaya.moe_experts.default, args)
+        x, gate_up, down, weight = (t.detach() for t in (args[0], args[1], args[2], args[3]))
+        torch.library.opcheck(torch.ops.zaya.moe_experts_by_token.default, (x, gate_up, down, index, weight, 1))
 
 
 def test_opcheck_backward_op():
@@ -330,6 +385,26 @@ def test_bad_expert_index_value(backend, bad, message):
     index = torch.tensor([0, 1, bad, 3], dtype=torch.int32)
     with zaya_kernels.use_backend(backend), pytest.raises(ValueError, match=message):
         torch.ops.zaya.moe_dispatch(index, 3, 16)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bad_experts_by_token_arguments(backend):
+    x, gate_up, down, index, weight = make_inputs(4, 3, 16, 8, torch.float32, "random", 2)
+    op = torch.ops.zaya.moe_experts_by_token
+    with zaya_kernels.use_backend(backend):
+        for bad, message in ((4, "value 4 > num_experts = 3"), (-1, "negative value")):
+            with pytest.raises(ValueError, match=f"zaya::moe_experts_by_token: `expert_index` has .*{message}"):
+                op(x, gate_up, down, torch.tensor([0, 1, bad, 3], dtype=torch.int32), weight, 0)
+        with pytest.raises(TypeError, match="`expert_index` must have dtype"):
+            op(x, gate_up, down, index.long(), weight, 0)
+        with pytest.raises(ValueError, match=r"`expert_index` must have shape \(4,\)"):
+            op(x, gate_up, down, index[:3], weight, 0)
+        with pytest.raises(ValueError, match="`skip_mode` must be 0"):
+            op(x, gate_up, down, index, weight, 2)
+        with pytest.raises(ValueError, match="`gate_up` has hidden size"):
+            op(x[:, :8].contiguous(), gate_up, down, index, weight, 0)
+        with pytest.raises(RuntimeError, match="moe_experts_by_token has no backward"):
+            op(x.requires_grad_(), gate_up, down, index, weight, 0)
 
 
 def test_moe_wrapper_names_a_token_count_mismatch():

@@ -9,7 +9,7 @@ The E experts are sharded in contiguous blocks: rank r of a group of size R hold
    the collective takes its split sizes on the host);
 3. gather the routed rows in sorted order (torch.ops.zaya.moe_permute_rows: token rows, their expert ids and
    routing weights) and send them with all_to_all_single;
-4. run the local experts on the received rows with the same kernels (torch.ops.zaya.moe_experts);
+4. run the local experts on the received rows with the same kernels (zaya_kernels.ops.moe);
 5. send the results back (all_to_all_single with the reverse split) and scatter each row to its token's place
    (torch.ops.zaya.moe_unpermute_rows); skipped tokens never leave their rank (0 or w x, skip_mode).
 The gather and the scatter-back run on the backend the selector picks (HIP, Triton or the reference).

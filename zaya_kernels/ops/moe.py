@@ -5,6 +5,8 @@ Ops (schemas in csrc/zaya_ops.cpp):
       -> (counts, offsets, sorted_token_ids, inverse, tile_expert, tile_start)
   zaya::moe_experts(x, gate_up, down, routing_weight, sorted_token_ids, offsets, tile_expert, tile_start, block_m,
                     skip_mode) -> y
+  zaya::moe_experts_by_token(x, gate_up, down, expert_index, routing_weight, skip_mode) -> y
+      (the same y for a few tokens, decode, without a dispatch; inference only)
   zaya::moe_experts_backward(grad_y, <the moe_experts arguments>) -> (grad_x, grad_gate_up, grad_down, grad_weight)
   zaya::moe_permute_rows(x, sorted_token_ids, num_rows) -> rows
   zaya::moe_unpermute_rows(rows, sorted_token_ids, x, routing_weight, skip_mode) -> y
@@ -20,7 +22,9 @@ kernels; `auto` prefers it) backends; each one's backward is the other (plus the
 backward).
 
 `zaya_kernels.ops.moe(x, gate_up, down, expert_index, routing_weight, skip_mode)` is the whole MoE expert part:
-dispatch with the BLOCK_M of the tuned table for this T and device, then the experts.
+dispatch with the BLOCK_M of the tuned table for this T and device, then the experts; or, for at most
+BY_TOKEN_MAX_TOKENS tokens when no gradient is wanted (decode), moe_experts_by_token: two launches instead of
+three (on the Triton backend each token's programs read its expert index and stream that expert's weights).
 """
 from __future__ import annotations
 
@@ -34,6 +38,10 @@ from zaya_kernels.ops._registry import register_op
 from zaya_kernels.reference import moe as ref
 
 _INDEX_DTYPES = (torch.int32,)
+# Up to this many tokens (and no gradient wanted) `moe` runs moe_experts_by_token: decode, where the dispatch launch
+# costs more than its tiles save (each token's programs then stream their own expert's weights, so tokens sharing an
+# expert read it more than once, from cache). The Triton launcher's BY_TOKEN_BLOCK_M rows hold one token each.
+BY_TOKEN_MAX_TOKENS = 4
 BLOCK_M_CHOICES = (16, 32, 64, 128, 256)
 
 
@@ -49,17 +57,17 @@ def _skip_value_check(t, what) -> bool:
     return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _check_expert_values(expert_index, num_experts):
+def _check_expert_values(expert_index, num_experts, op="moe_dispatch"):
     """Every index in 0..num_experts. Reads the values (one device->host copy on a GPU), except as
     `_skip_value_check` says (e.g. the unmodified expert index the `zaya_router` wrapper returned)."""
     if _skip_value_check(expert_index, ("expert_index", num_experts)):
         return
     low, high = torch.stack([expert_index.min(), expert_index.max()]).tolist()  # one device->host copy
     if low < 0:
-        raise ValueError(f"zaya::moe_dispatch: `expert_index` has a negative value ({low}); expected 0..{num_experts} "
+        raise ValueError(f"zaya::{op}: `expert_index` has a negative value ({low}); expected 0..{num_experts} "
                          f"({num_experts} = skip)")
     if high > num_experts:
-        raise ValueError(f"zaya::moe_dispatch: `expert_index` has value {high} > num_experts = {num_experts} "
+        raise ValueError(f"zaya::{op}: `expert_index` has value {high} > num_experts = {num_experts} "
                          f"(expected 0..{num_experts}, {num_experts} = skip)")
 
 
@@ -76,8 +84,8 @@ def _validate_dispatch(expert_index, num_experts, block_m):
     _check_expert_values(expert_index, num_experts)
 
 
-def _validate_experts_args(op, x, gate_up, down, routing_weight, sorted_token_ids, offsets, tile_expert, tile_start,
-                           block_m, skip_mode):
+def _validate_expert_weights(op, x, gate_up, down, routing_weight, skip_mode) -> int:
+    """x [T, H], gate_up [E, 2I, H], down [E, H, I], routing_weight [T], skip_mode; returns E."""
     check.tensor(op, "x", x, ndim=2, dtypes=check.FLOAT_DTYPES, contiguous=True)
     T, H = x.shape
     dev = x.device
@@ -93,6 +101,16 @@ def _validate_experts_args(op, x, gate_up, down, routing_weight, sorted_token_id
     check.tensor(op, "down", down, dtypes=(x.dtype,), shape=(E, H, I), device=dev, contiguous=True)
     check.tensor(op, "routing_weight", routing_weight, dtypes=check.FLOAT_DTYPES, shape=(T,), device=dev,
                  contiguous=True)
+    if skip_mode not in (ref.SKIP_ZERO, ref.SKIP_SCALED_IDENTITY):
+        raise ValueError(f"zaya::{op}: `skip_mode` must be 0 (skipped tokens give 0) or 1 (they give w * x), "
+                         f"got {skip_mode!r}")
+    return E
+
+
+def _validate_experts_args(op, x, gate_up, down, routing_weight, sorted_token_ids, offsets, tile_expert, tile_start,
+                           block_m, skip_mode):
+    E = _validate_expert_weights(op, x, gate_up, down, routing_weight, skip_mode)
+    T, dev = x.shape[0], x.device
     _check_dispatch_args(op, E, block_m)
     tiles = ref.num_tiles(T, E, block_m)
     check.tensor(op, "sorted_token_ids", sorted_token_ids, dtypes=_INDEX_DTYPES, shape=(T,), device=dev,
@@ -100,9 +118,6 @@ def _validate_experts_args(op, x, gate_up, down, routing_weight, sorted_token_id
     check.tensor(op, "offsets", offsets, dtypes=_INDEX_DTYPES, shape=(E + 2,), device=dev, contiguous=True)
     for name, t in (("tile_expert", tile_expert), ("tile_start", tile_start)):
         check.tensor(op, name, t, dtypes=_INDEX_DTYPES, shape=(tiles,), device=dev, contiguous=True)
-    if skip_mode not in (ref.SKIP_ZERO, ref.SKIP_SCALED_IDENTITY):
-        raise ValueError(f"zaya::{op}: `skip_mode` must be 0 (skipped tokens give 0) or 1 (they give w * x), "
-                         f"got {skip_mode!r}")
     _check_dispatch_values(op, sorted_token_ids, offsets, tile_expert, tile_start, E, block_m)
 
 
@@ -155,6 +170,14 @@ def _validate_experts(*args):
     _validate_experts_args("moe_experts", *args)
 
 
+def _validate_experts_by_token(x, gate_up, down, expert_index, routing_weight, skip_mode):
+    op = "moe_experts_by_token"
+    E = _validate_expert_weights(op, x, gate_up, down, routing_weight, skip_mode)
+    check.tensor(op, "expert_index", expert_index, dtypes=_INDEX_DTYPES, shape=(x.shape[0],), device=x.device,
+                 contiguous=True)
+    _check_expert_values(expert_index, E, op)
+
+
 def _validate_experts_bwd(grad_y, x, *rest):
     _validate_experts_args("moe_experts_backward", x, *rest)
     check.tensor("moe_experts_backward", "grad_y", grad_y, dtypes=check.FLOAT_DTYPES, shape=x.shape, device=x.device,
@@ -201,6 +224,14 @@ def _triton_experts(x, gate_up, down, routing_weight, sorted_token_ids, offsets,
     return y
 
 
+def _triton_experts_by_token(x, gate_up, down, expert_index, routing_weight, skip_mode):
+    from zaya_kernels.triton import moe as tri
+
+    y = torch.empty_like(x)
+    tri.moe_experts_by_token(x, gate_up, down, expert_index, routing_weight, skip_mode, y)
+    return y
+
+
 def _triton_experts_bwd(grad_y, x, gate_up, down, routing_weight, sorted_token_ids, offsets, tile_expert, tile_start,
                         block_m, skip_mode):
     from zaya_kernels.triton import moe as tri
@@ -231,6 +262,8 @@ register_op("moe_dispatch", impls={name: _remember_dispatch(impl) for name, impl
 register_op("moe_experts", impls={"reference": ref.moe_experts, "triton": _triton_experts},
             fake=_fake_experts, validate=_validate_experts, auto_order=("triton",),
             backward=_backward_experts, setup_context=_setup_experts)
+register_op("moe_experts_by_token", impls={"reference": ref.moe_experts_by_token, "triton": _triton_experts_by_token},
+            fake=_fake_experts, validate=_validate_experts_by_token, auto_order=("triton",))
 register_op("moe_experts_backward", impls={"reference": ref.moe_experts_backward, "triton": _triton_experts_bwd},
             fake=_fake_experts_bwd, validate=_validate_experts_bwd, auto_order=("triton",))
 
@@ -487,7 +520,8 @@ def moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, expert_index
     expert_index : [...] int32, values 0..E (E = skip)
     routing_weight : [...] any float dtype (the router's fp32 probability p[e*])
     skip_mode : 0 or 1
-    block_m : dispatch tile rows (default: the tuned table's choice for T on this device)
+    block_m : dispatch tile rows (default: the tuned table's choice for T on this device; and with the default, at
+        most BY_TOKEN_MAX_TOKENS tokens and no gradient wanted, `moe_experts_by_token` runs instead: no dispatch)
 
     Returns
     -------
@@ -498,6 +532,11 @@ def moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, expert_index
         check.tensor("moe_experts", name, t, shape=x.shape[:-1])  # one per token: x's leading shape
     H = x.shape[-1]
     flat_x = x.reshape(-1, H)
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up, down, routing_weight))
+    if block_m is None and flat_x.shape[0] <= BY_TOKEN_MAX_TOKENS and not wants_grad:
+        y = torch.ops.zaya.moe_experts_by_token(flat_x, gate_up, down, expert_index.reshape(-1),
+                                                routing_weight.reshape(-1), skip_mode)
+        return y.view(x.shape)
     if block_m is None:
         block_m = moe_block_m(flat_x.shape[0], x.device)
     dispatch = torch.ops.zaya.moe_dispatch(expert_index.reshape(-1), gate_up.shape[0], block_m)

@@ -142,6 +142,13 @@ def moe_experts(x, gate_up, down, routing_weight, sorted_token_ids, offsets, til
     return y.to(x.dtype)
 
 
+def moe_experts_by_token(x, gate_up, down, expert_index, routing_weight, skip_mode):
+    """y [T, H] in x.dtype straight from expert_index int32 [T] (the op without a dispatch): moe_experts over the
+    reference dispatch, so both ops give the same numbers."""
+    counts, offsets, sorted_token_ids, *_ = moe_dispatch(expert_index, gate_up.shape[0], 16)
+    return moe_experts(x, gate_up, down, routing_weight, sorted_token_ids, offsets, None, None, 16, skip_mode)
+
+
 def moe_experts_backward(grad_y, x, gate_up, down, routing_weight, sorted_token_ids, offsets, tile_expert, tile_start,
                          block_m, skip_mode):
     """Gradients of `moe_experts`: (grad_x [T, H], grad_gate_up [E, 2I, H], grad_down [E, H, I], grad_w [T]).

@@ -149,13 +149,37 @@ def moe_dispatch_place_kernel(
 
 # ---------------------------------------------------------------- grouped GEMM 1: gather, gate/up, SiLU * up
 @triton.jit
-def _skip_tile(x_ptr, weight_ptr, y_ptr, sorted_ptr, tile_start_ptr, tile, T, H, SKIP_MODE: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """y rows of one skip-class tile (sorted rows tile_start[tile] .. +BLOCK_M, below T: the skip class is last):
-    0 or w x, over the columns pid(1) * BLOCK_N + j * num_programs(1) * BLOCK_N."""
-    rows = tl.load(tile_start_ptr + tile) + tl.arange(0, BLOCK_M)
-    row_mask = rows < T
-    tokens = tl.load(sorted_ptr + rows, mask=row_mask, other=0)
+def _program_class(index_ptr, tile_expert_ptr, BY_TOKEN: tl.constexpr):
+    """The class of this program's rows: BY_TOKEN (no dispatch), expert_index[t] of token t = program_id(0); else
+    tile_expert[program_id(0)] (-1: an unused tile)."""
+    if BY_TOKEN:
+        expert = tl.load(index_ptr + tl.program_id(0))
+    else:
+        expert = tl.load(tile_expert_ptr + tl.program_id(0))
+    return expert
+
+
+@triton.jit
+def _program_rows(expert, sorted_ptr, offsets_ptr, tile_start_ptr, BY_TOKEN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(rows, row_mask, tokens) of this program's tile of class `expert` (>= 0). BY_TOKEN: token t alone (lane 0),
+    its act row t. Else BLOCK_M consecutive sorted rows from tile_start[tile], up to offsets[expert + 1]."""
+    lanes = tl.arange(0, BLOCK_M)
+    if BY_TOKEN:
+        rows = tl.program_id(0) + lanes * 0
+        row_mask = lanes == 0
+        tokens = rows
+    else:
+        rows = tl.load(tile_start_ptr + tl.program_id(0)) + lanes
+        row_mask = rows < tl.load(offsets_ptr + expert + 1)
+        tokens = tl.load(sorted_ptr + rows, mask=row_mask, other=0)
+    return rows, row_mask, tokens
+
+
+@triton.jit
+def _skip_rows(x_ptr, weight_ptr, y_ptr, tokens, row_mask, H, SKIP_MODE: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """y rows of skipped tokens (`tokens` where row_mask): 0 or w x, over the columns pid(1) * BLOCK_N +
+    j * num_programs(1) * BLOCK_N (the program's share of all H columns)."""
     if SKIP_MODE == 1:
         w = tl.load(weight_ptr + tokens, mask=row_mask, other=0.0).to(tl.float32)
     for c0 in range(tl.program_id(1) * BLOCK_N, H, tl.num_programs(1) * BLOCK_N):
@@ -171,22 +195,21 @@ def _skip_tile(x_ptr, weight_ptr, y_ptr, sorted_ptr, tile_start_ptr, tile, T, H,
 
 @triton.jit
 def moe_gate_up_kernel(
-    x_ptr, gate_up_ptr, act_ptr, weight_ptr, y_ptr, sorted_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr,
-    T, H, I, E,
-    SKIP_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, gate_up_ptr, act_ptr, weight_ptr, y_ptr, index_ptr, sorted_ptr, offsets_ptr, tile_expert_ptr,
+    tile_start_ptr, H, I, E,
+    SKIP_MODE: tl.constexpr, BY_TOKEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    expert = tl.load(tile_expert_ptr + tile)
-    if expert == E:  # a skip-class tile: its tokens' y rows (0 or w x), here rather than in a launch of their own
-        _skip_tile(x_ptr, weight_ptr, y_ptr, sorted_ptr, tile_start_ptr, tile, T, H, SKIP_MODE, BLOCK_M, BLOCK_N)
-        return
+    """Grid (tiles, cdiv(I, BLOCK_N)); BY_TOKEN: (T, cdiv(I, BLOCK_N)) with index_ptr the expert index and the
+    dispatch pointers None, else index_ptr None."""
+    expert = _program_class(index_ptr, tile_expert_ptr, BY_TOKEN)
     if (expert < 0) | (expert > E):  # unused tile
         return
-    row0 = tl.load(tile_start_ptr + tile)
-    row_end = tl.load(offsets_ptr + expert + 1)
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
-    tokens = tl.load(sorted_ptr + rows, mask=row_mask, other=0)
+    if expert == E:  # skipped tokens: their y rows (0 or w x), here rather than in a launch of their own
+        rows, row_mask, tokens = _program_rows(expert, sorted_ptr, offsets_ptr, tile_start_ptr, BY_TOKEN, BLOCK_M)
+        _skip_rows(x_ptr, weight_ptr, y_ptr, tokens, row_mask, H, SKIP_MODE, BLOCK_M, BLOCK_N)
+        return
+    rows, row_mask, tokens = _program_rows(expert, sorted_ptr, offsets_ptr, tile_start_ptr, BY_TOKEN, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < I
     ks = tl.arange(0, BLOCK_K)
@@ -215,26 +238,26 @@ def moe_gate_up_kernel(
 # ---------------------------------------------------------------- grouped GEMM 2: down, routing weight, scatter
 @triton.jit
 def moe_down_kernel(
-    act_ptr, down_ptr, weight_ptr, y_ptr, sorted_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr,
+    act_ptr, down_ptr, weight_ptr, y_ptr, index_ptr, sorted_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr,
     H, I, E,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BY_TOKEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    expert = tl.load(tile_expert_ptr + tile)
-    if (expert < 0) | (expert >= E):  # unused tile or skip tile (moe_gate_up_kernel writes those rows)
+    """Grid (tiles, cdiv(H, BLOCK_N)); BY_TOKEN: (T, cdiv(H, BLOCK_N)), as moe_gate_up_kernel."""
+    expert = _program_class(index_ptr, tile_expert_ptr, BY_TOKEN)
+    if (expert < 0) | (expert >= E):  # unused tile or skipped tokens (moe_gate_up_kernel writes those rows)
         return
-    row0 = tl.load(tile_start_ptr + tile)
-    row_end = tl.load(offsets_ptr + expert + 1)
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
-    tokens = tl.load(sorted_ptr + rows, mask=row_mask, other=0)
+    rows, row_mask, tokens = _program_rows(expert, sorted_ptr, offsets_ptr, tile_start_ptr, BY_TOKEN, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < H
     out_mask = row_mask[:, None] & col_mask[None, :]
     out_offs = tokens[:, None] * H + cols[None, :]
     w = tl.load(weight_ptr + tokens, mask=row_mask, other=0.0).to(tl.float32)
     ks = tl.arange(0, BLOCK_K)
-    a_offs = tl.where(row_mask, rows, row0)[:, None] * I + ks[None, :]
+    if BY_TOKEN:  # every lane is the token's own row
+        a_rows = rows
+    else:  # masked lanes read the tile's first row
+        a_rows = tl.where(row_mask, rows, rows - tl.arange(0, BLOCK_M))
+    a_offs = a_rows[:, None] * I + ks[None, :]
     # down[expert] rows n (output columns), read as [BLOCK_K, BLOCK_N]
     b_base = down_ptr + expert.to(tl.int64) * H * I
     b_offs = tl.where(col_mask, cols, 0)[None, :] * I + ks[:, None]
@@ -624,26 +647,46 @@ def check_index_range(op: str, T: int, H: int, I: int) -> None:
 
 def moe_experts(x, gate_up, down, routing_weight, sorted_token_ids, offsets, tile_expert, tile_start, block_m,
                 skip_mode, y):
-    """Launch GEMM 1 then GEMM 2 into y [T, H]; every row of y is written (expert, skip or nothing to skip)."""
+    """Launch GEMM 1 then GEMM 2 into y [T, H] over the dispatch's tiles; every row of y is written (expert, skip or
+    nothing to skip)."""
+    tiles = tile_expert.shape[0]
+    if x.shape[0] == 0 or tiles == 0:
+        return
+    _launch_gemms(x, gate_up, down, routing_weight, y, tiles, block_m, skip_mode, None,
+                  (sorted_token_ids, offsets, tile_expert, tile_start))
+
+
+BY_TOKEN_BLOCK_M = 16  # moe_experts_by_token: the smallest tile tl.dot takes, one valid row (token) per program
+
+
+def moe_experts_by_token(x, gate_up, down, expert_index, routing_weight, skip_mode, y):
+    """Launch GEMM 1 then GEMM 2 into y [T, H] with one program row per token (no dispatch: the programs read
+    expert_index themselves); every row of y is written."""
+    if x.shape[0] == 0:
+        return
+    _launch_gemms(x, gate_up, down, routing_weight, y, x.shape[0], BY_TOKEN_BLOCK_M, skip_mode, expert_index,
+                  (None, None, None, None))
+
+
+def _launch_gemms(x, gate_up, down, routing_weight, y, grid_rows, block_m, skip_mode, expert_index, dispatch):
+    """Both expert GEMMs over grid_rows tiles (dispatch tiles, or tokens with expert_index: BY_TOKEN)."""
     T, H = x.shape
     E, two_i, _ = gate_up.shape
     I = two_i // 2
-    tiles = tile_expert.shape[0]
-    if T == 0 or tiles == 0:
-        return
     check_index_range("moe_experts", T, H, I)
     target = device_target(x.device)
-    act = torch.empty(T, I, dtype=x.dtype, device=x.device)  # SiLU(g) * u at sorted rows
+    by_token = expert_index is not None
+    act = torch.empty(T, I, dtype=x.dtype, device=x.device)  # SiLU(g) * u at sorted rows (BY_TOKEN: token rows)
     cfg1 = gemm_config(target, block_m, "gate_up")
-    moe_gate_up_kernel[(tiles, triton.cdiv(I, cfg1["BLOCK_N"]))](
-        x, gate_up, act, routing_weight, y, sorted_token_ids, offsets, tile_expert, tile_start, T, H, I, E,
-        SKIP_MODE=skip_mode, BLOCK_M=block_m, BLOCK_N=cfg1["BLOCK_N"], BLOCK_K=cfg1["BLOCK_K"],
+    moe_gate_up_kernel[(grid_rows, triton.cdiv(I, cfg1["BLOCK_N"]))](
+        x, gate_up, act, routing_weight, y, expert_index, *dispatch, H, I, E,
+        SKIP_MODE=skip_mode, BY_TOKEN=by_token, BLOCK_M=block_m, BLOCK_N=cfg1["BLOCK_N"], BLOCK_K=cfg1["BLOCK_K"],
         num_warps=cfg1["num_warps"], num_stages=cfg1["num_stages"],
     )
     cfg2 = gemm_config(target, block_m, "down")
-    moe_down_kernel[(tiles, triton.cdiv(H, cfg2["BLOCK_N"]))](
-        act, down, routing_weight, y, sorted_token_ids, offsets, tile_expert, tile_start, H, I, E,
-        BLOCK_M=block_m, BLOCK_N=cfg2["BLOCK_N"], BLOCK_K=cfg2["BLOCK_K"],
+    moe_down_kernel[(grid_rows, triton.cdiv(H, cfg2["BLOCK_N"]))](
+        act, down, routing_weight, y, expert_index, *dispatch, H, I, E,
+        BY_TOKEN=by_token, BLOCK_M=block_m, BLOCK_N=cfg2["BLOCK_N"], BLOCK_K=cfg2["BLOCK_K"],
         num_warps=cfg2["num_warps"], num_stages=cfg2["num_stages"],
     )
 
@@ -714,9 +757,10 @@ def _gemm_signature(kernel_name: str) -> tuple[dict, dict]:
     index = {a: "*i32" for a in _INDEX_ARGS}
     if kernel_name == "gate_up":
         return {"x_ptr": "*bf16", "gate_up_ptr": "*bf16", "act_ptr": "*bf16", "weight_ptr": "*fp32", "y_ptr": "*bf16",
-                **index, "T": "i32", **ints}, {}
+                "index_ptr": "*i32", **index, **ints}, {}
     if kernel_name == "down":
-        return {"act_ptr": "*bf16", "down_ptr": "*bf16", "weight_ptr": "*fp32", "y_ptr": "*bf16", **index, **ints}, {}
+        return {"act_ptr": "*bf16", "down_ptr": "*bf16", "weight_ptr": "*fp32", "y_ptr": "*bf16", "index_ptr": "*i32",
+                **index, **ints}, {}
     if kernel_name == "bwd_act":
         return ({"grad_y_ptr": "*bf16", "x_ptr": "*bf16", "gate_up_ptr": "*bf16", "down_ptr": "*bf16",
                  "weight_ptr": "*fp32", "dgu_ptr": "*bf16", "act_ptr": "*bf16", "wpart_ptr": "*fp32", **index,
@@ -730,6 +774,16 @@ _WGRAD_SIGNATURE = {"a_ptr": "*bf16", "b_ptr": "*bf16", "weight_ptr": "*fp32", "
                     "sorted_ptr": "*i32", "offsets_ptr": "*i32", "M": "i32", "N": "i32", "lda": "i32", "ldb": "i32"}
 # (A_GATHER, B_GATHER, A_SCALE_W): grad_gate_up, then grad_down
 _WGRAD_MODES = ((False, True, False), (True, False, True))
+
+
+def _forward_modes(name: str, block_m: int) -> list[dict]:
+    """The constexpr modes each GEMM config compiles in: gate_up with both skip modes (it writes the skipped rows),
+    gate_up and down by dispatch tile and, at BY_TOKEN_BLOCK_M, by token (moe_experts_by_token)."""
+    if name not in ("gate_up", "down"):
+        return [{}]
+    by_token = (False, True) if block_m == BY_TOKEN_BLOCK_M else (False,)
+    skip_modes = (0, 1) if name == "gate_up" else (None,)
+    return [{**({} if skip is None else {"SKIP_MODE": skip}), "BY_TOKEN": by} for skip in skip_modes for by in by_token]
 
 
 def _aot_configs() -> dict:
@@ -825,12 +879,14 @@ def _aot_configs() -> dict:
                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], matrix_expected=True))
                     continue
                 signature, consts = _gemm_signature(name)
-                for skip_mode in ((0, 1) if name == "gate_up" else (None,)):  # gate_up also writes the skip rows
-                    mode = {} if skip_mode is None else {"SKIP_MODE": skip_mode}
+                for mode in _forward_modes(name, block_m):
                     all_consts = {**consts, **mode, "BLOCK_M": block_m, **tiles}
+                    if name in ("gate_up", "down"):  # the pointers of the other mode are None
+                        all_consts.update(dict.fromkeys(_INDEX_ARGS) if mode["BY_TOKEN"] else {"index_ptr": None})
+                    mode_label = ",".join(f"{k}={int(v)}" for k, v in mode.items())
                     out[f"moe_{name}"].append(AotConfig(
-                        label=",".join(f"{k}={v}" for k, v in mode.items()) + ("," if mode else "")
-                        + f"BLOCK_M={block_m},{label}", signature={**signature, **{c: "constexpr" for c in all_consts}},
+                        label=(mode_label + "," if mode else "") + f"BLOCK_M={block_m},{label}",
+                        signature={**signature, **{c: "constexpr" for c in all_consts}},
                         constexprs=all_consts, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                         matrix_expected=True))
     return out
