@@ -232,6 +232,30 @@ def test_batched_left_padding_equals_packed_sequences(data, backend, mask_dtype)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_batched_takes_stacked_projection_slices_without_a_copy(backend, monkeypatch):
+    """cca_prepare_batched on [B, S, width] column slices of one stacked [B, S, N] projection output (NaN padding
+    after them) passes row-strided views to cca_prepare, no copies, and equals the contiguous inputs' result."""
+    from zaya_kernels.ops import cca as ops_cca
+
+    batch, seq = 2, 5
+    case = Case(4, 2, 8, 2, 2, [seq] * batch, seed=13)
+    views = [t.view(batch, seq, -1) for t in stacked_row_views([case.qk, case.v_current, case.v_delayed], pad=3)]
+    positions = torch.arange(seq).repeat(batch, 1)
+    seen_strides = []
+    prepare = ops_cca.cca_prepare
+    monkeypatch.setattr(ops_cca, "cca_prepare", lambda *a: seen_strides.append([t.stride(0) for t in a[:3]])
+                        or prepare(*a))
+    with zaya_kernels.use_backend(backend):
+        actual = zaya_kernels.ops.cca_prepare_batched(*views, *case.weights(), positions, *case.heads())
+        expected = zaya_kernels.ops.cca_prepare_batched(*(t.contiguous() for t in views), *case.weights(), positions,
+                                                        *case.heads())
+    width = case.qk.shape[1] + 2 * case.v_current.shape[1] + 3
+    assert seen_strides[0] == [width] * 3, "the stacked slices were copied"
+    for name, a, e in zip("qkv", actual, expected):
+        assert torch.equal(a, e), name
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("batch, seq", [(0, 6), (2, 0)])
 def test_batched_empty_batch_gives_empty_outputs(backend, batch, seq):
     case = Case(4, 2, 8, 2, 2, [3], seed=1)

@@ -745,9 +745,13 @@ def cca_prepare_batched(
         qk, v_current, v_delayed = (t * keep.to(t.dtype) for t in (qk, v_current, v_delayed))
     cu_seqlens = torch.arange(batch + 1, dtype=torch.int32, device=qk.device) * seq
     rows = batch * seq  # reshapes with the last size given: an empty batch (B or S = 0) has no -1 to infer
+
+    def as_rows(t):  # [rows, width], a view where one does (row-strided slices of a stacked GEMM), else a copy
+        t = t.reshape(rows, t.shape[-1])
+        return t if t.shape[-1] <= 1 or t.stride(-1) == 1 and t.stride(0) >= t.shape[-1] else t.contiguous()
+
     q, k, v, _, _ = cca_prepare(
-        qk.reshape(rows, qk.shape[-1]).contiguous(), v_current.reshape(rows, v_current.shape[-1]).contiguous(),
-        v_delayed.reshape(rows, v_delayed.shape[-1]).contiguous(), conv0_weight, conv0_bias, conv1_weight, conv1_bias,
+        as_rows(qk), as_rows(v_current), as_rows(v_delayed), conv0_weight, conv0_bias, conv1_weight, conv1_bias,
         temperature, positions.reshape(-1).contiguous(), cu_seqlens, num_q_heads, num_kv_heads, rotary_dim,
         rope_theta)
     return q.view(batch, seq, *q.shape[1:]), k.view(batch, seq, *k.shape[1:]), v.view(batch, seq, *v.shape[1:])
