@@ -14,7 +14,8 @@ The ops that run (backend chosen by `zaya_kernels.backend`: auto, triton, hip or
 - `CCAAttention`: q/k/v linear layers (torch), `zaya::cca_prepare` (prefill, a chunk of a chunked prefill) or
   `zaya::cca_prepare_decode` (one token per sequence), then `zaya::cca_attention` (fresh sequences) or
   `zaya::cca_attention_decode` over the KV cache (decode, chunks), then o_proj (torch);
-- `ZayaMoE`: `zaya::zaya_router` then `zaya::moe_dispatch` + `zaya::moe_experts` (skip class: zero output);
+- `ZayaMoE`: `zaya::zaya_router` then `zaya::moe_dispatch` + `zaya::moe_experts`, or for a few tokens without
+  gradients (decode) `zaya::moe_experts_by_token` (skip class: zero output);
 - `ResidualScaleNorm`: `zaya::residual_scale_rmsnorm`, every residual update fused with the norm after it;
   `RMSNorm`: `zaya::rmsnorm`.
 
