@@ -80,15 +80,18 @@ def _tile_rows(m0, chunk, kv_head, seq_len, group: tl.constexpr, num_q_heads: tl
 
 
 @triton.jit
-def _load_rows(ptr, row_offs, head_dim: tl.constexpr, BLOCK_D: tl.constexpr):
+def _load_rows(ptr, row_offs, head_dim: tl.constexpr, BLOCK_D: tl.constexpr, ALIGNED: tl.constexpr = True):
     """[len(row_offs), BLOCK_D] tile of rows at ptr + row_offs; columns past head_dim read as 0.
 
-    Rows start 32-byte aligned (the launchers check the base pointers are 16-byte aligned; row strides are
+    ALIGNED: rows start 32-byte aligned (the launchers check the base pointers are 16-byte aligned; row strides are
     multiples of head_dim, a multiple of 16 elements): the hints let the compiler use wide vector loads even in
-    the ahead-of-time compile, which knows nothing of the pointers.
+    the ahead-of-time compile, which knows nothing of the pointers. Without ALIGNED (a decode cache whose base is
+    off a 16-byte boundary) no hint: narrower loads, still correct.
     """
     dims = tl.arange(0, BLOCK_D)
-    ptrs = tl.multiple_of(ptr + row_offs[:, None] + dims[None, :], [16, 16])
+    ptrs = ptr + row_offs[:, None] + dims[None, :]
+    if ALIGNED:
+        ptrs = tl.multiple_of(ptrs, [16, 16])
     if head_dim == BLOCK_D:
         return tl.load(ptrs)
     else:
@@ -390,6 +393,7 @@ def attention_decode_split_kernel(
     num_q_heads: tl.constexpr, num_kv_heads: tl.constexpr, head_dim: tl.constexpr, num_queries: tl.constexpr,
     PAGED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_START: tl.constexpr, IEEE_FP32: tl.constexpr,
     HEADS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DIRECT: tl.constexpr,
+    ALIGNED_CACHE: tl.constexpr = True,
 ):
     """Partial attention of one split of one sequence's cache, for the query heads of one kv group.
 
@@ -451,8 +455,8 @@ def attention_decode_split_kernel(
             offs = block.to(tl.int64) * cache_stride_outer + (safe_pos % block_size) * cache_stride_pos
         else:
             offs = safe_pos.to(tl.int64) * cache_stride_pos
-        k = _load_rows(k_base, offs, head_dim, BLOCK_D)
-        v = _load_rows(v_base, offs, head_dim, BLOCK_D)
+        k = _load_rows(k_base, offs, head_dim, BLOCK_D, ALIGNED_CACHE)
+        v = _load_rows(v_base, offs, head_dim, BLOCK_D, ALIGNED_CACHE)
         scores = _dot(q, tl.trans(k), IEEE_FP32) * scale_log2 + steps.to(tl.float32) * 1.0e32
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
         rescale = tl.math.exp2(row_max - new_max)
@@ -638,15 +642,12 @@ def attention_decode(q, k_cache, v_cache, seq_lens, block_table, softmax_scale, 
     16-element-aligned strides and a contiguous last dim; seq_lens int32 [B]; block_table int32 [B, max_blocks];
     seq_starts int32 [B] or None."""
     q = _aligned(q)
-    if k_cache.data_ptr() % 16 or v_cache.data_ptr() % 16:
-        # the kernel reads both caches with k_cache's strides: copy both into one (contiguous) layout, never one
-        # alone (a copy of a non-dense view gets other strides). Correct but a whole-cache copy per call: said aloud.
+    aligned_cache = k_cache.data_ptr() % 16 == 0 and v_cache.data_ptr() % 16 == 0
+    if not aligned_cache:  # read in place without the wide-load hints: slower, never silent
         warnings.warn(f"zaya::cca_attention_decode (triton): k_cache / v_cache do not start on a 16-byte boundary "
-                      f"(data_ptr % 16 = {k_cache.data_ptr() % 16} / {v_cache.data_ptr() % 16}), so both caches "
-                      f"({2 * k_cache.numel() * k_cache.element_size() / 2**20:.1f} MiB) are copied on every call; "
-                      f"allocate them aligned (e.g. not as a view at an odd element offset)",
-                      RuntimeWarning, stacklevel=2)
-        k_cache, v_cache = (t.clone(memory_format=torch.contiguous_format) for t in (k_cache, v_cache))
+                      f"(data_ptr % 16 = {k_cache.data_ptr() % 16} / {v_cache.data_ptr() % 16}), so the kernel reads "
+                      f"them without wide vector loads (slower); allocate them aligned (e.g. not as a view at an odd "
+                      f"element offset)", RuntimeWarning, stacklevel=2)
     B, Hq, D = q.shape[0], q.shape[-2], q.shape[-1]
     num_queries = q.shape[1] if q.dim() == 4 else 1
     Hkv = k_cache.shape[2]
@@ -681,7 +682,8 @@ def attention_decode(q, k_cache, v_cache, seq_lens, block_table, softmax_scale, 
         k_cache.shape[1] if paged else 1, k_cache.shape[0],
         num_q_heads=Hq, num_kv_heads=Hkv, head_dim=D, num_queries=num_queries, PAGED=paged, HAS_WINDOW=window > 0,
         HAS_START=seq_starts is not None, IEEE_FP32=_ieee(q), HEADS=heads, ROWS=rows, BLOCK_N=cfg["block_n"],
-        BLOCK_D=block_d_for(D), DIRECT=direct, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BLOCK_D=block_d_for(D), DIRECT=direct, ALIGNED_CACHE=aligned_cache, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     if direct:
         return out
     attention_decode_reduce_kernel[(B * num_queries, Hq)](
@@ -725,6 +727,7 @@ _DECODE_SIGNATURE = {
     "num_q_heads": "constexpr", "num_kv_heads": "constexpr", "head_dim": "constexpr", "num_queries": "constexpr",
     "PAGED": "constexpr", "HAS_WINDOW": "constexpr", "HAS_START": "constexpr", "IEEE_FP32": "constexpr",
     "HEADS": "constexpr", "ROWS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "DIRECT": "constexpr",
+    "ALIGNED_CACHE": "constexpr",
 }
 _REDUCE_SIGNATURE = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": "*bf16", "num_splits": "i32",
                      "num_q_heads": "constexpr", "head_dim": "constexpr", "SPLITS": "constexpr",
@@ -751,15 +754,22 @@ def _aot_configs() -> dict[str, list]:
                         variants = itertools.product((1, 4) if block_d == 128 else (1,), (False, True), (False,))
                         if block_d == 128:
                             variants = [*variants, (1, False, True)]
-                        # DIRECT (one split: the output written in place, bf16) for every variant
-                        for (queries, paged, has_start), direct in itertools.product(variants, (False, True)):
+                        # DIRECT (one split: the output written in place, bf16) for every variant; a cache off a
+                        # 16-byte boundary (no wide-load hints) at ZAYA1's head dim, one query, no window
+                        variants = [(*variant, direct, True) for variant in variants for direct in (False, True)]
+                        if block_d == 128 and not has_window:
+                            variants += [(1, paged, False, direct, False) for paged in (False, True)
+                                         for direct in (False, True)]
+                        for queries, paged, has_start, direct, aligned in variants:
                             rows = max(16, queries * heads)
                             consts = {"num_q_heads": 8, "num_kv_heads": 2, "head_dim": block_d,
                                       "num_queries": queries, "PAGED": paged, "HAS_WINDOW": has_window,
                                       "HAS_START": has_start, "IEEE_FP32": False, "HEADS": heads, "ROWS": rows,
-                                      "BLOCK_N": cfg["block_n"], "BLOCK_D": block_d, "DIRECT": direct}
+                                      "BLOCK_N": cfg["block_n"], "BLOCK_D": block_d, "DIRECT": direct,
+                                      "ALIGNED_CACHE": aligned}
                             label = (f"paged={int(paged)},window={int(has_window)},start={int(has_start)},"
-                                     f"queries={queries},direct={int(direct)},HEADS={heads},"
+                                     f"queries={queries},direct={int(direct)},"
+                                     + ("" if aligned else "aligned_cache=0,") + f"HEADS={heads},"
                                      f"ROWS={rows},BLOCK_N={cfg['block_n']},BLOCK_D={block_d},"
                                      f"warps={cfg['num_warps']},stages={cfg['num_stages']}")
                             signature = dict(_DECODE_SIGNATURE)
