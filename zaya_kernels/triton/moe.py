@@ -14,11 +14,13 @@ weights) and padding is at most one partial tile per class.
   GEMM 1 (`moe_gate_up_kernel`): gathers x rows by token id, multiplies by gate and up rows of gate_up[e]
       (two fp32 accumulators for the same BLOCK_N columns n and I + n) and stores a = SiLU(g) * u, rounded to the
       activation dtype, at the sorted rows of a [T, I] buffer. Unused tiles exit at once; the programs of a skip
-      tile write its tokens' y rows (0 or w x, `_skip_tile`) and exit: no launch of their own. An earlier skip
+      tile write its tokens' y rows (0 or w x, `_skip_rows`) and exit: no launch of their own. An earlier skip
       branch in the GEMMs made AMD spill SGPRs; this one costs none of the AOT configs a spill, a parked SGPR or
       occupancy (gfx942: 51 -> 86 SGPRs at most, of 102).
   GEMM 2 (`moe_down_kernel`): a [rows, I] x down[e]^T, times the routing weight in fp32, stored straight into y at
       the token's row (top-1: one writer per row, no reduction, no atomics).
+  BY_TOKEN (both GEMMs; `moe_experts_by_token`, a few tokens at decode): no dispatch and no tile map: program row t
+      is token t alone (lane 0 of a BLOCK_M = 16 tile), its class read from expert_index, its act row t.
 Backward (`moe_experts_backward`): bwd_act (g, u recomputed with q = dy down[e] in one K loop; writes [dg, du], a
 and the routing-weight partials), bwd_dx (grad_x = [dg, du] gate_up[e]), moe_skip_bwd_kernel (w dy, <dy, x>) and
 moe_wgrad_kernel twice (grad_gate_up[e] = [dg, du]_e^T x_e, grad_down[e] = (w dy)_e^T a_e, K = the expert's tokens).
@@ -652,7 +654,7 @@ def moe_experts(x, gate_up, down, routing_weight, sorted_token_ids, offsets, til
     tiles = tile_expert.shape[0]
     if x.shape[0] == 0 or tiles == 0:
         return
-    _launch_gemms(x, gate_up, down, routing_weight, y, tiles, block_m, skip_mode, None,
+    _launch_gemms("moe_experts", x, gate_up, down, routing_weight, y, tiles, block_m, skip_mode, None,
                   (sorted_token_ids, offsets, tile_expert, tile_start))
 
 
@@ -664,16 +666,16 @@ def moe_experts_by_token(x, gate_up, down, expert_index, routing_weight, skip_mo
     expert_index themselves); every row of y is written."""
     if x.shape[0] == 0:
         return
-    _launch_gemms(x, gate_up, down, routing_weight, y, x.shape[0], BY_TOKEN_BLOCK_M, skip_mode, expert_index,
-                  (None, None, None, None))
+    _launch_gemms("moe_experts_by_token", x, gate_up, down, routing_weight, y, x.shape[0], BY_TOKEN_BLOCK_M,
+                  skip_mode, expert_index, (None, None, None, None))
 
 
-def _launch_gemms(x, gate_up, down, routing_weight, y, grid_rows, block_m, skip_mode, expert_index, dispatch):
+def _launch_gemms(op, x, gate_up, down, routing_weight, y, grid_rows, block_m, skip_mode, expert_index, dispatch):
     """Both expert GEMMs over grid_rows tiles (dispatch tiles, or tokens with expert_index: BY_TOKEN)."""
     T, H = x.shape
     E, two_i, _ = gate_up.shape
     I = two_i // 2
-    check_index_range("moe_experts", T, H, I)
+    check_index_range(op, T, H, I)
     target = device_target(x.device)
     by_token = expert_index is not None
     act = torch.empty(T, I, dtype=x.dtype, device=x.device)  # SiLU(g) * u at sorted rows (BY_TOKEN: token rows)
