@@ -468,10 +468,14 @@ NUM_WARPS = 4  # the backward kernels; the forward ones: forward_num_warps
 
 
 def forward_num_warps(head_dim: int, k0: int, k1: int, fp32: bool, decode: bool) -> int:
-    """Warps per forward program (prefill and decode), from the AOT report (Triton 3.9; gfx942 and gfx950 spill at
-    neither count): 4 at ZAYA1's shape (D 128, k0 = k1 = 2) and for the bf16 prefill at D > 128 (8 spill there on
-    sm_90); 8 elsewhere (with 4, ptxas spills on sm_90 at D 64 and 96, at D 256 in fp32, and when k0 + k1 > 4)."""
-    if (head_dim, k0, k1) == (128, 2, 2) or (head_dim > 128 and not fp32 and not decode):
+    """Warps per forward program, from the AOT report (gfx942 and gfx950 spill at neither count). Decode: 8 at every
+    shape (at ZAYA1's, 4 spilled 24 B on sm_90 under Triton 3.6 and held AMD to 3 waves per SIMD there; 8 takes
+    fewer registers under 3.6 and 3.9 alike). Prefill (Triton 3.9): 4 at ZAYA1's shape (D 128, k0 = k1 = 2) and
+    in bf16 at D > 128 (8 spill there on sm_90); 8 elsewhere (with 4, ptxas spills on sm_90 at D 64 and 96, at
+    D 256 in fp32, and when k0 + k1 > 4)."""
+    if decode:
+        return 8
+    if (head_dim, k0, k1) == (128, 2, 2) or (head_dim > 128 and not fp32):
         return 4
     return 8
 DECODE_BLOCK_ROWS = 16  # the smallest tile tl.dot takes; decode batches share each weight tile
