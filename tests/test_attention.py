@@ -459,17 +459,19 @@ def test_triton_decode_last_token_equals_last_prefill_row():
 
 @pytest.mark.parametrize("misaligned", ["k", "v"])
 @pytest.mark.parametrize("paged,dtype", [(False, torch.float32), (True, torch.float16)])
-def test_triton_decode_with_one_cache_not_16_byte_aligned(misaligned, paged, dtype):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_triton_decode_with_one_cache_not_16_byte_aligned(misaligned, paged, dtype, device):
     """Caches that are non-dense views (a D-wide slice of a wider buffer) with equal strides, one of them starting
     off a 16-byte boundary: read in place (no copy: the kernel variant without the wide-load hints), announced with
     a RuntimeWarning (a slow path is never silent)."""
     lens, hq, hkv, d, block_size = [5, 8], 2, 1, 16, 4
-    _, paged_cache, table, q, seq_lens, _, _ = _decode_case(lens, (hq, hkv), d, block_size, dtype, 7)
-    contiguous = _decode_case(lens, (hq, hkv), d, block_size, dtype, 7)[0]
+    _, paged_cache, table, q, seq_lens, _, _ = _decode_case(lens, (hq, hkv), d, block_size, dtype, 7, device=device)
+    contiguous = _decode_case(lens, (hq, hkv), d, block_size, dtype, 7, device=device)[0]
+    seq_lens, table = seq_lens.to(device), table.to(device)
     caches = list(paged_cache if paged else contiguous)
     for i, name in enumerate("kv"):
         offset = 1 if name == misaligned else 0  # one element: 4 (fp32) or 2 (fp16) bytes off
-        wide = torch.zeros(offset + 2 * caches[i].numel(), dtype=dtype)
+        wide = torch.zeros(offset + 2 * caches[i].numel(), dtype=dtype, device=device)
         view = wide[offset:].view(*caches[i].shape[:-1], 2 * d)[..., :d]
         view.copy_(caches[i])
         caches[i] = view

@@ -545,6 +545,35 @@ def test_gpu_triton_matches_reference(T, skip_mode, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 2, 4])
+@pytest.mark.parametrize("skip_mode", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_experts_by_token_matches_reference_and_captures(T, skip_mode, dtype):
+    """The decode path (moe_experts_by_token, what `moe` runs for T <= 4 without gradients) at ZAYA1-8B's sizes,
+    against the per-token reference loop, into a NaN-poisoned output, and replayed in a CUDA graph
+    with new routing (no host synchronisation: the expert index is read on the device)."""
+    from zaya_kernels.triton import moe as tri
+
+    E, H, I = 16, 2048, 2048
+    x, gate_up, down, index, weight = make_inputs(T, E, H, I, dtype, "random", T, device="cuda")
+    index[0] = E  # one skipped token
+    expected = ref.moe_per_token(x, gate_up, down, index, weight, skip_mode)
+    y = torch.full_like(x, float("nan"))
+    tri.moe_experts_by_token(x, gate_up, down, index, weight, skip_mode, y)
+    assert_close(y, expected, dtype=dtype, reduction=max(H, I), what=f"by token T={T}")
+    with torch.no_grad(), zaya_kernels.use_backend("triton"):
+        moe(x, gate_up, down, index, weight, skip_mode)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = moe(x, gate_up, down, index, weight, skip_mode)
+        assert zaya_kernels.last_backend("moe_experts_by_token") == "triton"
+        index.copy_(draw_index("random", T, E, torch.Generator().manual_seed(11)).cuda())
+        graph.replay()
+    expected = ref.moe_per_token(x, gate_up, down, index, weight, skip_mode)
+    assert_close(y, expected, dtype=dtype, reduction=max(H, I), what=f"by token T={T}, graph replay")
+
+
+@pytest.mark.gpu
 def test_gpu_dispatch_and_experts_capture_in_a_cuda_graph():
     """No host synchronisation: dispatch + experts record into a CUDA graph and replay with new routing."""
     T, E, H, I = 64, 16, 256, 128
