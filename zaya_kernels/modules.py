@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from zaya_kernels import ops as zaya_ops
+from zaya_kernels.ops._registry import grad_wanted
 
 
 # ---------------------------------------------------------------- norms and residual scaling
@@ -311,8 +312,7 @@ def _stackable(linears, params) -> bool:
     if torch.compiler.is_compiling():
         return False
     plain = all(type(lin) is nn.Linear and not lin._forward_hooks and not lin._forward_pre_hooks for lin in linears)
-    wants_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-    return plain and not wants_grad and not any(p.is_inference() for p in params)
+    return plain and not grad_wanted(params) and not any(p.is_inference() for p in params)
 
 
 def forget_stacked_projections(model: nn.Module) -> None:
@@ -382,8 +382,7 @@ class CCAAttention(nn.Module):
             raise ValueError(f"zaya modules: attention dropout ({self.attention_dropout}) is not implemented "
                              "by the zaya attention ops; train with attention_dropout=0 or kernelize "
                              "transformers' model (its attention runs there with dropout)")
-        if (cache is not None and not batch.fresh and torch.is_grad_enabled()
-                and any(p.requires_grad for p in self.parameters())):
+        if cache is not None and not batch.fresh and grad_wanted(self.parameters()):
             raise ValueError("zaya modules: gradients through a cached prefix are not implemented (the decode "
                              "kernels have no backward): train without a cache, or run the forward under "
                              "torch.no_grad()")

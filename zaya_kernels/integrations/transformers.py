@@ -55,6 +55,7 @@ import torch
 
 from zaya_kernels import ops as zaya_ops
 from zaya_kernels.backend import use_backend
+from zaya_kernels.ops._registry import grad_wanted
 from zaya_kernels.modules import cca_projections, record_expert_choices, rope_settings
 from zaya_kernels.ops.router import BALANCE_MODES
 
@@ -255,7 +256,7 @@ def _zaya_attention_path(attn, cache, layout) -> str:
     if cache is not None and not isinstance(cache.layers[attn.layer_idx], DynamicLayer):
         return f"transformers ({type(cache.layers[attn.layer_idx]).__name__})"
     fresh = cache is None or cache.get_seq_length(attn.layer_idx) == 0
-    if not fresh and torch.is_grad_enabled() and any(p.requires_grad for p in attn.parameters()):
+    if not fresh and grad_wanted(attn.parameters()):
         return "transformers (gradients through a cached prefix: the decode kernels have no backward)"
     if layout.unpadded:
         return "zaya::cca_attention" if fresh else "zaya::cca_attention_decode"

@@ -35,6 +35,12 @@ def _device_type(args) -> str:
     raise TypeError("a zaya op was called without any tensor argument")
 
 
+def grad_wanted(tensors) -> bool:
+    """Whether autograd would record through any of `tensors` (non-tensors ignored): grad mode on and one of them
+    requires grad. Used wherever a path without a backward must step aside."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
 def register_op(
     name: str,
     *,
@@ -62,8 +68,7 @@ def register_op(
     op_backends = tuple(impls)
 
     def dispatching_kernel(*args):
-        if backward is None and torch.is_grad_enabled() and any(
-                isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        if backward is None and grad_wanted(args):
             # torch's fallback would only warn, then give no gradient (a kernel's output has no history) or, from
             # the reference's torch ops, a gradient the other backends lack: refuse alike on every backend
             raise RuntimeError(f"{qualname} has no backward (an inference op, or a backward itself: no double "

@@ -27,12 +27,19 @@ def tensor(op: str, name: str, t, *, ndim: int | None = None, min_ndim: int = 0,
         raise ValueError(f"zaya::{op}: `{name}` must be contiguous (row-major); got strides {t.stride()}")
 
 
-def row_strided(op: str, name: str, t) -> None:
-    """A 2D [rows, width] tensor read row by row with a runtime row stride: unit stride along the row and rows that
-    do not overlap (stride(0) >= width; any stride with at most one row, or zero width): e.g. a column slice of a
-    wider [rows, width + pad] buffer, such as one output of a stacked projection GEMM split without a copy."""
+def is_row_strided(t) -> bool:
+    """A 2D [rows, width] tensor the kernels can read row by row with a runtime row stride: unit stride along the row
+    and rows that do not overlap (stride(0) >= width; any stride with at most one row, or zero width): e.g. a column
+    slice of a wider [rows, width + pad] buffer, such as one output of a stacked projection GEMM split without a
+    copy."""
     rows, width = t.shape
-    if (rows > 1 and width > 0 and t.stride(0) < width) or (width > 1 and t.stride(1) != 1):
+    return not ((rows > 1 and width > 0 and t.stride(0) < width) or (width > 1 and t.stride(1) != 1))
+
+
+def row_strided(op: str, name: str, t) -> None:
+    """Raise unless `is_row_strided(t)`."""
+    if not is_row_strided(t):
+        width = t.shape[1]
         raise ValueError(f"zaya::{op}: `{name}` must have a contiguous last dim (stride 1) and a row stride >= its "
                          f"width {width} (rows may be padded, not overlapping); got shape {tuple(t.shape)} and strides "
                          f"{t.stride()}")

@@ -748,7 +748,7 @@ def cca_prepare_batched(
 
     def as_rows(t):  # [rows, width], a view where one does (row-strided slices of a stacked GEMM), else a copy
         t = t.reshape(rows, t.shape[-1])
-        return t if t.shape[-1] <= 1 or t.stride(-1) == 1 and t.stride(0) >= t.shape[-1] else t.contiguous()
+        return t if check.is_row_strided(t) else t.contiguous()
 
     q, k, v, _, _ = cca_prepare(
         as_rows(qk), as_rows(v_current), as_rows(v_delayed), conv0_weight, conv0_bias, conv1_weight, conv1_bias,

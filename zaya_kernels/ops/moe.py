@@ -34,7 +34,7 @@ import torch
 
 from zaya_kernels import backend as _backend
 from zaya_kernels.ops import _validate as check
-from zaya_kernels.ops._registry import register_op
+from zaya_kernels.ops._registry import grad_wanted, register_op
 from zaya_kernels.reference import moe as ref
 
 _INDEX_DTYPES = (torch.int32,)
@@ -532,8 +532,8 @@ def moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, expert_index
         check.tensor("moe_experts", name, t, shape=x.shape[:-1])  # one per token: x's leading shape
     H = x.shape[-1]
     flat_x = x.reshape(-1, H)
-    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up, down, routing_weight))
-    if block_m is None and flat_x.shape[0] <= BY_TOKEN_MAX_TOKENS and not wants_grad:
+    if block_m is None and flat_x.shape[0] <= BY_TOKEN_MAX_TOKENS and not grad_wanted((x, gate_up, down,
+                                                                                        routing_weight)):
         y = torch.ops.zaya.moe_experts_by_token(flat_x, gate_up, down, expert_index.reshape(-1),
                                                 routing_weight.reshape(-1), skip_mode)
         return y.view(x.shape)
