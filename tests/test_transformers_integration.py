@@ -479,10 +479,12 @@ def test_training_updates_balancing_biases_toward_equal_load():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("padded", [False, True])
-def test_gpu_kernelized_model_matches_transformers(padded):
+@pytest.mark.parametrize("stack", [False, True])
+def test_gpu_kernelized_model_matches_transformers(padded, stack):
     """On a GPU with the auto backend (HIP / Triton kernels, fp32): the kernelized model's logits and greedy tokens
     equal the unmodified model's, unpadded (zaya attention for prefill and decode) and left-padded (zaya decode
-    attention with seq_starts), a sliding-window layer included."""
+    attention with seq_starts), a sliding-window layer included; with and without stacked q/k/v projections (the
+    batch of 3 decodes through moe_experts_by_token)."""
     sliding = dict(layer_types=["hybrid", "hybrid_sliding", "hybrid"], sliding_window=4)
     model = tiny_model("gqa2", **sliding).cuda()
     ids, mask = left_padded_batch()
@@ -493,10 +495,11 @@ def test_gpu_kernelized_model_matches_transformers(padded):
         expected_logits = model(input_ids=ids, attention_mask=mask).logits
         expected_tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
                                          eos_token_id=None)
-        kernelize(model)
+        kernelize(model, stack_projections=stack)
         logits = model(input_ids=ids, attention_mask=mask).logits
         tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
                                 eos_token_id=None)
         assert attention_paths(model) == ["zaya::cca_attention_decode"] * 3
+        assert zaya_kernels.last_backend("moe_experts_by_token") is not None
     assert relative_error(logits, expected_logits) < 5e-5
     assert torch.equal(tokens, expected_tokens)
