@@ -465,6 +465,9 @@ def cca_final_states_kernel(
 BLOCK_T = 16  # rows per prefill program: 32 and 64 spill (scalar registers on gfx942/gfx950, vector ones on sm_90)
 CONV_BLOCK_I = 16  # input channels per grouped-conv step: [16, D] weight tiles (32 spills on sm_90)
 NUM_WARPS = 4  # the backward kernels; the forward ones: forward_num_warps
+DECODE_BLOCK_ROWS = 16  # the smallest tile tl.dot takes; decode batches share each weight tile
+FINAL_BLOCK_C = 128
+_inv_freq_cache: dict = {}
 
 
 def forward_num_warps(head_dim: int, k0: int, k1: int, fp32: bool, decode: bool) -> int:
@@ -478,9 +481,6 @@ def forward_num_warps(head_dim: int, k0: int, k1: int, fp32: bool, decode: bool)
     if (head_dim, k0, k1) == (128, 2, 2) or (head_dim > 128 and not fp32):
         return 4
     return 8
-DECODE_BLOCK_ROWS = 16  # the smallest tile tl.dot takes; decode batches share each weight tile
-FINAL_BLOCK_C = 128
-_inv_freq_cache: dict = {}
 
 
 def _inv_freq(rotary_dim: int, theta: float, device: torch.device) -> torch.Tensor:
