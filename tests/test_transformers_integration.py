@@ -95,6 +95,45 @@ def test_unpadded_batch_runs_the_zaya_attention_ops(backend):
     assert torch.equal(tokens, expected_tokens)
 
 
+@pytest.mark.parametrize("backend,name", [("reference", "biased"), ("triton", "gqa2")])
+def test_decode_updates_the_caches_conv_and_value_states_in_place(backend, name, monkeypatch):
+    """A decode step (one new token per row, no gradient wanted) runs zaya::cca_prepare_decode on transformers'
+    own conv and value state tensors: they keep their storage and hold the unmodified model's states after every
+    step, and each step's logits match. A chunk of several new tokens keeps zaya::cca_prepare."""
+    from zaya_kernels import ops as zaya_ops
+
+    calls = {"cca_prepare": 0, "cca_prepare_decode": 0}
+    for op in calls:
+        def spy(*args, _op=op, _inner=getattr(zaya_ops, op), **kwargs):
+            calls[_op] += 1
+            return _inner(*args, **kwargs)
+        monkeypatch.setattr(zaya_ops, op, spy)
+    model = tiny_model(name)
+    ours = kernelize(copy.deepcopy(model), backend=backend)
+    ids = torch.randint(3, 97, (3, 9), generator=torch.Generator().manual_seed(8))
+    caches, step_logits = [], []
+    with torch.no_grad():
+        for m in (model, ours):
+            cache = DynamicCache(config=m.config)
+            logits = [m(input_ids=ids[:, :5], cache=cache).logits]
+            storage = [(layer.conv_states[0].data_ptr(), layer.recurrent_states[0].data_ptr())
+                       for layer in cache.layers]
+            logits += [m(input_ids=ids[:, t:t + 1], cache=cache).logits for t in (5, 6)]
+            assert storage == [(layer.conv_states[0].data_ptr(), layer.recurrent_states[0].data_ptr())
+                               for layer in cache.layers]
+            if m is ours:
+                assert calls == {"cca_prepare": 3, "cca_prepare_decode": 6}  # 3 layers: the prefill, 2 steps
+            logits.append(m(input_ids=ids[:, 7:], cache=cache).logits)  # two new tokens: cca_prepare again
+            caches.append(cache)
+            step_logits.append(torch.cat(logits, 1))
+    assert calls == {"cca_prepare": 6, "cca_prepare_decode": 6}
+    assert zaya_kernels.last_backend("cca_prepare_decode") == backend
+    assert relative_error(step_logits[1], step_logits[0]) < 5e-5
+    for expected, actual in zip(caches[0].layers, caches[1].layers):
+        assert_close(actual.conv_states[0], expected.conv_states[0], reduction=48, what="conv state")
+        assert_close(actual.recurrent_states[0], expected.recurrent_states[0], reduction=48, what="value state")
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_sequences_packed_by_position_ids(backend):
     """Padding-free batches: position_ids restarting inside a row, no mask, no cache. transformers then attends

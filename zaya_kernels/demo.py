@@ -217,8 +217,8 @@ def run_model_demo(model_path=None, new_tokens=None, batch=1) -> int:
     kernelized = kernelize(copy.deepcopy(model) if not on_gpu or model_path is None else model, backend="auto",
                            stack_projections=True)  # serving: one q/k/v GEMM per layer
     k_logits, k_tokens, k_prefill, k_decode = _generate(kernelized, ids, new_tokens, device, "kernelized")
-    k_backends = {op: _backend.last_backend(op) for op in ("cca_prepare", "cca_attention_decode", "zaya_router",
-                                                            "moe_experts", "moe_experts_by_token",
+    k_backends = {op: _backend.last_backend(op) for op in ("cca_prepare", "cca_prepare_decode", "cca_attention_decode",
+                                                            "zaya_router", "moe_experts", "moe_experts_by_token",
                                                             "residual_scale_rmsnorm")}
     k_paths = sorted(set(attention_paths(kernelized)))
     m_logits, m_tokens, m_prefill, m_decode, shares = _generate_modules(model, ids, new_tokens, device)

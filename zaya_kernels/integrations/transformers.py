@@ -7,7 +7,8 @@ What is swapped (with transformers' own cache objects, masks and rotary embeddin
 - the router: `zaya::zaya_router` (down projection, EDA, MLP, fp32 softmax, biased top-1 with the skip class);
 - the experts: `zaya::moe_dispatch` + `zaya::moe_experts` (top-1 grouped GEMMs, skip_mode 0), for SiLU experts.
 - the CCA projection: `zaya::cca_prepare` (both convolutions, mean coupling, value shift, QK norm, partial RoPE),
-  reading and writing the conv and value states of transformers' cache;
+  reading and writing the conv and value states of transformers' cache; for one new token per row after a cached
+  prefix (decode, no gradient wanted) `zaya::cca_prepare_decode`, which updates those state tensors in place;
 - the attention: `zaya::cca_attention` for a prefill from an empty cache (or no cache) and
   `zaya::cca_attention_decode` for new tokens after a cached prefix (decode, or a chunk of Q tokens per sequence,
   causal among themselves), reading the keys and values straight from transformers' dynamic cache (full and
@@ -130,27 +131,18 @@ def attention_forward(attn, hidden_states, position_ids, attention_mask, cache, 
     conv_state = cache.get_conv_state(attn.layer_idx, state_idx=0) if cache is not None else None
     value_state = cache.get_recurrent_state(attn.layer_idx, state_idx=0) if cache is not None else None
     rotary_dim, rope_theta = rope_settings(config, attn.layer_type)
-    cu_seqlens, every_row = batch_layout.cu_seqlens, batch_layout.every_row
-    has_state = None
-    delayed_bias = proj.v_proj_delayed.bias
-    if conv_state is None and delayed_bias is not None:  # a fresh sequence: zero conv columns, and see below
-        conv_state = qk.new_zeros(batch, qk.shape[-1], config.cca_time0 + config.cca_time1 - 2)
-    if conv_state is not None:
-        has_state = every_row
-        if value_state is None:  # transformers' Vd_{-1} = v_proj_delayed(0): its bias (differentiable), or 0
-            value_state = (delayed_bias.expand(batch, -1) if delayed_bias is not None else
-                           torch.zeros(batch, v_delayed.shape[-1], dtype=qk.dtype, device=qk.device))
-    q, k, v, final_conv, final_value = zaya_ops.cca_prepare(
-        qk, v_current, v_delayed, proj.conv_qk_depthwise.weight.squeeze(1),
-        proj.conv_qk_depthwise.bias, proj.conv_qk_grouped.weight, proj.conv_qk_grouped.bias, attn.qk_norm.temp,
-        position_ids.expand(batch, seq).reshape(-1).contiguous(), cu_seqlens,
-        config.num_attention_heads, config.num_key_value_heads, rotary_dim, rope_theta,
-        *(None if state is None else (state.clone() if torch.is_grad_enabled() else state.contiguous())
-          for state in (conv_state, value_state)),  # a copy for autograd: the cache updates its own in place
-        has_state)
-    if cache is not None:
-        cache.update_conv_state(final_conv.to(qk.dtype), attn.layer_idx)
-        cache.update_recurrent_state(final_value.to(qk.dtype), attn.layer_idx)
+    if _states_updatable_in_place(attn, cache, conv_state, value_state, seq, config, (qk, v_current, v_delayed)):
+        # one new token per row after a cached prefix: `zaya::cca_prepare_decode` reads and updates the cache's
+        # state tensors in place (row b is slot b): one launch instead of cca_prepare's two, the cache's cat and
+        # its two copies
+        q, k, v = zaya_ops.cca_prepare_decode(
+            qk, v_current, v_delayed, proj.conv_qk_depthwise.weight.squeeze(1), proj.conv_qk_depthwise.bias,
+            proj.conv_qk_grouped.weight, proj.conv_qk_grouped.bias, attn.qk_norm.temp,
+            position_ids.expand(batch, seq).reshape(-1).contiguous(), conv_state, value_state, batch_layout.rows,
+            config.num_attention_heads, config.num_key_value_heads, rotary_dim, rope_theta)
+    else:
+        q, k, v = _prepare_with_states(attn, proj, config, qk, v_current, v_delayed, conv_state, value_state, cache,
+                                       position_ids, batch, seq, rotary_dim, rope_theta, batch_layout)
     path = _zaya_attention_path(attn, cache, batch_layout)
     attn._zaya_attention_path = path
     window = attn.sliding_window or -1
@@ -182,6 +174,47 @@ def attention_forward(attn, hidden_states, position_ids, attention_mask, cache, 
     return attn.o_proj(out.reshape(batch, seq, -1)), None
 
 
+def _states_updatable_in_place(attn, cache, conv_state, value_state, seq, config, inputs) -> bool:
+    """Whether this layer's CCA preparation can run as `zaya::cca_prepare_decode` on the cache's own state
+    tensors: one new token per row after a cached prefix, the states at their fixed width (not grown by
+    transformers' past recording for assisted generation), and no gradient wanted (the decode op has none)."""
+    if cache is None or seq != 1 or conv_state is None or value_state is None:
+        return False
+    if getattr(cache.layers[attn.layer_idx], "record_past", False):
+        return False
+    return (conv_state.shape[-1] == config.cca_time0 + config.cca_time1 - 2 and conv_state.is_contiguous()
+            and value_state.is_contiguous() and not grad_wanted((*inputs, *attn.parameters())))
+
+
+def _prepare_with_states(attn, proj, config, qk, v_current, v_delayed, conv_state, value_state, cache, position_ids,
+                         batch, seq, rotary_dim, rope_theta, batch_layout):
+    """`zaya::cca_prepare` over B rows of S tokens from transformers' conv and value states (None before the first
+    forward: a fresh sequence), the cache's states then updated through its own methods (a prefill, a chunk of
+    several tokens, gradients wanted, or recorded past states). Returns q, k, v [B * S, heads, D]."""
+    cu_seqlens, every_row = batch_layout.cu_seqlens, batch_layout.every_row
+    has_state = None
+    delayed_bias = proj.v_proj_delayed.bias
+    if conv_state is None and delayed_bias is not None:  # a fresh sequence: zero conv columns, and see below
+        conv_state = qk.new_zeros(batch, qk.shape[-1], config.cca_time0 + config.cca_time1 - 2)
+    if conv_state is not None:
+        has_state = every_row
+        if value_state is None:  # transformers' Vd_{-1} = v_proj_delayed(0): its bias (differentiable), or 0
+            value_state = (delayed_bias.expand(batch, -1) if delayed_bias is not None else
+                           torch.zeros(batch, v_delayed.shape[-1], dtype=qk.dtype, device=qk.device))
+    q, k, v, final_conv, final_value = zaya_ops.cca_prepare(
+        qk, v_current, v_delayed, proj.conv_qk_depthwise.weight.squeeze(1),
+        proj.conv_qk_depthwise.bias, proj.conv_qk_grouped.weight, proj.conv_qk_grouped.bias, attn.qk_norm.temp,
+        position_ids.expand(batch, seq).reshape(-1).contiguous(), cu_seqlens,
+        config.num_attention_heads, config.num_key_value_heads, rotary_dim, rope_theta,
+        *(None if state is None else (state.clone() if torch.is_grad_enabled() else state.contiguous())
+          for state in (conv_state, value_state)),  # a copy for autograd: the cache updates its own in place
+        has_state)
+    if cache is not None:
+        cache.update_conv_state(final_conv.to(qk.dtype), attn.layer_idx)
+        cache.update_recurrent_state(final_value.to(qk.dtype), attn.layer_idx)
+    return q, k, v
+
+
 class _BatchLayout:
     """What every layer's attention needs to know about the batch, made once per forward.
 
@@ -197,6 +230,7 @@ class _BatchLayout:
     def __init__(self, batch, seq, device, unpadded, seq_starts=None, mask_len=0, packed=None):
         self.cu_seqlens = torch.arange(batch + 1, dtype=torch.int32, device=device) * seq
         self.every_row = torch.ones(batch, dtype=torch.int32, device=device)
+        self._batch, self._device, self._rows = batch, device, None
         self.unpadded, self.seq_starts, self.mask_len = unpadded, seq_starts, mask_len
         self.attention_cu_seqlens, self.attention_max_seqlen = packed if packed is not None else (self.cu_seqlens, seq)
         self.padded_prefill = seq_starts is not None and mask_len == seq
@@ -207,6 +241,13 @@ class _BatchLayout:
             bounds[-1] = batch * seq
             self.attention_cu_seqlens = bounds
         self._per_length = {}
+
+    @property
+    def rows(self):
+        """int32 [B] 0..B-1: each row's slot in transformers' conv and value state tensors (made on first use)."""
+        if self._rows is None:
+            self._rows = torch.arange(self._batch, dtype=torch.int32, device=self._device)
+        return self._rows
 
     def lengths_and_starts(self, length):
         """(seq_lens int32 [B], seq_starts int32 [B] or None) for a layer whose cache tensor holds `length`
