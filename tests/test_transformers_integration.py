@@ -456,6 +456,14 @@ def test_kernelize_zaya_model_and_bad_input():
         kernelize(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="unknown zaya_kernels backend"):
         kernelize(model, backend="cuda")
+    # a cache recording its past (assisted generation) grows the conv states; transformers' own ZAYA fails on it too
+    cache = DynamicCache(config=base.config)
+    cache.activate_past_recording()
+    with torch.no_grad():
+        base(input_ids=ids[:, :4], cache=cache)
+        base(input_ids=ids[:, 4:5], cache=cache)
+        with pytest.raises(ValueError, match="conv state holds 4 columns, not the 2.*recording its past"):
+            base(input_ids=ids[:, 5:6], cache=cache)
 
 
 def test_scaled_rope_is_refused_by_the_cca_kernels_and_runs_with_cca_false():

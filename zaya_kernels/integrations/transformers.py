@@ -38,7 +38,9 @@ controllers' state goes into a training checkpoint with `balancing_state_dict` /
 Outputs: `last_hidden_state` and `cache`. Not supported, and refused with a ValueError rather than
 silently skipped: `output_hidden_states`, `output_attentions`, `output_router_logits` (transformers records them
 with hooks on the layer modules, whose forwards the fused layer loop does not call; forward hooks registered on
-decoder layers or attention blocks do not fire either), and a RoPE type other than the default with cca=True.
+decoder layers or attention blocks do not fire either), a RoPE type other than the default with cca=True, and a
+cache recording its past (assisted generation: its conv states grow, which transformers' own ZAYA attention
+cannot read either).
 Activation checkpointing (`activation_checkpointing_enable()`) checkpoints the decoder layers it marks (every n-th
 with every_n_layers=n), without a cache as in transformers; the expert choices it recomputes are not counted twice
 for the balancing. Sequences packed into rows by restarting position_ids (no mask, no cache) attend
@@ -191,11 +193,18 @@ def _prepare_with_states(attn, proj, config, qk, v_current, v_delayed, conv_stat
     """`zaya::cca_prepare` over B rows of S tokens from transformers' conv and value states (None before the first
     forward: a fresh sequence), the cache's states then updated through its own methods (a prefill, a chunk of
     several tokens, gradients wanted, or recorded past states). Returns q, k, v [B * S, heads, D]."""
+    width = config.cca_time0 + config.cca_time1 - 2
+    if conv_state is not None and conv_state.shape[-1] != width:
+        # transformers' past recording (assisted generation, deferred stop checks) keeps every step's conv window;
+        # its own ZAYA attention fails on such a state too (a view error), and rolling one back is not defined
+        raise ValueError(f"kernelize: layer {attn.layer_idx}'s conv state holds {conv_state.shape[-1]} columns, not "
+                         f"the {width} the CCA convolutions read: a cache recording its past (assisted generation) "
+                         "is not supported for ZAYA")
     cu_seqlens, every_row = batch_layout.cu_seqlens, batch_layout.every_row
     has_state = None
     delayed_bias = proj.v_proj_delayed.bias
     if conv_state is None and delayed_bias is not None:  # a fresh sequence: zero conv columns, and see below
-        conv_state = qk.new_zeros(batch, qk.shape[-1], config.cca_time0 + config.cca_time1 - 2)
+        conv_state = qk.new_zeros(batch, qk.shape[-1], width)
     if conv_state is not None:
         has_state = every_row
         if value_state is None:  # transformers' Vd_{-1} = v_proj_delayed(0): its bias (differentiable), or 0
