@@ -8,7 +8,8 @@
 # kill-after of a step that ignores SIGINT stays inside the deadline); a step cut short keeps what it wrote (pytest
 # gets SIGINT and still writes its XML; run.py rewrites its JSON after every case and on SIGINT). Everything lands
 # under $OUT (default ./device_out). The AOT compile report needs no GPU: CI runs it. With device time left for a
-# second call, benchmarks/device_tune.sh tunes the MoE decode buckets and attention decode configurations.
+# second call, benchmarks/device_tune.sh tunes the MoE decode buckets and attention decode configurations. Where the
+# GPU image has no matplotlib, draw the PNGs back here: `python benchmarks/run.py --plot <fetched results>/*/*.json`.
 #
 # Before the call, on the machine with the network: `bash benchmarks/fetch_device_wheels.sh` puts the transformers
 # wheel this repository is tested with into .whl/ (the GPU image's own transformers is older); carry ".whl".

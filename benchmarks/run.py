@@ -9,6 +9,7 @@ bench_model); and, for cases that carry launch-floor providers (named "floor:...
 time as a multiple of each floor.
 
     python benchmarks/run.py [--only residual_rmsnorm] [--out benchmarks/results] [--repeats N]
+    python benchmarks/run.py --plot RESULTS.json ...   # redraw the PNGs from JSON (e.g. fetched from a GPU machine)
 
 A bench_*.py module yields (op, shape dict, bytes moved, {provider: callable}). A provider callable may carry a
 `probe` attribute, a callable returning a dict: run once after the provider is timed, its dict merged into the
@@ -214,6 +215,8 @@ def _print_case(case_records):
 
 
 def _plot(records, meta, path):
+    """Bar charts of GB/s (with the peak HBM line) and of tokens/s (whole-model cases), one bar per provider and
+    case; None without matplotlib or without such records."""
     try:
         import matplotlib
 
@@ -221,29 +224,37 @@ def _plot(records, meta, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    records = [r for r in records if "gb_per_s" in r]
-    if not records:
+    # whole-model cases by tokens/s, every other case by GB/s
+    panels = [("gb_per_s", "GB/s", [r for r in records if r.get("gb_per_s") and not r.get("tokens_per_s")]),
+              ("tokens_per_s", "tokens/s", [r for r in records if r.get("tokens_per_s")])]
+    panels = [panel for panel in panels if panel[2]]
+    if not panels:
         return None
-    groups = sorted({(r["op"], json.dumps(r["shape"], sort_keys=True)) for r in records})
-    providers = sorted({r["provider"] for r in records})
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 4))
-    width = 0.8 / max(1, len(providers))
-    for i, provider in enumerate(providers):
-        values = []
-        for op, shape in groups:
-            match = [r["gb_per_s"] for r in records if r["provider"] == provider and r["op"] == op
-                     and json.dumps(r["shape"], sort_keys=True) == shape]
-            values.append(match[0] if match else 0.0)
-        ax.bar([g + i * width for g in range(len(groups))], values, width, label=provider)
-    if meta["peak_bandwidth_bytes_per_s"]:
-        ax.axhline(meta["peak_bandwidth_bytes_per_s"] / 1e9, color="k", linestyle="--", linewidth=0.8, label="peak HBM")
-    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
-    ax.set_xticklabels([f"{op}\n" + ",".join(f"{v}" for k, v in json.loads(shape).items() if k not in SHAPE_HIDDEN)
-                        for op, shape in groups], fontsize=7)
-    ax.set_ylabel("GB/s")
-    ax.set_title(f"zaya_kernels on {meta['device']} ({meta['date'][:10]}, torch {meta['torch']}, triton {meta['triton']})",
-                 fontsize=8)
-    ax.legend(fontsize=7)
+    widest = max(len({(r["op"], json.dumps(r["shape"], sort_keys=True)) for r in rows}) for _, _, rows in panels)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 1.2 * widest), 4.5 * len(panels)), squeeze=False)
+    colours = {p: f"C{i % 10}" for i, p in enumerate(sorted({r["provider"] for _, _, rows in panels for r in rows}))}
+    for ax, (metric, label, rows) in zip(axes[:, 0], panels):
+        groups = sorted({(r["op"], json.dumps(r["shape"], sort_keys=True)) for r in rows})
+        providers = sorted({r["provider"] for r in rows})
+        width = 0.8 / max(1, len(providers))
+        for i, provider in enumerate(providers):
+            values = []
+            for op, shape in groups:
+                match = [r[metric] for r in rows if r["provider"] == provider and r["op"] == op
+                         and json.dumps(r["shape"], sort_keys=True) == shape]
+                values.append(match[0] if match else 0.0)
+            ax.bar([g + i * width for g in range(len(groups))], values, width, label=provider,
+                   color=colours[provider])
+        if metric == "gb_per_s" and meta["peak_bandwidth_bytes_per_s"]:
+            ax.axhline(meta["peak_bandwidth_bytes_per_s"] / 1e9, color="k", linestyle="--", linewidth=0.8,
+                       label="peak HBM")
+        ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
+        ax.set_xticklabels([f"{op}\n" + ",".join(f"{v}" for k, v in json.loads(shape).items() if k not in SHAPE_HIDDEN)
+                            for op, shape in groups], fontsize=7, rotation=20, ha="right")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    axes[0, 0].set_title(f"zaya_kernels on {meta['device']} ({meta['date'][:10]}, torch {meta['torch']}, "
+                         f"triton {meta['triton']})", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -255,7 +266,18 @@ def main(argv=None):
     parser.add_argument("--only", action="append", choices=FAMILIES, help="op families to run (default all)")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--plot", nargs="+", metavar="JSON",
+                        help="only draw the PNG of each JSON an earlier run wrote (next to it): for results fetched "
+                             "from a GPU machine whose Python has no matplotlib")
     args = parser.parse_args(argv)
+    if args.plot:
+        for json_path in args.plot:
+            with open(json_path) as f:
+                data = json.load(f)
+            png_path = _plot(data["records"], data["meta"], os.path.splitext(json_path)[0] + ".png")
+            print(f"{json_path}: " + (f"wrote {png_path}" if png_path else "nothing to plot (no GB/s records, or no "
+                                                                           "matplotlib)"))
+        return 0
     sys.path.insert(0, HERE)
     repeats = args.repeats or (50 if torch.cuda.is_available() else 3)
     run(args.only or FAMILIES, args.out, repeats)
