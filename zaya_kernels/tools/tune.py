@@ -24,8 +24,9 @@ BLOCK_M key's backward check run after it, a few seconds each); what was not eva
 
 MoE: per T bucket of `block_m_by_tokens`, BLOCK_M (neighbours of the current one) x the gate_up and down tiles
 (BLOCK_N, BLOCK_K, num_warps, num_stages), gate_up swept first with the current down, then down with the best
-gate_up; timed = dispatch + both GEMMs + the skip kernel at representative T (1, 8, 64 / 512, 2048 / 8192 for the
-shipped buckets). A BLOCK_M key shared by several buckets has one entry: a bucket can take a BLOCK_M another bucket
+gate_up; timed = dispatch + both GEMMs (the skipped tokens' rows written by gate_up's skip tiles) at representative
+T (1, 8, 64 / 512, 2048 / 8192 for the shipped buckets); the BLOCK_M 16 bucket (decode, also moe_experts_by_token's
+tile) sweeps narrower and deeper tiles too (moe_default_space). A BLOCK_M key shared by several buckets has one entry: a bucket can take a BLOCK_M another bucket
 uses only with that entry, unchanged (so every written entry was timed by every bucket that uses it). A new BLOCK_M key
 gets the backward tiles of the bucket's previous key, compile-checked and checked against the reference backward.
 Attention: fwd (causal prefill, default 8k tokens) and decode (batch 1/64 x context 8k/32k, contiguous cache) at the
@@ -421,10 +422,16 @@ def moe_default_tokens(buckets) -> dict[int, list[int]]:
     return out
 
 
-def moe_default_space(target: str) -> dict:
+def moe_default_space(target: str, block_m: int | None = None) -> dict:
+    """The (BLOCK_N, BLOCK_K, num_warps, num_stages) values swept around a bucket's shipped entry. At BLOCK_M 16
+    (decode: the tile moe_experts_by_token runs) narrower and deeper tiles too: one token's GEMMs at ZAYA1's
+    H = I = 2048 give only cdiv(2048, BLOCK_N) programs (64 at BLOCK_N 32, fewer than gfx942's 304 CUs or sm_90's
+    132 SMs), so weight streaming may want BLOCK_N 16 (twice the programs) or BLOCK_K 256 (more bytes in flight)."""
     if target == "interpreter":
         return {"BLOCK_N": [16, 32], "BLOCK_K": [16, 32], "num_warps": [4], "num_stages": [1]}
     stages = [3, 4] if target == "sm_90" else [1, 2]
+    if block_m == 16:
+        return {"BLOCK_N": [16, 32, 64], "BLOCK_K": [64, 128, 256], "num_warps": [4, 8], "num_stages": stages}
     return {"BLOCK_N": [32, 64, 128], "BLOCK_K": [64, 128], "num_warps": [4, 8], "num_stages": stages}
 
 
@@ -578,8 +585,8 @@ class MoeTuner(_Tuner):
         top = max(16, 1 << max(tokens).bit_length()) if bucket == 0 else 128  # no tile wider than the small bucket
         return [old] + [m for m in (old // 2, old * 2) if 16 <= m <= min(128, top) and m != old]
 
-    def space(self) -> dict:
-        space = moe_default_space(self.target)
+    def space(self, block_m: int | None = None) -> dict:
+        space = moe_default_space(self.target, block_m)
         for key, flag in (("BLOCK_N", "block_n"), ("BLOCK_K", "block_k"), ("num_warps", "warps"),
                           ("num_stages", "stages")):
             if getattr(self.args, flag):
@@ -596,10 +603,9 @@ class MoeTuner(_Tuner):
                 per_bucket.setdefault(index, []).append(T)
         else:
             per_bucket = defaults
-        space = self.space()
-        return [self.tune_bucket(bucket, sorted(per_bucket[bucket]), space) for bucket in sorted(per_bucket)]
+        return [self.tune_bucket(bucket, sorted(per_bucket[bucket])) for bucket in sorted(per_bucket)]
 
-    def tune_bucket(self, bucket, tokens, space):
+    def tune_bucket(self, bucket, tokens):
         max_tokens = self._max_tokens(bucket)
         old_m = self.old_entry["block_m_by_tokens"][bucket][1]
         old_gemm = self.old_entry["gemm"][str(old_m)]
@@ -618,6 +624,7 @@ class MoeTuner(_Tuner):
                 self.evaluate(bucket, tokens, block_m, fixed["gate_up"], fixed["down"])
                 continue
             base = self.entry["gemm"].get(str(block_m)) or old_gemm
+            space = self.space(block_m)
             base_down = base["down"]
             if self._compile_reason("down", base_down, (block_m, bucket)):
                 base_down = next((c for c in candidate_grid(base_down, space, limit)
