@@ -531,7 +531,8 @@ def test_gpu_kernelized_model_matches_transformers(padded, stack):
     """On a GPU with the auto backend (HIP / Triton kernels, fp32): the kernelized model's logits and greedy tokens
     equal the unmodified model's, unpadded (zaya attention for prefill and decode) and left-padded (zaya decode
     attention with seq_starts), a sliding-window layer included; with and without stacked q/k/v projections (the
-    batch of 3 decodes through moe_experts_by_token)."""
+    batch of 3 decodes through moe_experts_by_token, and through cca_prepare_decode on transformers' state
+    tensors)."""
     sliding = dict(layer_types=["hybrid", "hybrid_sliding", "hybrid"], sliding_window=4)
     model = tiny_model("gqa2", **sliding).cuda()
     ids, mask = left_padded_batch()
@@ -548,5 +549,6 @@ def test_gpu_kernelized_model_matches_transformers(padded, stack):
                                 eos_token_id=None)
         assert attention_paths(model) == ["zaya::cca_attention_decode"] * 3
         assert zaya_kernels.last_backend("moe_experts_by_token") is not None
+        assert zaya_kernels.last_backend("cca_prepare_decode") in ("triton", "hip")  # the cache's states in place
     assert relative_error(logits, expected_logits) < 5e-5
     assert torch.equal(tokens, expected_tokens)
