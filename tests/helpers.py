@@ -1,9 +1,12 @@
 """The one place that decides test tolerances, and small shared test utilities."""
 from __future__ import annotations
 
+import collections
+import contextlib
 import math
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 _UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float64: 2.0**-53}
 
@@ -113,3 +116,42 @@ def stacked_row_views(tensors, pad: int = 0):
     for view, value in zip(views, tensors):
         view.copy_(value)
     return views
+
+
+class _AtenWork(TorchDispatchMode):
+    """Counts the aten ops that do work dispatched inside it, by op name ("mm", "cat", "copy_"); views and
+    reshapes are not work, and zaya ops are left to the Triton count (their kernels)."""
+
+    NOT_WORK = {"_unsafe_view", "lift_fresh"}  # reshape's copy-free result and a constant's wrapping
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if func.namespace != "zaya" and not func.is_view and name not in self.NOT_WORK:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def counted_launches():
+    """Inside the `with`: (Triton kernel launches by kernel name, aten ops that are not views by op name), two
+    Counters filled as the code runs. The Triton count hooks the interpreter (TRITON_INTERPRET=1, as the tests
+    run); warm-up compiles are not launches."""
+    from triton.runtime import interpreter
+
+    triton_launches, run = collections.Counter(), interpreter.InterpretedFunction.run
+
+    def counting_run(self, *args, **kwargs):
+        if not kwargs.get("warmup"):
+            triton_launches[self.fn.__name__] += 1
+        return run(self, *args, **kwargs)
+
+    interpreter.InterpretedFunction.run = counting_run
+    try:
+        with _AtenWork() as aten:
+            yield triton_launches, aten.ops
+    finally:
+        interpreter.InterpretedFunction.run = run

@@ -3,10 +3,12 @@ transformers model's logits, greedy tokens and gradients; its cache paths (decod
 equal a plain prefill."""
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 
-from helpers import assert_close
+from helpers import assert_close, counted_launches
 from zaya_kernels.backend import use_backend
 from zaya_kernels.integrations.transformers import kernelize, update_balancing_biases
 from zaya_kernels.modules import DecodeGraph, ZayaCache, ZayaForCausalLM, forget_stacked_projections
@@ -67,36 +69,25 @@ def test_decode_step_kernel_launches():
     preparation in one launch (issue 3), the router in one (issue 5), the attention in one (here one split per
     sequence; a long context on a GPU with idle SMs adds the split-K reduction, tested in test_attention), the MoE's
     two expert GEMMs by token (moe_experts_by_token: 2 tokens, no dispatch launch; the first GEMM also writes the
-    skipped tokens' rows), two fused residual norms; plus the model-input norm. A new
-    launch on this path must show up here."""
-    import collections
-
-    from triton.runtime import interpreter
-
+    skipped tokens' rows), two fused residual norms; plus the model-input norm. Of aten work, only the
+    projections' GEMMs (stacked q/k/v and o) per layer. A new launch on this path must show up here."""
     _, ours = pair("gqa2")
     layers = len(ours.model.layers)
     cache = ours.new_cache(2, 16)
-    launches = collections.Counter()
-    run = interpreter.InterpretedFunction.run
-
-    def counting_run(self, *args, **kwargs):
-        if not kwargs.get("warmup"):
-            launches[self.fn.__name__] += 1
-        return run(self, *args, **kwargs)
-
     with torch.no_grad(), use_backend("triton"):
         ours(random_ids(2, 5), cache=cache)
-        interpreter.InterpretedFunction.run = counting_run
-        try:
-            ours(random_ids(2, 1), cache=cache)
-        finally:
-            interpreter.InterpretedFunction.run = run
+        step = random_ids(2, 1)
+        with counted_launches() as (launches, aten):
+            ours(step, cache=cache)
     per_layer = {"cca_decode_kernel": 1, "attention_decode_split_kernel": 1,
                  "zaya_router_fwd_kernel": 1, "moe_gate_up_kernel": 1, "moe_down_kernel": 1,
                  "residual_rmsnorm_fwd_kernel": 2}  # the skipped tokens' rows: in moe_gate_up_kernel
     expected = collections.Counter({name: n * layers for name, n in per_layer.items()})
     expected["residual_rmsnorm_fwd_kernel"] += 1  # the model input's scaling fused with layer 0's norm
     assert launches == expected
+    assert aten["mm"] == 2 * layers + 1  # + the LM head
+    # per step, not per layer: the embedding and the copy of the cache's sequence lengths to the device
+    assert aten - collections.Counter(mm=aten["mm"]) == collections.Counter(embedding=1, copy_=1)
 
 
 def test_cache_written_by_the_kernels_equals_the_autograd_path():
