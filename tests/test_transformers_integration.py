@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import zaya_kernels
-from helpers import assert_close, perturb_zaya_parameters
+from helpers import assert_close, counted_launches, perturb_zaya_parameters
 from zaya_kernels.integrations.transformers import attention_paths, kernelize
 
 transformers = pytest.importorskip("transformers", reason="the integration tests need transformers >= 5.8")
@@ -132,6 +132,30 @@ def test_decode_updates_the_caches_conv_and_value_states_in_place(backend, name,
     for expected, actual in zip(caches[0].layers, caches[1].layers):
         assert_close(actual.conv_states[0], expected.conv_states[0], reduction=48, what="conv state")
         assert_close(actual.recurrent_states[0], expected.recurrent_states[0], reduction=48, what="value state")
+
+
+def test_decode_step_work_per_layer():
+    """What a kernelized decode step does per decoder layer (the layer-count difference of two models, so the
+    per-step work of transformers' own code does not enter): 7 Triton launches (the CCA preparation, attention,
+    router and the two expert GEMMs in one each, two fused residual norms) and, of aten work, the two projection
+    GEMMs (stacked q/k/v and o) and the two cats of transformers' dynamic KV cache: no state copies, casts or
+    dispatch. A new launch on this path must show up here."""
+    per_model = []
+    for layers in (2, 3):
+        model = kernelize(tiny_model("gqa2", layers=layers), backend="triton", stack_projections=True)
+        ids = torch.randint(3, 97, (2, 6), generator=torch.Generator().manual_seed(9))
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(input_ids=ids[:, :5], cache=cache)
+            with counted_launches() as (launches, aten):
+                model(input_ids=ids[:, 5:], cache=cache)
+        per_model.append((launches, aten))
+    (launches2, aten2), (launches3, aten3) = per_model
+    assert launches3 - launches2 == {"cca_decode_kernel": 1, "attention_decode_split_kernel": 1,
+                                     "zaya_router_fwd_kernel": 1, "moe_gate_up_kernel": 1, "moe_down_kernel": 1,
+                                     "residual_rmsnorm_fwd_kernel": 2}
+    assert not launches2 - launches3  # a Counter difference keeps positive counts only: both ways
+    assert aten3 - aten2 == {"mm": 2, "cat": 2} and not aten2 - aten3, (aten2, aten3)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

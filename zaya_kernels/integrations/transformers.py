@@ -111,13 +111,13 @@ def moe_block_forward(block, hidden_states, prev_router_hidden_states=None):
     return y.view(batch, seq, hidden), router_state.view(batch, seq, -1)
 
 
-def attention_forward(attn, hidden_states, position_ids, attention_mask, cache, config, batch_layout, **kwargs):
+def attention_forward(attn, hidden_states, attention_mask, cache, config, batch_layout, **kwargs):
     """ZayaAttention.forward with the CCA projection (convolutions, mean coupling, value shift, QK norm, partial
     RoPE) as one `zaya::cca_prepare` op and the attention as `zaya::cca_attention` / `zaya::cca_attention_decode`
     where they apply (see the module docstring; transformers' attention interface otherwise); transformers' cache
     objects keep the conv, value and KV states.
 
-    hidden_states [B, S, H] (RMSNorm1 output); position_ids [1 or B, S]; batch_layout: a `_BatchLayout`, made once
+    hidden_states [B, S, H] (RMSNorm1 output); batch_layout: a `_BatchLayout` (the token positions among it), made once
     per forward and shared by every layer; returns (attn_out [B, S, H], None).
     """
     mz = _zaya_classes()
@@ -140,11 +140,11 @@ def attention_forward(attn, hidden_states, position_ids, attention_mask, cache, 
         q, k, v = zaya_ops.cca_prepare_decode(
             qk, v_current, v_delayed, proj.conv_qk_depthwise.weight.squeeze(1), proj.conv_qk_depthwise.bias,
             proj.conv_qk_grouped.weight, proj.conv_qk_grouped.bias, attn.qk_norm.temp,
-            position_ids.expand(batch, seq).reshape(-1).contiguous(), conv_state, value_state, batch_layout.rows,
+            batch_layout.positions, conv_state, value_state, batch_layout.rows,
             config.num_attention_heads, config.num_key_value_heads, rotary_dim, rope_theta)
     else:
         q, k, v = _prepare_with_states(attn, proj, config, qk, v_current, v_delayed, conv_state, value_state, cache,
-                                       position_ids, batch, seq, rotary_dim, rope_theta, batch_layout)
+                                       batch, rotary_dim, rope_theta, batch_layout)
     path = _zaya_attention_path(attn, cache, batch_layout)
     attn._zaya_attention_path = path
     window = attn.sliding_window or -1
@@ -188,8 +188,8 @@ def _states_updatable_in_place(attn, cache, conv_state, value_state, seq, config
             and value_state.is_contiguous() and not grad_wanted((*inputs, *attn.parameters())))
 
 
-def _prepare_with_states(attn, proj, config, qk, v_current, v_delayed, conv_state, value_state, cache, position_ids,
-                         batch, seq, rotary_dim, rope_theta, batch_layout):
+def _prepare_with_states(attn, proj, config, qk, v_current, v_delayed, conv_state, value_state, cache, batch,
+                         rotary_dim, rope_theta, batch_layout):
     """`zaya::cca_prepare` over B rows of S tokens from transformers' conv and value states (None before the first
     forward: a fresh sequence), the cache's states then updated through its own methods (a prefill, a chunk of
     several tokens, gradients wanted, or recorded past states). Returns q, k, v [B * S, heads, D]."""
@@ -213,7 +213,7 @@ def _prepare_with_states(attn, proj, config, qk, v_current, v_delayed, conv_stat
     q, k, v, final_conv, final_value = zaya_ops.cca_prepare(
         qk, v_current, v_delayed, proj.conv_qk_depthwise.weight.squeeze(1),
         proj.conv_qk_depthwise.bias, proj.conv_qk_grouped.weight, proj.conv_qk_grouped.bias, attn.qk_norm.temp,
-        position_ids.expand(batch, seq).reshape(-1).contiguous(), cu_seqlens,
+        batch_layout.positions, cu_seqlens,
         config.num_attention_heads, config.num_key_value_heads, rotary_dim, rope_theta,
         *(None if state is None else (state.clone() if torch.is_grad_enabled() else state.contiguous())
           for state in (conv_state, value_state)),  # a copy for autograd: the cache updates its own in place
@@ -227,6 +227,7 @@ def _prepare_with_states(attn, proj, config, qk, v_current, v_delayed, conv_stat
 class _BatchLayout:
     """What every layer's attention needs to know about the batch, made once per forward.
 
+    positions int [B * S]: every token's RoPE position, row by row (position_ids [1 or B, S] expanded once);
     cu_seqlens int32 [B+1] (B rows of S tokens) and every_row int32 [B] (ones) for cca_prepare; unpadded: no
     padding at all; seq_starts int32 [B] or None: the pad count of each row of a left-padded batch, whose 2D mask
     covers mask_len positions (past and new tokens); packed: (cu_seqlens int32, max length) of the sequences packed
@@ -236,8 +237,10 @@ class _BatchLayout:
     its tokens (cu_seqlens int32 [2B+1], built on the device from the pad counts).
     """
 
-    def __init__(self, batch, seq, device, unpadded, seq_starts=None, mask_len=0, packed=None):
+    def __init__(self, batch, seq, device, position_ids, unpadded, seq_starts=None, mask_len=0, packed=None):
         self.cu_seqlens = torch.arange(batch + 1, dtype=torch.int32, device=device) * seq
+        # one copy per forward, not per layer (position_ids is often [1, S], expanded over the rows)
+        self.positions = position_ids.expand(batch, seq).reshape(-1).contiguous()
         self.every_row = torch.ones(batch, dtype=torch.int32, device=device)
         self._batch, self._device, self._rows = batch, device, None
         self.unpadded, self.seq_starts, self.mask_len = unpadded, seq_starts, mask_len
@@ -392,7 +395,7 @@ def model_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
         # as transformers' masks: sequences packed into rows only without a mask and without a cache
         packed = (_packed_sequences(position_ids, batch, inputs_embeds.device)
                   if given_positions and attention_mask is None and cache is None else None)
-        batch_layout = _BatchLayout(batch, seq, inputs_embeds.device, unpadded, seq_starts,
+        batch_layout = _BatchLayout(batch, seq, inputs_embeds.device, position_ids, unpadded, seq_starts,
                                     attention_mask.shape[-1] if seq_starts is not None else 0, packed)
 
         def layer_step(idx, residual, normed, router_state):
@@ -400,7 +403,7 @@ def model_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
             kind = self.config.layer_types[idx]
             layer_masks = {"causal": mask_mapping[kind], "conv": mask_mapping.get("conv")}
             if self._zaya_cca:
-                attn_out, _ = attention_forward(layer.self_attn, normed, position_ids, layer_masks, cache,
+                attn_out, _ = attention_forward(layer.self_attn, normed, layer_masks, cache,
                                                 self.config, batch_layout, **kwargs)
             else:
                 attn_out, _ = layer.self_attn(hidden_states=normed, attention_mask=layer_masks, cache=cache,
