@@ -195,7 +195,7 @@ class ZayaCache:
                              f"{max_seq_len}")
         heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         channels = (heads + kv_heads) * head_dim
-        state_len = config.cca_time0 + config.cca_time1 - 2
+        state_len = conv_state_len(config)
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         self.lengths = [0] * batch_size
         self.device_lengths = torch.zeros(batch_size, dtype=torch.int32, device=device)
@@ -322,6 +322,11 @@ def forget_stacked_projections(model: nn.Module) -> None:
         module.__dict__.pop("_zaya_stacked_qkv", None)
 
 
+def conv_state_len(config) -> int:
+    """Raw X columns a sequence's conv state keeps: k0 + k1 - 2 (the depthwise then the grouped causal conv)."""
+    return config.cca_time0 + config.cca_time1 - 2
+
+
 def rope_settings(config, layer_type: str) -> tuple[int, float]:
     """(rotary_dim, rope_theta) of a layer type's rope_parameters: the plain NeoX RoPE the CCA kernels apply
     (inv_freq_i = theta^(-2i / rotary_dim)) on the first head_dim * partial_rotary_factor dims. A scaled rope_type
@@ -366,7 +371,7 @@ class CCAAttention(nn.Module):
         self.rotary_dim, self.rope_theta = rope_settings(config, layer_type)
         sliding = layer_type == "hybrid_sliding" and config.sliding_window
         self.window = int(config.sliding_window) if sliding else -1
-        self.conv_state_len = config.cca_time0 + config.cca_time1 - 2
+        self.conv_state_len = conv_state_len(config)
         self.attention_dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0)
         self.qkv_proj = CCAProjection(config)
         self.qk_norm = QKNorm(config)

@@ -59,7 +59,7 @@ import torch
 from zaya_kernels import ops as zaya_ops
 from zaya_kernels.backend import use_backend
 from zaya_kernels.ops._registry import grad_wanted
-from zaya_kernels.modules import cca_projections, record_expert_choices, rope_settings
+from zaya_kernels.modules import cca_projections, conv_state_len, record_expert_choices, rope_settings
 from zaya_kernels.ops.router import BALANCE_MODES
 
 
@@ -184,7 +184,7 @@ def _states_updatable_in_place(attn, cache, conv_state, value_state, seq, config
         return False
     if getattr(cache.layers[attn.layer_idx], "record_past", False):
         return False
-    return (conv_state.shape[-1] == config.cca_time0 + config.cca_time1 - 2 and conv_state.is_contiguous()
+    return (conv_state.shape[-1] == conv_state_len(config) and conv_state.is_contiguous()
             and value_state.is_contiguous() and not grad_wanted((*inputs, *attn.parameters())))
 
 
@@ -193,7 +193,7 @@ def _prepare_with_states(attn, proj, config, qk, v_current, v_delayed, conv_stat
     """`zaya::cca_prepare` over B rows of S tokens from transformers' conv and value states (None before the first
     forward: a fresh sequence), the cache's states then updated through its own methods (a prefill, a chunk of
     several tokens, gradients wanted, or recorded past states). Returns q, k, v [B * S, heads, D]."""
-    width = config.cca_time0 + config.cca_time1 - 2
+    width = conv_state_len(config)
     if conv_state is not None and conv_state.shape[-1] != width:
         # transformers' past recording (assisted generation, deferred stop checks) keeps every step's conv window;
         # its own ZAYA attention fails on such a state too (a view error), and rolling one back is not defined
