@@ -145,6 +145,25 @@ def test_inference_projection_follows_weight_updates():
                                                               eos_token_id=None, pad_token_id=0))
 
 
+def test_inference_mode_generation_reads_back_no_expert_index(monkeypatch):
+    """Under torch.inference_mode the router's expert index has no version counter to be remembered valid by: the
+    modules and the kernelized model hand it to moe as the router's (index_from_router), so a GPU generation does not
+    copy it to the host in every layer (here: every MoE value check is skipped, prefill and decode)."""
+    import importlib
+
+    moe_ops = importlib.import_module("zaya_kernels.ops.moe")
+    checks = []
+    real = moe_ops._skip_value_check
+    monkeypatch.setattr(moe_ops, "_skip_value_check", lambda t, what: checks.append(real(t, what)) or checks[-1])
+    hf, ours = pair("gqa2")
+    kernelized = kernelize(hf, backend="reference")
+    ids = random_ids(2, 6)
+    with torch.inference_mode():
+        ours.generate(ids, 3)
+        kernelized.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert len(checks) >= 2 * 3 * 3 and all(checks)  # 2 generations x 3 forwards x 3 layers at least
+
+
 @pytest.mark.parametrize("backend,name", [("reference", "gqa4-odd"), ("reference", "sliding"), ("triton", "mha")])
 def test_decode_token_by_token_equals_prefill(backend, name):
     _, ours = pair(name)

@@ -1,6 +1,8 @@
 """Top-1 MoE: dispatch and experts, every backend against the per-token reference loop, forward and backward."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import example, given, settings
@@ -1103,3 +1105,31 @@ def test_moe_skips_the_value_check_only_for_an_unmodified_router_index():
     assert not check.known_valid(index, ("expert_index", experts))
     with pytest.raises(ValueError, match="num_experts"):
         moe(x, gate_up, down, index, weight)
+
+
+@pytest.mark.parametrize("tokens", [2, 7])  # moe_experts_by_token, and moe_dispatch + moe_experts
+def test_moe_reads_back_no_values_it_vouches_for_in_inference_mode(monkeypatch, tokens):
+    """Under torch.inference_mode no tensor has a version counter, so remember_valid cannot follow the router's
+    index or the dispatch outputs: moe still reads back none of its own dispatch outputs, nor the expert index when
+    the caller says it is the router's (index_from_router=True); any other index is read back (checked: one read)
+    and a bad one raises. Reads counted as value checks that were not skipped."""
+    moe_ops = importlib.import_module("zaya_kernels.ops.moe")  # zaya_kernels.ops.moe is the function
+    checks = []
+    real = moe_ops._skip_value_check
+
+    def recording(t, what):
+        skipped = real(t, what)
+        checks.append(skipped)
+        return skipped
+
+    monkeypatch.setattr(moe_ops, "_skip_value_check", recording)
+    E = 3
+    with torch.inference_mode():
+        x, gate_up, down, index, weight = make_inputs(tokens, E, 8, 6, torch.float32, "random", seed=tokens)
+        expected = ref.moe_per_token(x, gate_up, down, index, weight)
+        for from_router, reads in ((True, 0), (False, 1)):
+            checks.clear()
+            assert_close(moe(x, gate_up, down, index, weight, index_from_router=from_router), expected, reduction=8)
+            assert checks and checks.count(False) == reads, (from_router, checks)
+        with pytest.raises(ValueError, match="num_experts"):
+            moe(x, gate_up, down, index.clone().fill_(E + 3), weight)

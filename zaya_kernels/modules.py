@@ -571,7 +571,7 @@ class ZayaMoE(nn.Module):
     def forward(self, x: torch.Tensor, r_prev: torch.Tensor | None = None):
         index, weight, r = self.gate(x, r_prev)
         y = zaya_ops.moe(x.contiguous(), self.experts.gate_up_proj, self.experts.down_proj, index, weight,
-                         skip_mode=self.skip_mode)
+                         skip_mode=self.skip_mode, index_from_router=True)
         if self.training:  # micro-batches accumulate until the next balancing step
             record_expert_choices(self, index, self.gate.num_experts + 1)
         return y, r

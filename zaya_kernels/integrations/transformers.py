@@ -101,7 +101,8 @@ def moe_block_forward(block, hidden_states, prev_router_hidden_states=None):
     experts = block.experts
     if block.zaya_silu_experts:
         # skip_mode 0: a skipped token's expert output is zero, as in transformers
-        y = zaya_ops.moe(x, experts.gate_up_proj, experts.down_proj, index, weight, skip_mode=0)
+        y = zaya_ops.moe(x, experts.gate_up_proj, experts.down_proj, index, weight, skip_mode=0,
+                         index_from_router=True)
     else:  # an expert activation the zaya kernels do not implement: transformers' experts, skip as expert 0, w 0
         skipped = index == gate.num_experts
         y = experts(x, index.masked_fill(skipped, 0).long().unsqueeze(-1),

@@ -1,6 +1,8 @@
 """Argument checks shared by every op: each raises ValueError/TypeError naming the argument and what was expected."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import weakref
 
 import torch
@@ -62,6 +64,9 @@ def eps(op: str, value) -> None:
 # keyed by their base tensor and remembered while unmodified: the value checks that would read them back (a
 # device->host copy per call on a GPU) are skipped for them.
 _KNOWN_VALID: dict = {}
+# (memory span, what) pairs vouched for by the code running now (`vouched`): valid whatever their version counter
+# says. By span, not by base tensor: a view of an inference-mode tensor does not record its base.
+_VOUCHED: contextvars.ContextVar[frozenset] = contextvars.ContextVar("zaya_vouched_values", default=frozenset())
 
 
 def root(t: torch.Tensor) -> torch.Tensor:
@@ -80,12 +85,35 @@ def remember_valid(t: torch.Tensor, what) -> None:
     _KNOWN_VALID[key] = (weakref.ref(base, lambda _: _KNOWN_VALID.pop(key, None)), base._version)
 
 
+def _span(t: torch.Tensor):
+    """The memory t's elements occupy (the same for t and any view of t over all of them, e.g. a reshape)."""
+    return t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype
+
+
+@contextlib.contextmanager
+def vouched(*pairs):
+    """Within the block, each (t, what) of `pairs` is known valid (`known_valid`), also where remember_valid cannot
+    follow t: an inference-mode tensor has no version counter, so outside such a block it is checked at every use.
+    For code that made t with one of our ops and hands it straight to the next, with nothing in between that could
+    modify it (ops.moe: dispatch -> experts; a model's router -> moe). Not for torch.compile'd code (callers pass a
+    nullcontext there: the fake tensors have no values to check anyway)."""
+    token = _VOUCHED.set(_VOUCHED.get() | {(_span(t), what) for t, what in pairs})
+    try:
+        yield
+    finally:
+        _VOUCHED.reset(token)
+
+
 def known_valid(t: torch.Tensor, what) -> bool:
-    """True if t (or a full-size view of it) was remembered for `what` and not modified since."""
+    """True if t (or a full-size view of it) was remembered for `what` and not modified since, or is vouched for
+    `what` by the code running now."""
     if torch.compiler.is_compiling():
         return False
+    vouched_now = _VOUCHED.get()
+    if vouched_now and (_span(t), what) in vouched_now:
+        return True
     base = root(t)
-    if base.is_inference():
+    if base.is_inference() or t.numel() != base.numel():
         return False
     entry = _KNOWN_VALID.get((id(base), what))
-    return (entry is not None and entry[0]() is base and entry[1] == base._version and t.numel() == base.numel())
+    return entry is not None and entry[0]() is base and entry[1] == base._version

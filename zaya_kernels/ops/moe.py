@@ -28,6 +28,7 @@ three (on the Triton backend each token's programs read its expert index and str
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -506,7 +507,8 @@ def moe_dispatch(expert_index: torch.Tensor, num_experts: int, block_m: int | No
 
 
 def moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, expert_index: torch.Tensor,
-        routing_weight: torch.Tensor, skip_mode: int = 0, block_m: int | None = None) -> torch.Tensor:
+        routing_weight: torch.Tensor, skip_mode: int = 0, block_m: int | None = None, *,
+        index_from_router: bool = False) -> torch.Tensor:
     """ZAYA's top-1 expert layer: y_t = w_t * down[e] (SiLU(gate_up[e, :I] x_t) * gate_up[e, I:] x_t), e = e*_t.
 
     Skipped tokens (e*_t = E) give 0 (skip_mode 0, transformers) or w_t * x_t (skip_mode 1, older Zyphra code).
@@ -522,6 +524,11 @@ def moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, expert_index
     skip_mode : 0 or 1
     block_m : dispatch tile rows (default: the tuned table's choice for T on this device; and with the default, at
         most BY_TOKEN_MAX_TOKENS tokens and no gradient wanted, `moe_experts_by_token` runs instead: no dispatch)
+    index_from_router : the caller passes `zaya_router`'s expert index straight on, unmodified: its values are not
+        read back to check them. An unmodified router index is recognised anyway, except an inference-mode tensor
+        (no version counter to see a modification by), which is otherwise checked at every call: a device->host
+        copy per layer on a GPU. The dispatch outputs this function makes for its own experts call are never read
+        back.
 
     Returns
     -------
@@ -530,19 +537,27 @@ def moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, expert_index
     check.tensor("moe_experts", "x", x, contiguous=True, min_ndim=1)
     for name, t in (("expert_index", expert_index), ("routing_weight", routing_weight)):
         check.tensor("moe_experts", name, t, shape=x.shape[:-1])  # one per token: x's leading shape
-    H = x.shape[-1]
+    H, E = x.shape[-1], gate_up.shape[0]
     flat_x = x.reshape(-1, H)
-    if block_m is None and flat_x.shape[0] <= BY_TOKEN_MAX_TOKENS and not grad_wanted((x, gate_up, down,
-                                                                                        routing_weight)):
-        y = torch.ops.zaya.moe_experts_by_token(flat_x, gate_up, down, expert_index.reshape(-1),
-                                                routing_weight.reshape(-1), skip_mode)
-        return y.view(x.shape)
-    if block_m is None:
-        block_m = moe_block_m(flat_x.shape[0], x.device)
-    dispatch = torch.ops.zaya.moe_dispatch(expert_index.reshape(-1), gate_up.shape[0], block_m)
+    compiling = torch.compiler.is_compiling()
+    router_index = (check.vouched((expert_index, ("expert_index", E))) if index_from_router and not compiling
+                    else contextlib.nullcontext())
+    with router_index:
+        if block_m is None and flat_x.shape[0] <= BY_TOKEN_MAX_TOKENS and not grad_wanted((x, gate_up, down,
+                                                                                            routing_weight)):
+            y = torch.ops.zaya.moe_experts_by_token(flat_x, gate_up, down, expert_index.reshape(-1),
+                                                    routing_weight.reshape(-1), skip_mode)
+            return y.view(x.shape)
+        if block_m is None:
+            block_m = moe_block_m(flat_x.shape[0], x.device)
+        dispatch = torch.ops.zaya.moe_dispatch(expert_index.reshape(-1), E, block_m)
     counts, offsets, sorted_token_ids, inverse, tile_expert, tile_start = dispatch
-    y = torch.ops.zaya.moe_experts(flat_x, gate_up, down, routing_weight.reshape(-1), sorted_token_ids, offsets,
-                                   tile_expert, tile_start, block_m, skip_mode)
+    this_dispatch = _dispatch_call(sorted_token_ids, E, block_m)
+    dispatch_outputs = (contextlib.nullcontext() if compiling else check.vouched(
+        (sorted_token_ids, "permutation"), *((t, this_dispatch) for t in (offsets, tile_expert, tile_start))))
+    with dispatch_outputs:  # made just above: valid even where remember_valid cannot follow them (inference mode)
+        y = torch.ops.zaya.moe_experts(flat_x, gate_up, down, routing_weight.reshape(-1), sorted_token_ids, offsets,
+                                       tile_expert, tile_start, block_m, skip_mode)
     return y.view(x.shape)
 
 
