@@ -80,8 +80,8 @@ def test_decode_step_kernel_launches():
         with counted_launches() as (launches, aten):
             ours(step, cache=cache)
     per_layer = {"cca_decode_kernel": 1, "attention_decode_split_kernel": 1,
-                 "zaya_router_fwd_kernel": 1, "moe_gate_up_kernel": 1, "moe_down_kernel": 1,
-                 "residual_rmsnorm_fwd_kernel": 2}  # the skipped tokens' rows: in moe_gate_up_kernel
+                 "zaya_router_fwd_kernel": 1, "moe_gate_up_by_token_kernel": 1, "moe_down_by_token_kernel": 1,
+                 "residual_rmsnorm_fwd_kernel": 2}  # skipped tokens' rows: in moe_gate_up_by_token_kernel
     expected = collections.Counter({name: n * layers for name, n in per_layer.items()})
     expected["residual_rmsnorm_fwd_kernel"] += 1  # the model input's scaling fused with layer 0's norm
     assert launches == expected

@@ -152,8 +152,8 @@ def test_decode_step_work_per_layer():
         per_model.append((launches, aten))
     (launches2, aten2), (launches3, aten3) = per_model
     assert launches3 - launches2 == {"cca_decode_kernel": 1, "attention_decode_split_kernel": 1,
-                                     "zaya_router_fwd_kernel": 1, "moe_gate_up_kernel": 1, "moe_down_kernel": 1,
-                                     "residual_rmsnorm_fwd_kernel": 2}
+                                     "zaya_router_fwd_kernel": 1, "moe_gate_up_by_token_kernel": 1,
+                                     "moe_down_by_token_kernel": 1, "residual_rmsnorm_fwd_kernel": 2}
     assert not launches2 - launches3  # a Counter difference keeps positive counts only: both ways
     assert aten3 - aten2 == {"mm": 2, "cat": 2} and not aten2 - aten3, (aten2, aten3)
 

@@ -88,6 +88,8 @@ class CorruptGateUp:
 
 def fake_timer(fn, info):
     """Deterministic 'times' that make the broken candidates the fastest: the tuner must still never pick them."""
+    if "by_token" in info:  # the by-token GEMVs: narrowest fastest
+        return 1e-6 * (info["by_token"]["gate_up"]["BLOCK_N"] + info["by_token"]["down"]["BLOCK_N"])
     return 1e-6 * (info["gate_up"]["BLOCK_N"] + info["down"]["BLOCK_N"]) + (0.0 if info["block_m"] == 32 else 5e-6)
 
 
@@ -143,7 +145,7 @@ def test_moe_tuner_validates_picks_and_writes_only_its_target(tri, moe_table, tm
     record = table["_tuned"]["interpreter"]
     for key in ("date", "gpu", "torch", "triton", "shapes", "results"):
         assert key in record
-    assert record["shapes"]["H"] == 32 and set(record["results"]) == {"T<=32", "T<=1073741824"}
+    assert record["shapes"]["H"] == 32 and set(record["results"]) == {"T<=32", "T<=1073741824", "by token T<=4"}
     assert record["results"]["T<=32"]["previous"]["us"] and record["results"]["T<=32"]["chosen"]["us"]
 
     # the launchers and the AOT registry read the written file unchanged, and the op still matches the reference
@@ -159,6 +161,40 @@ def test_moe_tuner_validates_picks_and_writes_only_its_target(tri, moe_table, tm
         y = zaya_kernels.ops.moe(x, gate_up, down, index, weight)
     assert zaya_kernels.last_backend("moe_experts") == "triton"
     assert_close(y, ref_moe.moe_per_token(x, gate_up, down, index, weight), reduction=32)
+
+
+@interpreter_only
+def test_moe_tuner_sweeps_the_by_token_gemvs(tri, moe_table, tmp_path, monkeypatch):
+    """T <= 4 (moe_experts_by_token): the GEMVs' own entry is swept, gate_up then down; a wrong result (gate_up at
+    BLOCK_N 4, made the fastest) and a compile failure (down at BLOCK_N 4) are never picked."""
+    corrupt = CorruptLaunch(tri.moe_gate_up_by_token_kernel, 2)  # act_ptr
+    monkeypatch.setattr(tri, "moe_gate_up_by_token_kernel", CorruptNarrow(corrupt, tri.moe_gate_up_by_token_kernel))
+    args = tune.parse_args(["moe", "--tokens", "1,3", *TINY_MOE, "--block-n", "4,8,16", "--block-k", "16",
+                            "--out", str(tmp_path / "out.json")])
+    result = tune.run(args, timer=fake_timer, log=lambda *_: None,
+                      compile_check=lambda kind, cfg, _: "spills (test hook)" if kind == "down_by_token" and
+                      cfg["BLOCK_N"] == 4 else None)
+    rejected = dict(result["rejected"])
+    assert any(k.startswith("by token gate_up[N4") and v.startswith("wrong result") for k, v in rejected.items())
+    assert any("down[N4" in k and v.startswith("compile") for k, v in rejected.items())
+    row = result["rows"][-1]
+    assert row["bucket"] == "by token T<=4" and row["tokens"] == [1, 3] and row["chosen"]["us"]
+    want = {"BLOCK_N": 8, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
+    assert result["entry"]["by_token"] == {"gate_up": want, "down": want} == {k: row["chosen"][k] for k in ("gate_up", "down")}
+    assert [r["bucket"] for r in result["rows"]] == ["T<=32", "by token T<=4"]  # and the dispatch path's bucket
+
+
+class CorruptNarrow:
+    """Launches `corrupt` for BLOCK_N == 4 and `kernel` otherwise."""
+
+    def __init__(self, corrupt, kernel):
+        self.corrupt, self.kernel = corrupt, kernel
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            return (self.corrupt if kwargs["BLOCK_N"] == 4 else self.kernel)[grid](*args, **kwargs)
+
+        return run
 
 
 @interpreter_only

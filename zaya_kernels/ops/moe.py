@@ -41,7 +41,7 @@ from zaya_kernels.reference import moe as ref
 _INDEX_DTYPES = (torch.int32,)
 # Up to this many tokens (and no gradient wanted) `moe` runs moe_experts_by_token: decode, where the dispatch launch
 # costs more than its tiles save (each token's programs then stream their own expert's weights, so tokens sharing an
-# expert read it more than once, from cache). The Triton launcher's BY_TOKEN_BLOCK_M rows hold one token each.
+# expert read it more than once, from cache). Its Triton kernels are GEMVs, one token per program.
 BY_TOKEN_MAX_TOKENS = 4
 BLOCK_M_CHOICES = (16, 32, 64, 128, 256)
 

@@ -25,10 +25,12 @@ BLOCK_M key's backward check run after it, a few seconds each); what was not eva
 MoE: per T bucket of `block_m_by_tokens`, BLOCK_M (neighbours of the current one) x the gate_up and down tiles
 (BLOCK_N, BLOCK_K, num_warps, num_stages), gate_up swept first with the current down, then down with the best
 gate_up; timed = dispatch + both GEMMs (the skipped tokens' rows written by gate_up's skip tiles) at representative
-T (1, 8, 64 / 512, 2048 / 8192 for the shipped buckets); the BLOCK_M 16 bucket (decode, also moe_experts_by_token's
-tile) sweeps narrower and deeper tiles too (moe_default_space). A BLOCK_M key shared by several buckets has one entry: a bucket can take a BLOCK_M another bucket
+T (1, 8, 64 / 512, 2048 / 8192 for the shipped buckets); the BLOCK_M 16 bucket sweeps narrower and deeper tiles too
+(moe_default_space). A BLOCK_M key shared by several buckets has one entry: a bucket can take a BLOCK_M another bucket
 uses only with that entry, unchanged (so every written entry was timed by every bucket that uses it). A new BLOCK_M key
 gets the backward tiles of the bucket's previous key, compile-checked and checked against the reference backward.
+Then the by-token GEMVs (`moe_experts_by_token`, what `moe` runs for T <= 4 without gradients), their "by_token" entry
+swept the same way (gate_up, then down; moe_by_token_space) at T = 1 and 4 (or the --tokens up to 4).
 Attention: fwd (causal prefill, default 8k tokens) and decode (batch 1/64 x context 8k/32k, contiguous cache) at the
 head-dimension block of --head-dim (ZAYA1: 128).
 
@@ -404,6 +406,8 @@ class _Tuner(abc.ABC):
 
 # ==================================================================================================== MoE
 MOE_GEMMS = ("gate_up", "down")
+MOE_BY_TOKEN = {"gate_up_by_token": "gate_up", "down_by_token": "down"}  # tuner kind -> "by_token" entry key
+BY_TOKEN_TOKENS = (1, 4)  # moe_experts_by_token's range (ops.moe.BY_TOKEN_MAX_TOKENS = 4)
 
 
 def moe_default_tokens(buckets) -> dict[int, list[int]]:
@@ -424,15 +428,26 @@ def moe_default_tokens(buckets) -> dict[int, list[int]]:
 
 def moe_default_space(target: str, block_m: int | None = None) -> dict:
     """The (BLOCK_N, BLOCK_K, num_warps, num_stages) values swept around a bucket's shipped entry. At BLOCK_M 16
-    (decode: the tile moe_experts_by_token runs) narrower and deeper tiles too: one token's GEMMs at ZAYA1's
-    H = I = 2048 give only cdiv(2048, BLOCK_N) programs (64 at BLOCK_N 32, fewer than gfx942's 304 CUs or sm_90's
-    132 SMs), so weight streaming may want BLOCK_N 16 (twice the programs) or BLOCK_K 256 (more bytes in flight)."""
+    (the smallest tiles: few tokens, e.g. decode with gradients) narrower and deeper tiles too: one tile's GEMMs at
+    ZAYA1's H = I = 2048 give only cdiv(2048, BLOCK_N) programs (64 at BLOCK_N 32, fewer than gfx942's 304 CUs or
+    sm_90's 132 SMs), so weight streaming may want BLOCK_N 16 (twice the programs) or BLOCK_K 256 (more bytes in
+    flight)."""
     if target == "interpreter":
         return {"BLOCK_N": [16, 32], "BLOCK_K": [16, 32], "num_warps": [4], "num_stages": [1]}
     stages = [3, 4] if target == "sm_90" else [1, 2]
     if block_m == 16:
         return {"BLOCK_N": [16, 32, 64], "BLOCK_K": [64, 128, 256], "num_warps": [4, 8], "num_stages": stages}
     return {"BLOCK_N": [32, 64, 128], "BLOCK_K": [64, 128], "num_warps": [4, 8], "num_stages": stages}
+
+
+def moe_by_token_space(target: str) -> dict:
+    """The (BLOCK_N, BLOCK_K, num_warps, num_stages) values swept for the by-token GEMVs: BLOCK_N sets the programs
+    per token (ZAYA1: 2048 / BLOCK_N against 304 CUs on gfx942, 256 on gfx950, 132 SMs on sm_90), BLOCK_K the bytes
+    each program has in flight."""
+    if target == "interpreter":
+        return {"BLOCK_N": [4, 8], "BLOCK_K": [16, 32], "num_warps": [4], "num_stages": [1]}
+    stages = [1, 2, 3] if target == "sm_90" else [1, 2]
+    return {"BLOCK_N": [4, 8, 16], "BLOCK_K": [256, 512, 1024], "num_warps": [2, 4, 8], "num_stages": stages}
 
 
 class MoeTuner(_Tuner):
@@ -475,9 +490,12 @@ class MoeTuner(_Tuner):
     def _active(self, info):
         table = copy.deepcopy(self.file_table)
         entry = copy.deepcopy(self.entry)
-        block_m = info["block_m"]
-        base = entry["gemm"].get(str(block_m)) or self._bwd_source(info["bucket"])
-        entry["gemm"][str(block_m)] = {**base, "gate_up": info["gate_up"], "down": info["down"]}
+        if "by_token" in info:
+            entry["by_token"] = info["by_token"]
+        else:
+            block_m = info["block_m"]
+            base = entry["gemm"].get(str(block_m)) or self._bwd_source(info["bucket"])
+            entry["gemm"][str(block_m)] = {**base, "gate_up": info["gate_up"], "down": info["down"]}
         table["targets"][self.target] = entry
         return table_override(self.module, table)
 
@@ -485,18 +503,26 @@ class MoeTuner(_Tuner):
         """The gemm entry of the bucket's previous BLOCK_M: a new BLOCK_M key takes its backward tiles."""
         return copy.deepcopy(self.old_entry["gemm"][str(self.old_entry["block_m_by_tokens"][bucket][1])])
 
-    def _aot_table(self, block_m: int, gemm_entry: dict) -> dict:
+    def _aot_table(self, block_m: int, gemm_entry: dict, by_token: dict | None = None) -> dict:
         from zaya_kernels.tools.aot_report import TARGET_NAMES
 
-        one = {"block_m_by_tokens": [[HUGE_TOKENS, block_m]], "gemm": {str(block_m): gemm_entry}}
+        one = {"block_m_by_tokens": [[HUGE_TOKENS, block_m]], "by_token": by_token or self.entry["by_token"],
+               "gemm": {str(block_m): gemm_entry}}
         return {"targets": {t: copy.deepcopy(one) for t in TARGET_NAMES}}
 
     def _shipped(self, kind, context):
+        if kind in MOE_BY_TOKEN:
+            return self.old_entry["by_token"][MOE_BY_TOKEN[kind]], context
         bucket = context[1]
         old_m = self.old_entry["block_m_by_tokens"][bucket][1]
         return self.old_entry["gemm"][str(old_m)][kind], (old_m, bucket)
 
     def _aot_check(self, kind, cfg, context, targets, full):
+        if kind in MOE_BY_TOKEN:  # context: None
+            block_m = self.entry["block_m_by_tokens"][0][1]
+            by_token = {**self.entry["by_token"], MOE_BY_TOKEN[kind]: cfg}
+            table = self._aot_table(block_m, self.entry["gemm"][str(block_m)], by_token)
+            return self.checker.check(self.module, table, [(f"moe_{kind}", f"moe_{kind}")], targets)
         block_m, bucket = context
         gemm_entry = {**(self.entry["gemm"].get(str(block_m)) or self._bwd_source(bucket))}
         if kind in MOE_GEMMS:
@@ -603,7 +629,101 @@ class MoeTuner(_Tuner):
                 per_bucket.setdefault(index, []).append(T)
         else:
             per_bucket = defaults
-        return [self.tune_bucket(bucket, sorted(per_bucket[bucket])) for bucket in sorted(per_bucket)]
+        rows = [self.tune_bucket(bucket, sorted(per_bucket[bucket])) for bucket in sorted(per_bucket)]
+        by_token = sorted(T for T in (self.args.tokens or BY_TOKEN_TOKENS) if 1 <= T <= BY_TOKEN_TOKENS[-1])
+        return rows + ([self.tune_by_token(by_token)] if by_token else [])
+
+    # ------------------------------------------------------------ the by-token GEMVs (decode, T <= 4)
+    def _run_by_token(self, T):
+        tri = self.module
+        x, index, weight, expected = self.inputs(T)
+        gate_up, down = self.weights()
+        y = torch.full_like(x, float("nan"))
+
+        def fn():
+            tri.moe_experts_by_token(x, gate_up, down, index, weight, self.skip_mode, y)
+            return y
+
+        def check(result):
+            self.assert_close(result, expected, dtype=self.dtype, reduction=max(self.H, self.I),
+                              what=f"moe by token T={T}")
+
+        return fn, check
+
+    def evaluate_by_token(self, tokens, gate_up, down) -> list[float] | None:
+        label = f"by token gate_up[{_cfg_text(gate_up)}] down[{_cfg_text(down)}]"
+        key = ("by_token", _cfg_key(gate_up), _cfg_key(down))
+        if key in self.results:
+            return self.results[key]
+        if self.budget.exhausted():
+            self.budget.skipped.append(label)
+            return []
+        for kind, cfg in (("gate_up_by_token", gate_up), ("down_by_token", down)):
+            reason = self._compile_reason(kind, cfg, None)
+            if reason:
+                self._reject(label, f"compile: {reason}")
+                self.results[key] = None
+                return None
+        times = self.measure(label, tokens, self._run_by_token, {"by_token": {"gate_up": gate_up, "down": down}})
+        if times != []:
+            self.results[key] = times
+        return times
+
+    def tune_by_token(self, tokens):
+        """gate_up swept with the current down, then down with the best gate_up; the fastest valid pair that
+        compiles cleanly for every AOT target is written."""
+        old = self.old_entry["by_token"]
+        self.log(f"\nMoE by token (moe_experts_by_token; tokens {tokens}, H={self.H}, I={self.I}, E={self.E}, "
+                 f"{self.args.dtype}) on {self.target}")
+        previous_times = self.evaluate_by_token(tokens, old["gate_up"], old["down"])
+        space = moe_by_token_space(self.target)
+        for key, flag in (("BLOCK_N", "block_n"), ("BLOCK_K", "block_k"), ("num_warps", "warps"),
+                          ("num_stages", "stages")):
+            if getattr(self.args, flag):
+                space[key] = getattr(self.args, flag)
+        limit = self.args.max_candidates
+        base_down = old["down"]
+        if self._compile_reason("down_by_token", base_down, None):  # sweep gate_up with a down that compiles
+            base_down = next((c for c in candidate_grid(base_down, space, limit)
+                              if not self._compile_reason("down_by_token", c, None)), base_down)
+        pairs, best = [], None
+        for gate_up in candidate_grid(old["gate_up"], space, limit):
+            pairs.append((gate_up, base_down))
+            times = self.evaluate_by_token(tokens, gate_up, base_down)
+            if times and (best is None or _geomean(times) < best[0]):
+                best = (_geomean(times), gate_up)
+        best_gate_up = best[1] if best else old["gate_up"]
+        for down in candidate_grid(base_down, space, limit):
+            pairs.append((best_gate_up, down))
+            self.evaluate_by_token(tokens, best_gate_up, down)
+        scored = []
+        for gate_up, down in pairs:
+            times = self.results.get(("by_token", _cfg_key(gate_up), _cfg_key(down)))
+            if times and len(times) == len(tokens):
+                scored.append((_geomean(times), gate_up, down, times))
+        scored.sort(key=lambda item: item[0])
+        chosen = None
+        for _, gate_up, down, times in scored:
+            if (gate_up, down) != (old["gate_up"], old["down"]):
+                reason = (self.cross_check("gate_up_by_token", gate_up, None)
+                          or self.cross_check("down_by_token", down, None))
+                if reason:
+                    self._reject(f"by token gate_up[{_cfg_text(gate_up)}] down[{_cfg_text(down)}]",
+                                 f"not written: {reason}")
+                    continue
+            chosen = (gate_up, down, times)
+            break
+        if chosen is None:
+            self.log("  no valid measured by-token candidate: the entry stays")
+            chosen = (old["gate_up"], old["down"], previous_times or [])
+        gate_up, down, times = chosen
+        self.entry["by_token"] = {"gate_up": gate_up, "down": down}
+        row = {"bucket": f"by token T<={BY_TOKEN_TOKENS[-1]}", "tokens": tokens,
+               "previous": {**old, "us": _us(previous_times) if previous_times else None},
+               "chosen": {"gate_up": gate_up, "down": down, "us": _us(times) if times else None}}
+        if previous_times and times:
+            row["speedup"] = round(_geomean(previous_times) / _geomean(times), 3)
+        return row
 
     def tune_bucket(self, bucket, tokens):
         max_tokens = self._max_tokens(bucket)

@@ -19,14 +19,17 @@ weights) and padding is at most one partial tile per class.
       occupancy (gfx942: 51 -> 86 SGPRs at most, of 102).
   GEMM 2 (`moe_down_kernel`): a [rows, I] x down[e]^T, times the routing weight in fp32, stored straight into y at
       the token's row (top-1: one writer per row, no reduction, no atomics).
-  BY_TOKEN (both GEMMs; `moe_experts_by_token`, a few tokens at decode): no dispatch and no tile map: program row t
-      is token t alone (lane 0 of a BLOCK_M = 16 tile), its class read from expert_index, its act row t.
+By token (`moe_experts_by_token`, a few tokens at decode): no dispatch and no tile map. Two GEMVs,
+  `moe_gate_up_by_token_kernel` (grid T x column blocks of I) and `moe_down_by_token_kernel` (T x column blocks of
+  H): program (t, j) reads token t's class from expert_index and streams BLOCK_N rows of that expert's weights.
+  No matrix instructions: one token fills one row of a 16-row tile; narrow column blocks instead give enough
+  programs to stream the weights from every CU (256 per token at ZAYA1's sizes and BLOCK_N 8).
 Backward (`moe_experts_backward`): bwd_act (g, u recomputed with q = dy down[e] in one K loop; writes [dg, du], a
 and the routing-weight partials), bwd_dx (grad_x = [dg, du] gate_up[e]), moe_skip_bwd_kernel (w dy, <dy, x>) and
 moe_wgrad_kernel twice (grad_gate_up[e] = [dg, du]_e^T x_e, grad_down[e] = (w dy)_e^T a_e, K = the expert's tokens).
 Launch configurations (block sizes, warps, stages) come from zaya_kernels/configs/moe.json, per target (gfx942,
 gfx950, sm_90, and the CPU interpreter) and token-count bucket; the bucket also fixes BLOCK_M, which the dispatch
-tile map and both GEMMs must share.
+tile map and both GEMMs must share. The by-token GEMVs have one entry per target ("by_token").
 """
 from __future__ import annotations
 
@@ -151,29 +154,12 @@ def moe_dispatch_place_kernel(
 
 # ---------------------------------------------------------------- grouped GEMM 1: gather, gate/up, SiLU * up
 @triton.jit
-def _program_class(index_ptr, tile_expert_ptr, BY_TOKEN: tl.constexpr):
-    """The class of this program's rows: BY_TOKEN (no dispatch), expert_index[t] of token t = program_id(0); else
-    tile_expert[program_id(0)] (-1: an unused tile)."""
-    if BY_TOKEN:
-        expert = tl.load(index_ptr + tl.program_id(0))
-    else:
-        expert = tl.load(tile_expert_ptr + tl.program_id(0))
-    return expert
-
-
-@triton.jit
-def _program_rows(expert, sorted_ptr, offsets_ptr, tile_start_ptr, BY_TOKEN: tl.constexpr, BLOCK_M: tl.constexpr):
-    """(rows, row_mask, tokens) of this program's tile of class `expert` (>= 0). BY_TOKEN: token t alone (lane 0),
-    its act row t. Else BLOCK_M consecutive sorted rows from tile_start[tile], up to offsets[expert + 1]."""
-    lanes = tl.arange(0, BLOCK_M)
-    if BY_TOKEN:
-        rows = tl.program_id(0) + lanes * 0
-        row_mask = lanes == 0
-        tokens = rows
-    else:
-        rows = tl.load(tile_start_ptr + tl.program_id(0)) + lanes
-        row_mask = rows < tl.load(offsets_ptr + expert + 1)
-        tokens = tl.load(sorted_ptr + rows, mask=row_mask, other=0)
+def _tile_rows(tile_start_ptr, offsets_ptr, sorted_ptr, expert, BLOCK_M: tl.constexpr):
+    """(rows, row_mask, tokens) of this program's tile of class `expert` (>= 0): BLOCK_M consecutive sorted rows
+    from tile_start[tile], up to offsets[expert + 1], and their tokens."""
+    rows = tl.load(tile_start_ptr + tl.program_id(0)) + tl.arange(0, BLOCK_M)
+    row_mask = rows < tl.load(offsets_ptr + expert + 1)
+    tokens = tl.load(sorted_ptr + rows, mask=row_mask, other=0)
     return rows, row_mask, tokens
 
 
@@ -197,21 +183,19 @@ def _skip_rows(x_ptr, weight_ptr, y_ptr, tokens, row_mask, H, SKIP_MODE: tl.cons
 
 @triton.jit
 def moe_gate_up_kernel(
-    x_ptr, gate_up_ptr, act_ptr, weight_ptr, y_ptr, index_ptr, sorted_ptr, offsets_ptr, tile_expert_ptr,
-    tile_start_ptr, H, I, E,
-    SKIP_MODE: tl.constexpr, BY_TOKEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    x_ptr, gate_up_ptr, act_ptr, weight_ptr, y_ptr, sorted_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr,
+    H, I, E,
+    SKIP_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Grid (tiles, cdiv(I, BLOCK_N)); BY_TOKEN: (T, cdiv(I, BLOCK_N)) with index_ptr the expert index and the
-    dispatch pointers None, else index_ptr None."""
-    expert = _program_class(index_ptr, tile_expert_ptr, BY_TOKEN)
+    """Grid (tiles, cdiv(I, BLOCK_N))."""
+    expert = tl.load(tile_expert_ptr + tl.program_id(0))
     if (expert < 0) | (expert > E):  # unused tile
         return
     if expert == E:  # skipped tokens: their y rows (0 or w x), here rather than in a launch of their own
-        rows, row_mask, tokens = _program_rows(expert, sorted_ptr, offsets_ptr, tile_start_ptr, BY_TOKEN, BLOCK_M)
+        rows, row_mask, tokens = _tile_rows(tile_start_ptr, offsets_ptr, sorted_ptr, expert, BLOCK_M)
         _skip_rows(x_ptr, weight_ptr, y_ptr, tokens, row_mask, H, SKIP_MODE, BLOCK_M, BLOCK_N)
         return
-    rows, row_mask, tokens = _program_rows(expert, sorted_ptr, offsets_ptr, tile_start_ptr, BY_TOKEN, BLOCK_M)
+    rows, row_mask, tokens = _tile_rows(tile_start_ptr, offsets_ptr, sorted_ptr, expert, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < I
     ks = tl.arange(0, BLOCK_K)
@@ -240,25 +224,21 @@ def moe_gate_up_kernel(
 # ---------------------------------------------------------------- grouped GEMM 2: down, routing weight, scatter
 @triton.jit
 def moe_down_kernel(
-    act_ptr, down_ptr, weight_ptr, y_ptr, index_ptr, sorted_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr,
-    H, I, E,
-    BY_TOKEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    act_ptr, down_ptr, weight_ptr, y_ptr, sorted_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr, H, I, E,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Grid (tiles, cdiv(H, BLOCK_N)); BY_TOKEN: (T, cdiv(H, BLOCK_N)), as moe_gate_up_kernel."""
-    expert = _program_class(index_ptr, tile_expert_ptr, BY_TOKEN)
+    """Grid (tiles, cdiv(H, BLOCK_N)), as moe_gate_up_kernel."""
+    expert = tl.load(tile_expert_ptr + tl.program_id(0))
     if (expert < 0) | (expert >= E):  # unused tile or skipped tokens (moe_gate_up_kernel writes those rows)
         return
-    rows, row_mask, tokens = _program_rows(expert, sorted_ptr, offsets_ptr, tile_start_ptr, BY_TOKEN, BLOCK_M)
+    rows, row_mask, tokens = _tile_rows(tile_start_ptr, offsets_ptr, sorted_ptr, expert, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < H
     out_mask = row_mask[:, None] & col_mask[None, :]
     out_offs = tokens[:, None] * H + cols[None, :]
     w = tl.load(weight_ptr + tokens, mask=row_mask, other=0.0).to(tl.float32)
     ks = tl.arange(0, BLOCK_K)
-    if BY_TOKEN:  # every lane is the token's own row
-        a_rows = rows
-    else:  # masked lanes read the tile's first row
-        a_rows = tl.where(row_mask, rows, rows - tl.arange(0, BLOCK_M))
+    a_rows = tl.where(row_mask, rows, rows - tl.arange(0, BLOCK_M))  # masked lanes read the tile's first row
     a_offs = a_rows[:, None] * I + ks[None, :]
     # down[expert] rows n (output columns), read as [BLOCK_K, BLOCK_N]
     b_base = down_ptr + expert.to(tl.int64) * H * I
@@ -270,6 +250,73 @@ def moe_down_kernel(
         b = tl.load(b_base + (b_offs + k0), mask=k_mask[:, None], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     tl.store(y_ptr + out_offs, (acc * w[:, None]).to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+# ---------------------------------------------------------------- decode: both GEMMs by token, as GEMVs
+@triton.jit
+def moe_gate_up_by_token_kernel(
+    x_ptr, gate_up_ptr, act_ptr, weight_ptr, y_ptr, index_ptr, H, I, E,
+    SKIP_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Grid (T, cdiv(I, BLOCK_N)): token t = pid(0), its class read from expert_index (no dispatch), columns n of I.
+    act[t, n] = SiLU(g) * u with g = gate_up[e, n] . x_t and u = gate_up[e, I + n] . x_t, as a GEMV: one token is
+    one row, which no matrix instruction tile fills (a 16-row tile would be 1/16 used), and narrow column blocks
+    give many programs: ZAYA1's I = 2048 at BLOCK_N 8 is 256 programs per token, against 64 for the dispatch path's
+    16 x 32 tiles, nearer gfx942's 304 CUs. Products accumulate elementwise in a [BLOCK_N, BLOCK_K] fp32 tile,
+    summed across K once after the loop. A skipped token's programs write its y row (0 or w x) instead."""
+    t = tl.program_id(0)
+    expert = tl.load(index_ptr + t)
+    if expert == E:
+        lane = tl.arange(0, 1)
+        _skip_rows(x_ptr, weight_ptr, y_ptr, t + lane, lane == 0, H, SKIP_MODE, 1, BLOCK_N)
+        return
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < I
+    ks = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + t * H
+    gate_base = gate_up_ptr + expert.to(tl.int64) * 2 * I * H
+    up_base = gate_base + I.to(tl.int64) * H
+    # rows n of gate and up as [BLOCK_N, BLOCK_K], k fastest: each row a contiguous run; columns past I read row 0
+    b_offs = tl.where(col_mask, cols, 0)[:, None] * H + ks[None, :]
+    acc_gate = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k_mask = (k0 + ks) < H
+        a = tl.load(x_row + (k0 + ks), mask=k_mask, other=0.0).to(tl.float32)[None, :]
+        gate = tl.load(gate_base + (b_offs + k0), mask=k_mask[None, :], other=0.0)
+        up = tl.load(up_base + (b_offs + k0), mask=k_mask[None, :], other=0.0)
+        acc_gate += gate.to(tl.float32) * a
+        acc_up += up.to(tl.float32) * a
+    g = tl.sum(acc_gate, axis=1)
+    u = tl.sum(acc_up, axis=1)
+    tl.store(act_ptr + t * I + cols, (g * tl.sigmoid(g) * u).to(act_ptr.dtype.element_ty), mask=col_mask)
+
+
+@triton.jit
+def moe_down_by_token_kernel(
+    act_ptr, down_ptr, weight_ptr, y_ptr, index_ptr, H, I, E,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Grid (T, cdiv(H, BLOCK_N)): y[t, n] = w_t * down[e, n] . act_t, a GEMV as moe_gate_up_by_token_kernel (a
+    skipped token's row is that kernel's)."""
+    t = tl.program_id(0)
+    expert = tl.load(index_ptr + t)
+    if expert >= E:
+        return
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < H
+    ks = tl.arange(0, BLOCK_K)
+    act_row = act_ptr + t * I
+    b_base = down_ptr + expert.to(tl.int64) * H * I
+    b_offs = tl.where(col_mask, cols, 0)[:, None] * I + ks[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        k_mask = (k0 + ks) < I
+        a = tl.load(act_row + (k0 + ks), mask=k_mask, other=0.0).to(tl.float32)[None, :]
+        b = tl.load(b_base + (b_offs + k0), mask=k_mask[None, :], other=0.0)
+        acc += b.to(tl.float32) * a
+    w = tl.load(weight_ptr + t).to(tl.float32)
+    tl.store(y_ptr + t * H + cols, (tl.sum(acc, axis=1) * w).to(y_ptr.dtype.element_ty), mask=col_mask)
 
 
 # ---------------------------------------------------------------- backward
@@ -654,41 +701,58 @@ def moe_experts(x, gate_up, down, routing_weight, sorted_token_ids, offsets, til
     tiles = tile_expert.shape[0]
     if x.shape[0] == 0 or tiles == 0:
         return
-    _launch_gemms("moe_experts", x, gate_up, down, routing_weight, y, tiles, block_m, skip_mode, None,
+    _launch_gemms(x, gate_up, down, routing_weight, y, tiles, block_m, skip_mode,
                   (sorted_token_ids, offsets, tile_expert, tile_start))
 
 
-BY_TOKEN_BLOCK_M = 16  # moe_experts_by_token: the smallest tile tl.dot takes, one valid row (token) per program
+def by_token_config(target: str, gemm: str) -> dict:
+    """Launch parameters (BLOCK_N, BLOCK_K, num_warps, num_stages) of the by-token GEMV `gemm` ('gate_up' or
+    'down') for this target: the table's "by_token" entry."""
+    return load_config_table()["targets"][target]["by_token"][gemm]
 
 
 def moe_experts_by_token(x, gate_up, down, expert_index, routing_weight, skip_mode, y):
-    """Launch GEMM 1 then GEMM 2 into y [T, H] with one program row per token (no dispatch: the programs read
-    expert_index themselves); every row of y is written."""
-    if x.shape[0] == 0:
+    """Launch the two by-token GEMVs into y [T, H] (no dispatch: the programs read expert_index themselves); every
+    row of y is written."""
+    T, H = x.shape
+    if T == 0:
         return
-    _launch_gemms("moe_experts_by_token", x, gate_up, down, routing_weight, y, x.shape[0], BY_TOKEN_BLOCK_M,
-                  skip_mode, expert_index, (None, None, None, None))
+    E, two_i, _ = gate_up.shape
+    I = two_i // 2
+    check_index_range("moe_experts_by_token", T, H, I)
+    target = device_target(x.device)
+    act = torch.empty(T, I, dtype=x.dtype, device=x.device)  # SiLU(g) * u, row t for token t
+    cfg1 = by_token_config(target, "gate_up")
+    moe_gate_up_by_token_kernel[(T, triton.cdiv(I, cfg1["BLOCK_N"]))](
+        x, gate_up, act, routing_weight, y, expert_index, H, I, E,
+        SKIP_MODE=skip_mode, BLOCK_N=cfg1["BLOCK_N"], BLOCK_K=cfg1["BLOCK_K"], num_warps=cfg1["num_warps"],
+        num_stages=cfg1["num_stages"],
+    )
+    cfg2 = by_token_config(target, "down")
+    moe_down_by_token_kernel[(T, triton.cdiv(H, cfg2["BLOCK_N"]))](
+        act, down, routing_weight, y, expert_index, H, I, E,
+        BLOCK_N=cfg2["BLOCK_N"], BLOCK_K=cfg2["BLOCK_K"], num_warps=cfg2["num_warps"], num_stages=cfg2["num_stages"],
+    )
 
 
-def _launch_gemms(op, x, gate_up, down, routing_weight, y, grid_rows, block_m, skip_mode, expert_index, dispatch):
-    """Both expert GEMMs over grid_rows tiles (dispatch tiles, or tokens with expert_index: BY_TOKEN)."""
+def _launch_gemms(x, gate_up, down, routing_weight, y, tiles, block_m, skip_mode, dispatch):
+    """Both grouped GEMMs over the dispatch's tiles."""
     T, H = x.shape
     E, two_i, _ = gate_up.shape
     I = two_i // 2
-    check_index_range(op, T, H, I)
+    check_index_range("moe_experts", T, H, I)
     target = device_target(x.device)
-    by_token = expert_index is not None
-    act = torch.empty(T, I, dtype=x.dtype, device=x.device)  # SiLU(g) * u at sorted rows (BY_TOKEN: token rows)
+    act = torch.empty(T, I, dtype=x.dtype, device=x.device)  # SiLU(g) * u at sorted rows
     cfg1 = gemm_config(target, block_m, "gate_up")
-    moe_gate_up_kernel[(grid_rows, triton.cdiv(I, cfg1["BLOCK_N"]))](
-        x, gate_up, act, routing_weight, y, expert_index, *dispatch, H, I, E,
-        SKIP_MODE=skip_mode, BY_TOKEN=by_token, BLOCK_M=block_m, BLOCK_N=cfg1["BLOCK_N"], BLOCK_K=cfg1["BLOCK_K"],
+    moe_gate_up_kernel[(tiles, triton.cdiv(I, cfg1["BLOCK_N"]))](
+        x, gate_up, act, routing_weight, y, *dispatch, H, I, E,
+        SKIP_MODE=skip_mode, BLOCK_M=block_m, BLOCK_N=cfg1["BLOCK_N"], BLOCK_K=cfg1["BLOCK_K"],
         num_warps=cfg1["num_warps"], num_stages=cfg1["num_stages"],
     )
     cfg2 = gemm_config(target, block_m, "down")
-    moe_down_kernel[(grid_rows, triton.cdiv(H, cfg2["BLOCK_N"]))](
-        act, down, routing_weight, y, expert_index, *dispatch, H, I, E,
-        BY_TOKEN=by_token, BLOCK_M=block_m, BLOCK_N=cfg2["BLOCK_N"], BLOCK_K=cfg2["BLOCK_K"],
+    moe_down_kernel[(tiles, triton.cdiv(H, cfg2["BLOCK_N"]))](
+        act, down, routing_weight, y, *dispatch, H, I, E,
+        BLOCK_M=block_m, BLOCK_N=cfg2["BLOCK_N"], BLOCK_K=cfg2["BLOCK_K"],
         num_warps=cfg2["num_warps"], num_stages=cfg2["num_stages"],
     )
 
@@ -759,10 +823,15 @@ def _gemm_signature(kernel_name: str) -> tuple[dict, dict]:
     index = {a: "*i32" for a in _INDEX_ARGS}
     if kernel_name == "gate_up":
         return {"x_ptr": "*bf16", "gate_up_ptr": "*bf16", "act_ptr": "*bf16", "weight_ptr": "*fp32", "y_ptr": "*bf16",
-                "index_ptr": "*i32", **index, **ints}, {}
-    if kernel_name == "down":
-        return {"act_ptr": "*bf16", "down_ptr": "*bf16", "weight_ptr": "*fp32", "y_ptr": "*bf16", "index_ptr": "*i32",
                 **index, **ints}, {}
+    if kernel_name == "down":
+        return {"act_ptr": "*bf16", "down_ptr": "*bf16", "weight_ptr": "*fp32", "y_ptr": "*bf16", **index, **ints}, {}
+    if kernel_name == "gate_up_by_token":
+        return {"x_ptr": "*bf16", "gate_up_ptr": "*bf16", "act_ptr": "*bf16", "weight_ptr": "*fp32", "y_ptr": "*bf16",
+                "index_ptr": "*i32", **ints}, {}
+    if kernel_name == "down_by_token":
+        return {"act_ptr": "*bf16", "down_ptr": "*bf16", "weight_ptr": "*fp32", "y_ptr": "*bf16", "index_ptr": "*i32",
+                **ints}, {}
     if kernel_name == "bwd_act":
         return ({"grad_y_ptr": "*bf16", "x_ptr": "*bf16", "gate_up_ptr": "*bf16", "down_ptr": "*bf16",
                  "weight_ptr": "*fp32", "dgu_ptr": "*bf16", "act_ptr": "*bf16", "wpart_ptr": "*fp32", **index,
@@ -778,21 +847,17 @@ _WGRAD_SIGNATURE = {"a_ptr": "*bf16", "b_ptr": "*bf16", "weight_ptr": "*fp32", "
 _WGRAD_MODES = ((False, True, False), (True, False, True))
 
 
-def _forward_modes(name: str, block_m: int) -> list[dict]:
-    """The constexpr modes each GEMM config compiles in: gate_up with both skip modes (it writes the skipped rows),
-    gate_up and down by dispatch tile and, at BY_TOKEN_BLOCK_M, by token (moe_experts_by_token)."""
-    if name not in ("gate_up", "down"):
-        return [{}]
-    by_token = (False, True) if block_m == BY_TOKEN_BLOCK_M else (False,)
-    skip_modes = (0, 1) if name == "gate_up" else (None,)
-    return [{**({} if skip is None else {"SKIP_MODE": skip}), "BY_TOKEN": by} for skip in skip_modes for by in by_token]
+def _forward_modes(name: str) -> list[dict]:
+    """The constexpr modes each forward config compiles in: gate_up (tiled or by token) with both skip modes (it
+    writes the skipped rows)."""
+    return [{"SKIP_MODE": skip} for skip in (0, 1)] if name.startswith("gate_up") else [{}]
 
 
 def _aot_configs() -> dict:
     """Kernel name -> the AotConfigs of every configuration the tables of gfx942, gfx950 and sm_90 can launch."""
     table = load_config_table()["targets"]
     out = {name: [] for name in ("moe_dispatch", "moe_dispatch_count", "moe_dispatch_scan", "moe_dispatch_place",
-                                 "moe_gate_up", "moe_down", "moe_bwd_act", "moe_bwd_dx", "moe_wgrad", "moe_skip_bwd")}
+                                 "moe_gate_up", "moe_down", "moe_gate_up_by_token", "moe_down_by_token", "moe_bwd_act", "moe_bwd_dx", "moe_wgrad", "moe_skip_bwd")}
     for skip_mode in (0, 1):
         out["moe_skip_bwd"].append(AotConfig(
             label=f"SKIP_MODE={skip_mode},BLOCK_T={SKIP_BLOCK_T},BLOCK_H={SKIP_BLOCK_H}",
@@ -881,22 +946,36 @@ def _aot_configs() -> dict:
                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], matrix_expected=True))
                     continue
                 signature, consts = _gemm_signature(name)
-                for mode in _forward_modes(name, block_m):
+                for mode in _forward_modes(name):
                     all_consts = {**consts, **mode, "BLOCK_M": block_m, **tiles}
-                    if name in ("gate_up", "down"):  # the pointers of the other mode are None
-                        all_consts.update(dict.fromkeys(_INDEX_ARGS) if mode["BY_TOKEN"] else {"index_ptr": None})
                     mode_label = ",".join(f"{k}={int(v)}" for k, v in mode.items())
                     out[f"moe_{name}"].append(AotConfig(
                         label=(mode_label + "," if mode else "") + f"BLOCK_M={block_m},{label}",
                         signature={**signature, **{c: "constexpr" for c in all_consts}},
                         constexprs=all_consts, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                         matrix_expected=True))
+        for name, cfg in table[target]["by_token"].items():
+            tiles = {k: cfg[k] for k in ("BLOCK_N", "BLOCK_K")}
+            key = (f"{name}_by_token", tuple(sorted(cfg.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            signature, _ = _gemm_signature(f"{name}_by_token")
+            for mode in _forward_modes(name):
+                consts = {**mode, **tiles}
+                out[f"moe_{name}_by_token"].append(AotConfig(
+                    label=",".join(f"{k}={v}" for k, v in consts.items()) + f",warps={cfg['num_warps']},"
+                          f"stages={cfg['num_stages']}",
+                    signature={**signature, **{c: "constexpr" for c in consts}}, constexprs=consts,
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                    matrix_expected=False))  # GEMVs: one token per program (see moe_gate_up_by_token_kernel)
     return out
 
 
 _KERNELS = {"moe_dispatch": moe_dispatch_kernel, "moe_dispatch_count": moe_dispatch_count_kernel,
             "moe_dispatch_scan": moe_dispatch_scan_kernel, "moe_dispatch_place": moe_dispatch_place_kernel,
             "moe_gate_up": moe_gate_up_kernel, "moe_down": moe_down_kernel,
+            "moe_gate_up_by_token": moe_gate_up_by_token_kernel, "moe_down_by_token": moe_down_by_token_kernel,
             "moe_bwd_act": moe_bwd_act_kernel, "moe_bwd_dx": moe_bwd_dx_kernel, "moe_wgrad": moe_wgrad_kernel,
             "moe_skip_bwd": moe_skip_bwd_kernel, "moe_permute_rows": moe_permute_rows_kernel,
             "moe_unpermute_rows": moe_unpermute_rows_kernel, "moe_unpermute_rows_bwd": moe_unpermute_rows_bwd_kernel}
