@@ -41,6 +41,17 @@ def grad_wanted(tensors) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
+def call(op, *args):
+    """`op(*args)` for a torch.ops.zaya op, as the typed wrappers call them. Without a gradient to record (grad mode
+    off, or no input that requires grad) the call skips torch.library's Python autograd layer, whose outputs would
+    carry no history anyway: 52 -> 44 us of host time for residual_scale_rmsnorm on CPU, paid by every op with a
+    registered backward in every layer of an eager decode step. Traced calls (torch.compile) go through it."""
+    if torch.compiler.is_compiling() or grad_wanted(args):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 def register_op(
     name: str,
     *,

@@ -22,7 +22,7 @@ import torch
 
 from zaya_kernels import backend as _backend
 from zaya_kernels.ops import _validate as check
-from zaya_kernels.ops._registry import register_op
+from zaya_kernels.ops._registry import call, register_op
 from zaya_kernels.reference import attention as ref
 
 _OP = "cca_attention"
@@ -289,7 +289,7 @@ def cca_attention(
     The Triton kernels (prefill and decode) take scaled logits |softmax_scale q.k| below 1e29: always so for fp16
     inputs and CCA's normalised q, k (see zaya_kernels/triton/attention.py); the reference takes any finite input.
     """
-    out, lse = torch.ops.zaya.cca_attention(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens,
+    out, lse = call(torch.ops.zaya.cca_attention, q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens,
                                             int(max_seqlen), None if softmax_scale is None else float(softmax_scale),
                                             bool(causal), int(window))
     return (out, lse) if return_lse else out
@@ -334,7 +334,7 @@ def cca_attention_decode(
     -------
     out : shaped like q ([B, Hq, D] or [B, Q, Hq, D]), q's dtype
     """
-    return torch.ops.zaya.cca_attention_decode(
+    return call(torch.ops.zaya.cca_attention_decode, 
         q.contiguous(), k_cache, v_cache, seq_lens, block_table,
         None if softmax_scale is None else float(softmax_scale), int(window),
         None if max_seqlen is None else int(max_seqlen), seq_starts)

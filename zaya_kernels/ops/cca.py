@@ -39,7 +39,7 @@ import torch
 
 from zaya_kernels import backend as _backend
 from zaya_kernels.ops import _validate as check
-from zaya_kernels.ops._registry import register_op
+from zaya_kernels.ops._registry import call, register_op
 # The one rule for reading index values back (CPU tensors, or any real tensor with ZAYA_KERNELS_CHECK_VALUES=1;
 # never fake / meta ones), shared with the attention ops.
 from zaya_kernels.ops.attention import _values_readable
@@ -557,7 +557,7 @@ def cca_prepare(
                                     rope_theta, slot_mapping, k_cache, v_cache, initial_conv_state,
                                     initial_value_state, has_initial_state)
     else:
-        outputs = torch.ops.zaya.cca_prepare(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight,
+        outputs = call(torch.ops.zaya.cca_prepare, qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight,
                                              conv1_bias, temperature, positions, cu_seqlens, int(num_q_heads),
                                              int(num_kv_heads), int(rotary_dim), float(rope_theta),
                                              initial_conv_state, initial_value_state, has_initial_state)
@@ -637,7 +637,7 @@ def cca_prepare_paged(
     -------
     q, k, v, final_conv_state, final_value_state : as in `cca_prepare`
     """
-    return torch.ops.zaya.cca_prepare_paged(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight,
+    return call(torch.ops.zaya.cca_prepare_paged, qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight,
                                             conv1_bias, temperature, positions, cu_seqlens, int(num_q_heads),
                                             int(num_kv_heads), int(rotary_dim), float(rope_theta), slot_mapping,
                                             k_cache, v_cache, initial_conv_state, initial_value_state,
@@ -697,7 +697,7 @@ def cca_prepare_decode(
     k : [B, num_kv_heads, D] A
     v : [B, num_kv_heads, D] A
     """
-    return torch.ops.zaya.cca_prepare_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight,
+    return call(torch.ops.zaya.cca_prepare_decode, qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight,
                                              conv1_bias, temperature, positions, conv_state, value_state,
                                              state_indices, int(num_q_heads), int(num_kv_heads), int(rotary_dim),
                                              float(rope_theta), slot_mapping, k_cache, v_cache)

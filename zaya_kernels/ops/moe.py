@@ -35,7 +35,7 @@ import torch
 
 from zaya_kernels import backend as _backend
 from zaya_kernels.ops import _validate as check
-from zaya_kernels.ops._registry import grad_wanted, register_op
+from zaya_kernels.ops._registry import call, grad_wanted, register_op
 from zaya_kernels.reference import moe as ref
 
 _INDEX_DTYPES = (torch.int32,)
@@ -503,7 +503,7 @@ def moe_dispatch(expert_index: torch.Tensor, num_experts: int, block_m: int | No
     """
     if block_m is None:
         block_m = moe_block_m(expert_index.shape[0], expert_index.device)
-    return torch.ops.zaya.moe_dispatch(expert_index, num_experts, block_m)
+    return call(torch.ops.zaya.moe_dispatch, expert_index, num_experts, block_m)
 
 
 def moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, expert_index: torch.Tensor,
@@ -545,18 +545,18 @@ def moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, expert_index
     with router_index:
         if block_m is None and flat_x.shape[0] <= BY_TOKEN_MAX_TOKENS and not grad_wanted((x, gate_up, down,
                                                                                             routing_weight)):
-            y = torch.ops.zaya.moe_experts_by_token(flat_x, gate_up, down, expert_index.reshape(-1),
+            y = call(torch.ops.zaya.moe_experts_by_token, flat_x, gate_up, down, expert_index.reshape(-1),
                                                     routing_weight.reshape(-1), skip_mode)
             return y.view(x.shape)
         if block_m is None:
             block_m = moe_block_m(flat_x.shape[0], x.device)
-        dispatch = torch.ops.zaya.moe_dispatch(expert_index.reshape(-1), E, block_m)
+        dispatch = call(torch.ops.zaya.moe_dispatch, expert_index.reshape(-1), E, block_m)
     counts, offsets, sorted_token_ids, inverse, tile_expert, tile_start = dispatch
     this_dispatch = _dispatch_call(sorted_token_ids, E, block_m)
     dispatch_outputs = (contextlib.nullcontext() if compiling else check.vouched(
         (sorted_token_ids, "permutation"), *((t, this_dispatch) for t in (offsets, tile_expert, tile_start))))
     with dispatch_outputs:  # made just above: valid even where remember_valid cannot follow them (inference mode)
-        y = torch.ops.zaya.moe_experts(flat_x, gate_up, down, routing_weight.reshape(-1), sorted_token_ids, offsets,
+        y = call(torch.ops.zaya.moe_experts, flat_x, gate_up, down, routing_weight.reshape(-1), sorted_token_ids, offsets,
                                        tile_expert, tile_start, block_m, skip_mode)
     return y.view(x.shape)
 
@@ -585,7 +585,7 @@ def moe_permute_rows(x: torch.Tensor, sorted_token_ids: torch.Tensor, num_rows: 
     not a permutation of 0..T-1 (an index out of range or a repeated token; this check reads the values and is
     skipped under CUDA graph capture and with ZAYA_KERNELS_MOE_TRUST_INDEX=1).
     """
-    return torch.ops.zaya.moe_permute_rows(x, sorted_token_ids, num_rows)
+    return call(torch.ops.zaya.moe_permute_rows, x, sorted_token_ids, num_rows)
 
 
 def moe_unpermute_rows(rows: torch.Tensor, sorted_token_ids: torch.Tensor, x: torch.Tensor | None = None,
@@ -614,4 +614,4 @@ def moe_unpermute_rows(rows: torch.Tensor, sorted_token_ids: torch.Tensor, x: to
     ValueError / TypeError for wrong dtypes, shapes or devices, N > T, skip_mode 1 without x / routing_weight, or
     sorted_token_ids that is not a permutation of 0..T-1 (checked as in `moe_permute_rows`).
     """
-    return torch.ops.zaya.moe_unpermute_rows(rows, sorted_token_ids, x, routing_weight, skip_mode)
+    return call(torch.ops.zaya.moe_unpermute_rows, rows, sorted_token_ids, x, routing_weight, skip_mode)

@@ -12,7 +12,7 @@ import torch
 
 from zaya_kernels import backend as _backend
 from zaya_kernels.ops import _validate as check
-from zaya_kernels.ops._registry import register_op
+from zaya_kernels.ops._registry import call, register_op
 from zaya_kernels.reference import residual_rmsnorm as ref
 
 MODE_RMSNORM, MODE_INPUT, MODE_RESIDUAL = 0, 1, 2
@@ -275,7 +275,7 @@ def residual_scale_rmsnorm(
     check.tensor(_OP, "branch", branch, contiguous=True, min_ndim=1)
     lead = branch.shape[:-1]
     h = branch.shape[-1]
-    new_residual, normed = torch.ops.zaya.residual_scale_rmsnorm(
+    new_residual, normed = call(torch.ops.zaya.residual_scale_rmsnorm,
         branch.reshape(-1, h), None if residual is None else residual.reshape(-1, h), hidden_scale, hidden_bias,
         residual_scale, residual_bias, norm_weight, float(eps))
     return new_residual.view(*lead, h), normed.view(*lead, h)
@@ -297,5 +297,5 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, out_dtype:
     """
     check.tensor("rmsnorm", "x", x, contiguous=True, min_ndim=1)
     h = x.shape[-1]
-    out = torch.ops.zaya.rmsnorm(x.reshape(-1, h), weight, float(eps), out_dtype)
+    out = call(torch.ops.zaya.rmsnorm, x.reshape(-1, h), weight, float(eps), out_dtype)
     return out.view(*x.shape[:-1], h)
