@@ -11,7 +11,7 @@ mkdir -p "$OUT"
 PY=${PY:-python3}
 MOE_BUDGET=${MOE_BUDGET:-210}
 ATTENTION_BUDGET=${ATTENTION_BUDGET:-150}
-"$PY" zaya_kernels/tools/tune.py moe --tokens 1,8,64 --budget "$MOE_BUDGET" --max-candidates 12 \
+"$PY" zaya_kernels/tools/tune.py moe --tokens 1,4,8,64 --budget "$MOE_BUDGET" --max-candidates 12 \
   --out "$OUT/moe_tuned.json" 2>&1 | tee "$OUT/tune_moe.log"
 "$PY" zaya_kernels/tools/tune.py attention --kernels decode --budget "$ATTENTION_BUDGET" --max-candidates 16 \
   --out "$OUT/attention_tuned.json" 2>&1 | tee "$OUT/tune_attention.log"

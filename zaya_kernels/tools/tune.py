@@ -29,8 +29,8 @@ T (1, 8, 64 / 512, 2048 / 8192 for the shipped buckets); the BLOCK_M 16 bucket s
 (moe_default_space). A BLOCK_M key shared by several buckets has one entry: a bucket can take a BLOCK_M another bucket
 uses only with that entry, unchanged (so every written entry was timed by every bucket that uses it). A new BLOCK_M key
 gets the backward tiles of the bucket's previous key, compile-checked and checked against the reference backward.
-Then the by-token GEMVs (`moe_experts_by_token`, what `moe` runs for T <= 4 without gradients), their "by_token" entry
-swept the same way (gate_up, then down; moe_by_token_space) at T = 1 and 4 (or the --tokens up to 4).
+Before the buckets, the by-token GEMVs (`moe_experts_by_token`, what `moe` runs for T <= 4 without gradients): their
+"by_token" entry swept the same way (gate_up, then down; moe_by_token_space) at T = 1 and 4 (or the --tokens up to 4).
 Attention: fwd (causal prefill, default 8k tokens) and decode (batch 1/64 x context 8k/32k, contiguous cache) at the
 head-dimension block of --head-dim (ZAYA1: 128).
 
@@ -629,9 +629,10 @@ class MoeTuner(_Tuner):
                 per_bucket.setdefault(index, []).append(T)
         else:
             per_bucket = defaults
-        rows = [self.tune_bucket(bucket, sorted(per_bucket[bucket])) for bucket in sorted(per_bucket)]
+        # the by-token GEMVs first: they are decode's path (T <= 4 without gradients), so a budget reaches them
         by_token = sorted(T for T in (self.args.tokens or BY_TOKEN_TOKENS) if 1 <= T <= BY_TOKEN_TOKENS[-1])
-        return rows + ([self.tune_by_token(by_token)] if by_token else [])
+        rows = [self.tune_by_token(by_token)] if by_token else []
+        return rows + [self.tune_bucket(bucket, sorted(per_bucket[bucket])) for bucket in sorted(per_bucket)]
 
     # ------------------------------------------------------------ the by-token GEMVs (decode, T <= 4)
     def _run_by_token(self, T):
