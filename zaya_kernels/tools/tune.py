@@ -531,25 +531,31 @@ class MoeTuner(_Tuner):
         return self.checker.check(self.module, self._aot_table(block_m, gemm_entry), names, targets)
 
     # ------------------------------------------------------------ one (BLOCK_M, gate_up, down) combination
-    def evaluate(self, bucket, tokens, block_m, gate_up, down) -> list[float] | None:
-        label = f"T<={self._max_tokens(bucket)} BLOCK_M={block_m} gate_up[{_cfg_text(gate_up)}] down[{_cfg_text(down)}]"
-        key = (bucket, block_m, _cfg_key(gate_up), _cfg_key(down))
+    def _evaluate(self, label, key, compiles, context, tokens, run_case, info) -> list[float] | None:
+        """Times of one candidate (cached under `key`): None if a (kind, cfg) of `compiles` fails its compile
+        check or a case fails, [] when the budget ran out."""
         if key in self.results:
             return self.results[key]
         if self.budget.exhausted():
             self.budget.skipped.append(label)
             return []
-        for kind, cfg in (("gate_up", gate_up), ("down", down)):
-            reason = self._compile_reason(kind, cfg, (block_m, bucket))
+        for kind, cfg in compiles:
+            reason = self._compile_reason(kind, cfg, context)
             if reason:
                 self._reject(label, f"compile: {reason}")
                 self.results[key] = None
                 return None
-        info = {"bucket": bucket, "block_m": block_m, "gate_up": gate_up, "down": down}
-        times = self.measure(label, tokens, lambda T: self._run_case(T, block_m), info)
+        times = self.measure(label, tokens, run_case, info)
         if times != []:
             self.results[key] = times
         return times
+
+    def evaluate(self, bucket, tokens, block_m, gate_up, down) -> list[float] | None:
+        label = f"T<={self._max_tokens(bucket)} BLOCK_M={block_m} gate_up[{_cfg_text(gate_up)}] down[{_cfg_text(down)}]"
+        info = {"bucket": bucket, "block_m": block_m, "gate_up": gate_up, "down": down}
+        return self._evaluate(label, (bucket, block_m, _cfg_key(gate_up), _cfg_key(down)),
+                              (("gate_up", gate_up), ("down", down)), (block_m, bucket), tokens,
+                              lambda T: self._run_case(T, block_m), info)
 
     def _run_case(self, T, block_m):
         from zaya_kernels.reference import moe as ref
@@ -652,23 +658,10 @@ class MoeTuner(_Tuner):
         return fn, check
 
     def evaluate_by_token(self, tokens, gate_up, down) -> list[float] | None:
-        label = f"by token gate_up[{_cfg_text(gate_up)}] down[{_cfg_text(down)}]"
-        key = ("by_token", _cfg_key(gate_up), _cfg_key(down))
-        if key in self.results:
-            return self.results[key]
-        if self.budget.exhausted():
-            self.budget.skipped.append(label)
-            return []
-        for kind, cfg in (("gate_up_by_token", gate_up), ("down_by_token", down)):
-            reason = self._compile_reason(kind, cfg, None)
-            if reason:
-                self._reject(label, f"compile: {reason}")
-                self.results[key] = None
-                return None
-        times = self.measure(label, tokens, self._run_by_token, {"by_token": {"gate_up": gate_up, "down": down}})
-        if times != []:
-            self.results[key] = times
-        return times
+        return self._evaluate(f"by token gate_up[{_cfg_text(gate_up)}] down[{_cfg_text(down)}]",
+                              ("by_token", _cfg_key(gate_up), _cfg_key(down)),
+                              (("gate_up_by_token", gate_up), ("down_by_token", down)), None, tokens,
+                              self._run_by_token, {"by_token": {"gate_up": gate_up, "down": down}})
 
     def tune_by_token(self, tokens):
         """gate_up swept with the current down, then down with the best gate_up; the fastest valid pair that
