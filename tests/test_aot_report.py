@@ -178,3 +178,22 @@ def test_table_output_and_bad_arch():
 
     proc = _run([sys.executable, "-m", "zaya_kernels.tools.aot_report", "--arch", "gfx90a"], timeout=120)
     assert proc.returncode == 2 and "unknown --arch" in proc.stderr
+
+
+def test_aligned_variant_hints_every_pointer_and_compiles():
+    """--aligned compiles what Triton's launcher builds for 16-byte aligned pointers: each pointer argument (and
+    nothing else) carries tt.divisibility 16; the by-token MoE GEMVs compile that way without spills."""
+    code = _LOAD_TOOL + """
+from zaya_kernels.triton._aot import AotConfig
+cfg = AotConfig("x", {"x_ptr": "*bf16", "n": "i32", "y_ptr": "*fp32", "B": "constexpr"}, {"B": 16})
+print(json.dumps({str(k[0]): v for k, v in tool._pointer_alignment(cfg).items()}))
+"""
+    proc = _run([sys.executable, "-c", code], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"0": [["tt.divisibility", 16]], "2": [["tt.divisibility", 16]]}
+    proc = _run([sys.executable, "-m", "zaya_kernels.tools.aot_report", "--json", "--aligned", "--arch",
+                 "sm_90,gfx942", "--kernel", "_by_token"])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr
+    records = json.loads(proc.stdout)
+    assert {r["kernel"] for r in records} == {"moe_gate_up_by_token", "moe_down_by_token"}
+    assert all(r["ok"] and r["spills"] == 0 for r in records)
