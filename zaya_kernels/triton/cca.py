@@ -470,14 +470,15 @@ FINAL_BLOCK_C = 128
 _inv_freq_cache: dict = {}
 
 
-def forward_num_warps(head_dim: int, k0: int, k1: int, fp32: bool, decode: bool) -> int:
+def forward_num_warps(head_dim: int, k0: int, k1: int, fp32: bool, decode: bool, bf16_state: bool = False) -> int:
     """Warps per forward program, from the AOT report (gfx942 and gfx950 spill at neither count). Decode: 8 at every
     shape (at ZAYA1's, 4 spilled 24 B on sm_90 under Triton 3.6 and held AMD to 3 waves per SIMD there; 8 takes
-    fewer registers under 3.6 and 3.9 alike). Prefill (Triton 3.9): 4 at ZAYA1's shape (D 128, k0 = k1 = 2) and
-    in bf16 at D > 128 (8 spill there on sm_90); 8 elsewhere (with 4, ptxas spills on sm_90 at D 64 and 96, at
-    D 256 in fp32, and when k0 + k1 > 4)."""
+    fewer registers under 3.6 and 3.9 alike), except 4 with bf16 states at ZAYA1's shape (8 spill 24 B on sm_90
+    under Triton 3.9 once pointers are 16-byte aligned, `aot-report --aligned`; 4 spill in no variant under 3.6 or
+    3.9). Prefill (Triton 3.9): 4 at ZAYA1's shape (D 128, k0 = k1 = 2) and in bf16 at D > 128 (8 spill there on
+    sm_90); 8 elsewhere (with 4, ptxas spills on sm_90 at D 64 and 96, at D 256 in fp32, and when k0 + k1 > 4)."""
     if decode:
-        return 8
+        return 4 if bf16_state and (head_dim, k0, k1) == (128, 2, 2) else 8
     if (head_dim, k0, k1) == (128, 2, 2) or (head_dim > 128 and not fp32):
         return 4
     return 8
@@ -589,7 +590,8 @@ def cca_prepare_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1
         NUM_Q=num_q_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, K0=k0, K1=k1,
         BLOCK_T=DECODE_BLOCK_ROWS, **_blocks(head_dim, rotary_dim, decode=True),
         IEEE_DOT=qk.dtype == torch.float32,
-        num_warps=forward_num_warps(head_dim, k0, k1, qk.dtype == torch.float32, decode=True),
+        num_warps=forward_num_warps(head_dim, k0, k1, qk.dtype == torch.float32, decode=True,
+                                    bf16_state=conv_state.dtype == torch.bfloat16),
     )
 
 
@@ -644,7 +646,7 @@ def _aot_configs(head_dim=128, rotary_dim=64, k0=2, k1=2, variants=None):
                  + (",paged_cache" if write_cache else ""))
         (decode_configs if decode else prefill).append(
             AotConfig(label=label, signature=signature, constexprs=consts,
-                      num_warps=forward_num_warps(head_dim, k0, k1, act == "fp32", decode),
+                      num_warps=forward_num_warps(head_dim, k0, k1, act == "fp32", decode, state == "bf16"),
                       matrix_expected=act == "bf16"))
         if not decode and not write_cache:  # the final-states kernel has no cache variant
             final_consts = {"STATE_LEN": state_len, "HAS_INIT": has_init, "BLOCK_C": FINAL_BLOCK_C,
