@@ -181,7 +181,8 @@ def test_moe_tuner_sweeps_the_by_token_gemvs(tri, moe_table, tmp_path, monkeypat
     row = result["rows"][0]
     assert row["bucket"] == "by token T<=4" and row["tokens"] == [1, 3] and row["chosen"]["us"]
     want = {"BLOCK_N": 8, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
-    assert result["entry"]["by_token"] == {"gate_up": want, "down": want} == {k: row["chosen"][k] for k in ("gate_up", "down")}
+    chosen = {k: row["chosen"][k] for k in ("gate_up", "down")}
+    assert result["entry"]["by_token"] == {"gate_up": want, "down": want} == chosen
     assert [r["bucket"] for r in result["rows"]] == ["by token T<=4", "T<=32"]  # then the dispatch path's bucket
 
 

@@ -81,9 +81,9 @@ def _fused_residual_norm(branch, residual, scaling, norm):
     """(new residual fp32, normed in the norm weight's dtype) for [B, S, H] tensors."""
     shape = branch.shape
     h = shape[-1]
-    new_residual, normed = call(torch.ops.zaya.residual_scale_rmsnorm,
-        branch.to(norm.weight.dtype).reshape(-1, h).contiguous(), residual.reshape(-1, h).contiguous(),
-        *_residual_params(scaling), norm.weight, _norm_eps(norm))
+    new_residual, normed = call(
+        torch.ops.zaya.residual_scale_rmsnorm, branch.to(norm.weight.dtype).reshape(-1, h).contiguous(),
+        residual.reshape(-1, h).contiguous(), *_residual_params(scaling), norm.weight, _norm_eps(norm))
     return new_residual.view(shape), normed.view(shape)
 
 
@@ -384,7 +384,8 @@ def model_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
         layers = self.layers
         batch, seq, hidden = inputs_embeds.shape
         first_norm = layers[0].input_layernorm if len(layers) else self.norm
-        residual, normed = call(torch.ops.zaya.residual_scale_rmsnorm,
+        residual, normed = call(
+            torch.ops.zaya.residual_scale_rmsnorm,
             inputs_embeds.to(first_norm.weight.dtype).reshape(-1, hidden).contiguous(), None,
             self.input_hidden_states_scale, self.input_hidden_states_bias, None, None, first_norm.weight,
             _norm_eps(first_norm))

@@ -290,8 +290,8 @@ def cca_attention(
     inputs and CCA's normalised q, k (see zaya_kernels/triton/attention.py); the reference takes any finite input.
     """
     out, lse = call(torch.ops.zaya.cca_attention, q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens,
-                                            int(max_seqlen), None if softmax_scale is None else float(softmax_scale),
-                                            bool(causal), int(window))
+                    int(max_seqlen), None if softmax_scale is None else float(softmax_scale),
+                    bool(causal), int(window))
     return (out, lse) if return_lse else out
 
 
@@ -334,7 +334,7 @@ def cca_attention_decode(
     -------
     out : shaped like q ([B, Hq, D] or [B, Q, Hq, D]), q's dtype
     """
-    return call(torch.ops.zaya.cca_attention_decode, 
-        q.contiguous(), k_cache, v_cache, seq_lens, block_table,
-        None if softmax_scale is None else float(softmax_scale), int(window),
-        None if max_seqlen is None else int(max_seqlen), seq_starts)
+    return call(torch.ops.zaya.cca_attention_decode,
+                q.contiguous(), k_cache, v_cache, seq_lens, block_table,
+                None if softmax_scale is None else float(softmax_scale), int(window),
+                None if max_seqlen is None else int(max_seqlen), seq_starts)

@@ -558,9 +558,9 @@ def cca_prepare(
                                     initial_value_state, has_initial_state)
     else:
         outputs = call(torch.ops.zaya.cca_prepare, qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight,
-                                             conv1_bias, temperature, positions, cu_seqlens, int(num_q_heads),
-                                             int(num_kv_heads), int(rotary_dim), float(rope_theta),
-                                             initial_conv_state, initial_value_state, has_initial_state)
+                       conv1_bias, temperature, positions, cu_seqlens, int(num_q_heads),
+                       int(num_kv_heads), int(rotary_dim), float(rope_theta),
+                       initial_conv_state, initial_value_state, has_initial_state)
     if state_indices is not None:
         rows = state_indices.long()
         with torch.no_grad():
@@ -638,10 +638,10 @@ def cca_prepare_paged(
     q, k, v, final_conv_state, final_value_state : as in `cca_prepare`
     """
     return call(torch.ops.zaya.cca_prepare_paged, qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight,
-                                            conv1_bias, temperature, positions, cu_seqlens, int(num_q_heads),
-                                            int(num_kv_heads), int(rotary_dim), float(rope_theta), slot_mapping,
-                                            k_cache, v_cache, initial_conv_state, initial_value_state,
-                                            has_initial_state)
+                conv1_bias, temperature, positions, cu_seqlens, int(num_q_heads),
+                int(num_kv_heads), int(rotary_dim), float(rope_theta), slot_mapping,
+                k_cache, v_cache, initial_conv_state, initial_value_state,
+                has_initial_state)
 
 
 def cca_prepare_decode(
@@ -698,9 +698,9 @@ def cca_prepare_decode(
     v : [B, num_kv_heads, D] A
     """
     return call(torch.ops.zaya.cca_prepare_decode, qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight,
-                                             conv1_bias, temperature, positions, conv_state, value_state,
-                                             state_indices, int(num_q_heads), int(num_kv_heads), int(rotary_dim),
-                                             float(rope_theta), slot_mapping, k_cache, v_cache)
+                conv1_bias, temperature, positions, conv_state, value_state,
+                state_indices, int(num_q_heads), int(num_kv_heads), int(rotary_dim),
+                float(rope_theta), slot_mapping, k_cache, v_cache)
 
 
 def cca_prepare_batched(

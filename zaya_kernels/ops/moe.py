@@ -546,7 +546,7 @@ def moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, expert_index
         if block_m is None and flat_x.shape[0] <= BY_TOKEN_MAX_TOKENS and not grad_wanted((x, gate_up, down,
                                                                                             routing_weight)):
             y = call(torch.ops.zaya.moe_experts_by_token, flat_x, gate_up, down, expert_index.reshape(-1),
-                                                    routing_weight.reshape(-1), skip_mode)
+                     routing_weight.reshape(-1), skip_mode)
             return y.view(x.shape)
         if block_m is None:
             block_m = moe_block_m(flat_x.shape[0], x.device)
@@ -556,8 +556,8 @@ def moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, expert_index
     dispatch_outputs = (contextlib.nullcontext() if compiling else check.vouched(
         (sorted_token_ids, "permutation"), *((t, this_dispatch) for t in (offsets, tile_expert, tile_start))))
     with dispatch_outputs:  # made just above: valid even where remember_valid cannot follow them (inference mode)
-        y = call(torch.ops.zaya.moe_experts, flat_x, gate_up, down, routing_weight.reshape(-1), sorted_token_ids, offsets,
-                                       tile_expert, tile_start, block_m, skip_mode)
+        y = call(torch.ops.zaya.moe_experts, flat_x, gate_up, down, routing_weight.reshape(-1), sorted_token_ids,
+                 offsets, tile_expert, tile_start, block_m, skip_mode)
     return y.view(x.shape)
 
 

@@ -275,7 +275,8 @@ def residual_scale_rmsnorm(
     check.tensor(_OP, "branch", branch, contiguous=True, min_ndim=1)
     lead = branch.shape[:-1]
     h = branch.shape[-1]
-    new_residual, normed = call(torch.ops.zaya.residual_scale_rmsnorm,
+    new_residual, normed = call(
+        torch.ops.zaya.residual_scale_rmsnorm,
         branch.reshape(-1, h), None if residual is None else residual.reshape(-1, h), hidden_scale, hidden_bias,
         residual_scale, residual_bias, norm_weight, float(eps))
     return new_residual.view(*lead, h), normed.view(*lead, h)

@@ -264,7 +264,8 @@ def zaya_router(
     if r_prev is not None and (r_prev.dim() < 1 or r_prev.shape[:-1] != lead):
         raise ValueError(f"zaya::{_OP}: `r_prev` must be [..., R] with x's leading shape {tuple(lead)} (one state "
                          f"per token), got {tuple(r_prev.shape)}")
-    index, weight, r, logits = call(torch.ops.zaya.zaya_router,
+    index, weight, r, logits = call(
+        torch.ops.zaya.zaya_router,
         x.reshape(-1, h), None if r_prev is None else r_prev.reshape(-1, r_prev.shape[-1]), gamma, down_w, down_b,
         norm_w, fc1_w, fc1_b, fc2_w, fc2_b, out_w, balance_bias, float(eps), bool(return_logits))
     check.remember_valid(index, ("expert_index", out_w.shape[0] - 1))  # 0..E by construction: moe skips its check

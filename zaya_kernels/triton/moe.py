@@ -857,7 +857,8 @@ def _aot_configs() -> dict:
     """Kernel name -> the AotConfigs of every configuration the tables of gfx942, gfx950 and sm_90 can launch."""
     table = load_config_table()["targets"]
     out = {name: [] for name in ("moe_dispatch", "moe_dispatch_count", "moe_dispatch_scan", "moe_dispatch_place",
-                                 "moe_gate_up", "moe_down", "moe_gate_up_by_token", "moe_down_by_token", "moe_bwd_act", "moe_bwd_dx", "moe_wgrad", "moe_skip_bwd")}
+                                 "moe_gate_up", "moe_down", "moe_gate_up_by_token", "moe_down_by_token",
+                                 "moe_bwd_act", "moe_bwd_dx", "moe_wgrad", "moe_skip_bwd")}
     for skip_mode in (0, 1):
         out["moe_skip_bwd"].append(AotConfig(
             label=f"SKIP_MODE={skip_mode},BLOCK_T={SKIP_BLOCK_T},BLOCK_H={SKIP_BLOCK_H}",
