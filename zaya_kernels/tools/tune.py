@@ -617,13 +617,33 @@ class MoeTuner(_Tuner):
         top = max(16, 1 << max(tokens).bit_length()) if bucket == 0 else 128  # no tile wider than the small bucket
         return [old] + [m for m in (old // 2, old * 2) if 16 <= m <= min(128, top) and m != old]
 
-    def space(self, block_m: int | None = None) -> dict:
-        space = moe_default_space(self.target, block_m)
+    def space(self, block_m: int | None = None, by_token: bool = False) -> dict:
+        """The swept values (the bucket tiles' or, by_token, the GEMVs'), with the command line's overrides."""
+        space = moe_by_token_space(self.target) if by_token else moe_default_space(self.target, block_m)
         for key, flag in (("BLOCK_N", "block_n"), ("BLOCK_K", "block_k"), ("num_warps", "warps"),
                           ("num_stages", "stages")):
             if getattr(self.args, flag):
                 space[key] = getattr(self.args, flag)
         return space
+
+    def sweep_pair(self, base_gate_up, base_down, space, down_kind, context, evaluate) -> list[tuple]:
+        """gate_up swept with base_down (or, if that fails its compile check, the nearest down that passes), then
+        down with the best gate_up; evaluate(gate_up, down) -> times. Returns the (gate_up, down) pairs tried."""
+        limit = self.args.max_candidates
+        if self._compile_reason(down_kind, base_down, context):
+            base_down = next((c for c in candidate_grid(base_down, space, limit)
+                              if not self._compile_reason(down_kind, c, context)), base_down)
+        pairs, best = [], None
+        for gate_up in candidate_grid(base_gate_up, space, limit):
+            pairs.append((gate_up, base_down))
+            times = evaluate(gate_up, base_down)
+            if times and (best is None or _geomean(times) < best[0]):
+                best = (_geomean(times), gate_up)
+        best_gate_up = best[1] if best else base_gate_up
+        for down in candidate_grid(base_down, space, limit):
+            pairs.append((best_gate_up, down))
+            evaluate(best_gate_up, down)
+        return pairs
 
     def run(self):
         buckets = self.old_entry["block_m_by_tokens"]
@@ -670,26 +690,8 @@ class MoeTuner(_Tuner):
         self.log(f"\nMoE by token (moe_experts_by_token; tokens {tokens}, H={self.H}, I={self.I}, E={self.E}, "
                  f"{self.args.dtype}) on {self.target}")
         previous_times = self.evaluate_by_token(tokens, old["gate_up"], old["down"])
-        space = moe_by_token_space(self.target)
-        for key, flag in (("BLOCK_N", "block_n"), ("BLOCK_K", "block_k"), ("num_warps", "warps"),
-                          ("num_stages", "stages")):
-            if getattr(self.args, flag):
-                space[key] = getattr(self.args, flag)
-        limit = self.args.max_candidates
-        base_down = old["down"]
-        if self._compile_reason("down_by_token", base_down, None):  # sweep gate_up with a down that compiles
-            base_down = next((c for c in candidate_grid(base_down, space, limit)
-                              if not self._compile_reason("down_by_token", c, None)), base_down)
-        pairs, best = [], None
-        for gate_up in candidate_grid(old["gate_up"], space, limit):
-            pairs.append((gate_up, base_down))
-            times = self.evaluate_by_token(tokens, gate_up, base_down)
-            if times and (best is None or _geomean(times) < best[0]):
-                best = (_geomean(times), gate_up)
-        best_gate_up = best[1] if best else old["gate_up"]
-        for down in candidate_grid(base_down, space, limit):
-            pairs.append((best_gate_up, down))
-            self.evaluate_by_token(tokens, best_gate_up, down)
+        pairs = self.sweep_pair(old["gate_up"], old["down"], self.space(by_token=True), "down_by_token", None,
+                                lambda gate_up, down: self.evaluate_by_token(tokens, gate_up, down))
         scored = []
         for gate_up, down in pairs:
             times = self.results.get(("by_token", _cfg_key(gate_up), _cfg_key(down)))
@@ -730,7 +732,6 @@ class MoeTuner(_Tuner):
         # A BLOCK_M key another bucket uses keeps its entry (so every written entry was timed by every bucket on it)
         owned = {m for i, (_, m) in enumerate(self.entry["block_m_by_tokens"]) if i != bucket}
         combos = []  # (block_m, gate_up, down) evaluated for this bucket
-        limit = self.args.max_candidates
         for block_m in self.block_m_candidates(bucket, tokens):
             fixed = self.entry["gemm"].get(str(block_m)) if block_m in owned else None
             if fixed is not None:  # another bucket's key: only its entry
@@ -738,21 +739,9 @@ class MoeTuner(_Tuner):
                 self.evaluate(bucket, tokens, block_m, fixed["gate_up"], fixed["down"])
                 continue
             base = self.entry["gemm"].get(str(block_m)) or old_gemm
-            space = self.space(block_m)
-            base_down = base["down"]
-            if self._compile_reason("down", base_down, (block_m, bucket)):
-                base_down = next((c for c in candidate_grid(base_down, space, limit)
-                                  if not self._compile_reason("down", c, (block_m, bucket))), base_down)
-            best = None
-            for gate_up in candidate_grid(base["gate_up"], space, limit):
-                combos.append((block_m, gate_up, base_down))
-                times = self.evaluate(bucket, tokens, block_m, gate_up, base_down)
-                if times and (best is None or _geomean(times) < best[0]):
-                    best = (_geomean(times), gate_up)
-            best_gate_up = best[1] if best else base["gate_up"]
-            for down in candidate_grid(base_down, space, limit):
-                combos.append((block_m, best_gate_up, down))
-                self.evaluate(bucket, tokens, block_m, best_gate_up, down)
+            pairs = self.sweep_pair(base["gate_up"], base["down"], self.space(block_m), "down", (block_m, bucket),
+                                    lambda gate_up, down, m=block_m: self.evaluate(bucket, tokens, m, gate_up, down))
+            combos.extend((block_m, gate_up, down) for gate_up, down in pairs)
         # choose: fastest valid, fully measured, consistent with owned keys, clean on every AOT target
         scored = []
         for block_m, gate_up, down in combos:
