@@ -5,9 +5,9 @@ MODE (constexpr) selects the form:
   1 model input           R = (x + hb) * hs;                normed as above on R
   2 residual scaling      R = (x + hb) * hs + (r + rb) * rs; normed as above on R
 A is the activation (output) dtype. All arithmetic is fp32. One program owns BLOCK_N rows at a time and walks the
-row tiles pid, pid + P, ...; when a row fits one BLOCK_H chunk (H <= 4096, ZAYA's 2048 included) the row is read
-once and kept in registers (SINGLE_CHUNK); wider rows take two passes over BLOCK_H chunks (statistics, then
-outputs), recomputing R from the inputs rather than reading back what this program wrote.
+row tiles pid, pid + P, ...; when a row fits one BLOCK_H chunk (H <= 4096 forward, <= 2048 backward; ZAYA's 2048
+included) the row is read once and kept in registers (SINGLE_CHUNK); wider rows take two passes over BLOCK_H chunks
+(statistics, then outputs), recomputing R from the inputs rather than reading back what this program wrote.
 
 Backward: per row g = dR + rstd * (dn - nh * mean(dn * nh)) with nh = xr * rstd, dn = dy * w. Parameter gradients
 are column sums over rows: each program accumulates its rows into its own slot of a partial buffer
@@ -192,21 +192,25 @@ def residual_rmsnorm_bwd_kernel(
                 tl.store(slot + 2 * H, acc_gr, mask=col_mask)
 
 
-# ---- launch configurations by row width: (max H, BLOCK_N, BLOCK_H, forward warps, backward warps); the AOT report
-# compiles each one. A 4096-wide row in registers takes 16 warps in the forward (8 spill with Triton 3.6 on sm_90, whose
-# register budget there is 128) but 8 in the backward (16 warps spill its MODE 2, which keeps more row vectors live).
-MAX_BLOCK_H = 4096
-_CONFIGS = ((256, 8, 256, 4, 4), (1024, 2, 1024, 4, 4), (2048, 1, 2048, 8, 8), (MAX_BLOCK_H, 1, MAX_BLOCK_H, 16, 8))
-_CHUNKED_CONFIG = (1, MAX_BLOCK_H, 8, 8)  # wider rows: two passes over BLOCK_H chunks
+# ---- launch configurations by row width, per direction: (max H, BLOCK_N, BLOCK_H, warps); wider rows take the
+# chunked config (BLOCK_N, BLOCK_H, warps). The AOT report compiles each one. A 4096-wide row in registers takes
+# 16 warps in the forward (8 spill with Triton 3.6 on sm_90, whose register budget there is 128). The backward keeps
+# four column sums per row besides the row itself: at 4096 its MODE 2 spills on sm_90 with 8 warps (255 registers)
+# and with 16 (128) once Triton vectorises the loads of aligned pointers, so its rows stay in registers only up to
+# 2048 and wider ones walk 2048-wide chunks.
+_FWD_CONFIGS = ((256, 8, 256, 4), (1024, 2, 1024, 4), (2048, 1, 2048, 8), (4096, 1, 4096, 16))
+_FWD_CHUNKED = (1, 4096, 8)
+_BWD_CONFIGS = ((256, 8, 256, 4), (1024, 2, 1024, 4), (2048, 1, 2048, 8))
+_BWD_CHUNKED = (1, 2048, 8)
 
 
 def pick_config(H: int, backward: bool = False) -> tuple[int, int, int, bool]:
     """(BLOCK_N, BLOCK_H, num_warps, SINGLE_CHUNK) for rows of width H, for the forward or the backward kernel."""
-    for max_h, block_n, block_h, fwd_warps, bwd_warps in _CONFIGS:
+    configs, chunked = (_BWD_CONFIGS, _BWD_CHUNKED) if backward else (_FWD_CONFIGS, _FWD_CHUNKED)
+    for max_h, block_n, block_h, num_warps in configs:
         if H <= max_h:
-            return block_n, block_h, bwd_warps if backward else fwd_warps, True
-    block_n, block_h, fwd_warps, bwd_warps = _CHUNKED_CONFIG
-    return block_n, block_h, bwd_warps if backward else fwd_warps, False
+            return block_n, block_h, num_warps, True
+    return (*chunked, False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -265,28 +269,38 @@ def residual_rmsnorm_bwd(dy, d_new_residual, x, residual, hs, rs, weight, eps, n
 def _aot_configs():
     """Every (config, mode) the launchers can pick, with the dtypes of a bf16 ZAYA model: bf16 activations and
     forward parameters, the fp32 residual (which the final norm, MODE 0, reads); the backward takes fp32 parameters."""
-    shapes = [(*config[1:], True) for config in _CONFIGS] + [(*_CHUNKED_CONFIG, False)]
+    def launch_shapes(configs, chunked):
+        return [(*config[1:], True) for config in configs] + [(*chunked, False)]
+
+    def tag_and_consts(mode, block_n, block_h, single):
+        tag = f"mode={mode},BLOCK_N={block_n},BLOCK_H={block_h},single={int(single)}"
+        return tag, {"MODE": mode, "BLOCK_N": block_n, "BLOCK_H": block_h, "SINGLE_CHUNK": single}
+
+    modes = (MODE_RMSNORM, MODE_INPUT, MODE_RESIDUAL)
     fwd, bwd = [], []
-    for block_n, block_h, fwd_warps, bwd_warps, single in shapes:
-        for mode in (MODE_RMSNORM, MODE_INPUT, MODE_RESIDUAL):
+    for block_n, block_h, num_warps, single in launch_shapes(_FWD_CONFIGS, _FWD_CHUNKED):
+        for mode in modes:
             x_type = "*fp32" if mode == MODE_RMSNORM else "*bf16"  # the final norm reads the fp32 residual
-            tag = f"mode={mode},BLOCK_N={block_n},BLOCK_H={block_h},single={int(single)}"
-            consts = {"MODE": mode, "BLOCK_N": block_n, "BLOCK_H": block_h, "SINGLE_CHUNK": single}
+            tag, consts = tag_and_consts(mode, block_n, block_h, single)
             fwd.append(AotConfig(
-                label=f"{tag},warps={fwd_warps}",
+                label=f"{tag},warps={num_warps}",
                 signature={"x_ptr": x_type, "r_ptr": "*fp32", "hs_ptr": "*bf16", "hb_ptr": "*bf16", "rs_ptr": "*bf16",
                            "rb_ptr": "*bf16", "w_ptr": "*bf16", "new_residual_ptr": "*fp32", "normed_ptr": "*bf16",
                            "N": "i32", "H": "i32", "eps": "fp32", "MODE": "constexpr", "BLOCK_N": "constexpr",
                            "BLOCK_H": "constexpr", "SINGLE_CHUNK": "constexpr"},
-                constexprs=consts, num_warps=fwd_warps))
+                constexprs=consts, num_warps=num_warps))
+    for block_n, block_h, num_warps, single in launch_shapes(_BWD_CONFIGS, _BWD_CHUNKED):
+        for mode in modes:
+            x_type = "*fp32" if mode == MODE_RMSNORM else "*bf16"
+            tag, consts = tag_and_consts(mode, block_n, block_h, single)
             bwd.append(AotConfig(
-                label=f"{tag},warps={bwd_warps},dR=1",
+                label=f"{tag},warps={num_warps},dR=1",
                 signature={"dy_ptr": "*bf16", "d_new_residual_ptr": "*fp32", "x_ptr": x_type, "r_ptr": "*fp32",
                            "hs_ptr": "*fp32", "rs_ptr": "*fp32", "w_ptr": "*fp32", "norm_input_ptr": "*fp32",
                            "grad_x_ptr": x_type, "grad_r_ptr": "*fp32", "partial_ptr": "*fp32", "N": "i32", "H": "i32",
                            "eps": "fp32", "MODE": "constexpr", "HAS_DR": "constexpr", "BLOCK_N": "constexpr",
                            "BLOCK_H": "constexpr", "SINGLE_CHUNK": "constexpr"},
-                constexprs={**consts, "HAS_DR": mode != MODE_RMSNORM}, num_warps=bwd_warps))
+                constexprs={**consts, "HAS_DR": mode != MODE_RMSNORM}, num_warps=num_warps))
     return fwd, bwd
 
 
