@@ -153,7 +153,7 @@ def test_nan_scores_choose_the_skip_class_on_every_backend(router_emulation):
 
 # ---------------------------------------------------------------- Triton (interpreter on CPU) vs the reference
 @settings(max_examples=25)
-@given(t=st.sampled_from([0, 1, 2, 5, 16, 17, 33, 40]), h=st.integers(1, 80), r=st.integers(1, 40),
+@given(t=st.sampled_from([0, 1, 2, 5, 16, 17, 33, 40, 70]), h=st.integers(1, 80), r=st.integers(1, 40),
        c=st.integers(2, 20), prev=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]),
        return_logits=st.booleans(), split_chunk=st.sampled_from([256, 16]), seed=st.integers(0, 2**16))
 @example(t=0, h=7, r=5, c=3, prev=True, dtype=torch.float32, return_logits=True, split_chunk=16, seed=0)
@@ -161,6 +161,7 @@ def test_nan_scores_choose_the_skip_class_on_every_backend(router_emulation):
 @example(t=1, h=1, r=1, c=2, prev=False, dtype=torch.float32, return_logits=False, split_chunk=256, seed=2)
 @example(t=17, h=65, r=31, c=9, prev=True, dtype=torch.float16, return_logits=True, split_chunk=16, seed=3)
 @example(t=40, h=80, r=40, c=20, prev=False, dtype=torch.float32, return_logits=True, split_chunk=256, seed=4)
+@example(t=70, h=48, r=24, c=5, prev=True, dtype=torch.float16, return_logits=False, split_chunk=16, seed=7)  # prefill
 @example(t=5, h=24, r=16, c=65, prev=True, dtype=torch.float32, return_logits=True, split_chunk=16, seed=5)  # BLOCK_E 128
 # BLOCK_R 512 (R past 256): BLOCK_T and BLOCK_K capped at 16: three token tiles, three K steps over H
 @example(t=40, h=40, r=300, c=17, prev=True, dtype=torch.float32, return_logits=True, split_chunk=256, seed=6)

@@ -166,8 +166,11 @@ def zaya_router_fwd_kernel(
 
 
 # ---- launch configurations: (max T, BLOCK_T, BLOCK_K, BLOCK_C, num_warps); the AOT report compiles each one ----
-# Chosen for zero spills at the ZAYA1-8B shape (R 256) on gfx942, gfx950 and sm_90; BLOCK_T 64 spills there.
-_CONFIGS = ((16, 16, 32, 16, 8), (None, 32, 32, 16, 8))
+# Chosen for zero spills at the ZAYA1-8B shape (R 256) on gfx942, gfx950 and sm_90; BLOCK_T 64 spills there. Decode
+# (T <= DECODE_MAX_T, split over H) takes BLOCK_T 16: with 32 its split kernel spilled 16-64 B on sm_90 in the
+# variant Triton builds for aligned pointers, and more token blocks run the router tail on more compute units.
+DECODE_MAX_T = 64
+_CONFIGS = ((DECODE_MAX_T, 16, 32, 16, 8), (None, 32, 32, 16, 8))
 # Wider routers keep the tiles of R 256: BLOCK_T x BLOCK_R (the fp32 accumulators) and BLOCK_K x BLOCK_R (the Wd^T
 # tile) stay within 32 x 256 (at R 512, BLOCK_T 32 spilled 828 B on sm_90 and 56 VGPRs on gfx942; BLOCK_T 16 with
 # BLOCK_K 32 still 36 B on sm_90; BLOCK_T 16 with BLOCK_K 16 none, measured with the AOT report).
@@ -193,7 +196,6 @@ def pick_config(T: int, H: int, R: int, C: int) -> dict:
 
 # Decode (T <= DECODE_MAX_T): the down projection is split over H across SPLIT_H programs per token block,
 # about SPLIT_CHUNK_H columns each (at most MAX_SPLIT), so Wd streams through several compute units instead of one.
-DECODE_MAX_T = 64
 SPLIT_CHUNK_H = 256
 MAX_SPLIT = 16
 # Arrival counters, all zero between launches (the last program of each token block resets its own): one int32 [64]
@@ -276,11 +278,10 @@ def zaya_router_fwd(x, r_prev, gamma, down_w, down_b, norm_w, fc1_w, fc1_b, fc2_
     )
 
 
-def _aot_configs(H: int = 2048, R: int = 256, C: int = 17, token_counts=(1, 64, 8192)):
+def _aot_configs(H: int = 2048, R: int = 256, C: int = 17, token_counts=(1, 8192)):
     """ZAYA1-8B router (H 2048, R 256, 16 experts + skip), bf16 activations and parameters (fp32 balancing biases,
-    as in a bf16 transformers model): every launch config the
-    launcher picks at T = 1 (split decode), 64 (split decode, BLOCK_T 32) and 8192 (prefill). Other shapes: see
-    register_aot below."""
+    as in a bf16 transformers model): every launch config the launcher picks, at T = 1 (split decode, the config of
+    every T <= DECODE_MAX_T) and 8192 (prefill). Other shapes: see register_aot below."""
     configs = []
     for T in token_counts:
         cfg = pick_config(T, H, R, C)
