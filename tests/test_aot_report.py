@@ -180,18 +180,20 @@ def test_table_output_and_bad_arch():
     assert proc.returncode == 2 and "unknown --arch" in proc.stderr
 
 
-def test_aligned_variant_hints_every_pointer_and_compiles():
-    """--aligned compiles what Triton's launcher builds for 16-byte aligned pointers: each pointer argument (and
-    nothing else) carries tt.divisibility 16; the by-token MoE GEMVs compile that way without spills."""
+def test_divisible_variants_hint_pointers_then_integers_and_compile():
+    """--divisible compiles what Triton's launcher builds for 16-divisible arguments: "pointers" puts tt.divisibility
+    16 on each pointer argument (and nothing else), "all" on the integers too (never on floats or constexprs); the
+    by-token MoE GEMVs compile that way without spills."""
     code = _LOAD_TOOL + """
 from zaya_kernels.triton._aot import AotConfig
-cfg = AotConfig("x", {"x_ptr": "*bf16", "n": "i32", "y_ptr": "*fp32", "B": "constexpr"}, {"B": 16})
-print(json.dumps({str(k[0]): v for k, v in tool._pointer_alignment(cfg).items()}))
+cfg = AotConfig("x", {"x_ptr": "*bf16", "n": "i32", "y_ptr": "*fp32", "eps": "fp32", "m": "i64", "B": "constexpr"},
+                {"B": 16})
+print(json.dumps({d: sorted(k[0] for k in tool._divisibility_hints(cfg, d)) for d in ("pointers", "all")}))
 """
     proc = _run([sys.executable, "-c", code], timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {"0": [["tt.divisibility", 16]], "2": [["tt.divisibility", 16]]}
-    proc = _run([sys.executable, "-m", "zaya_kernels.tools.aot_report", "--json", "--aligned", "--arch",
+    assert json.loads(proc.stdout) == {"pointers": [0, 2], "all": [0, 1, 2, 4]}
+    proc = _run([sys.executable, "-m", "zaya_kernels.tools.aot_report", "--json", "--divisible", "all", "--arch",
                  "sm_90,gfx942", "--kernel", "_by_token"])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr
     records = json.loads(proc.stdout)

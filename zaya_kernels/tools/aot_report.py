@@ -1,10 +1,12 @@
 """Ahead-of-time compile report for every registered Triton kernel configuration.
 
     python -m zaya_kernels aot-report [--arch gfx942,gfx950,sm_90] [--json] [--kernel SUBSTR]
+                                      [--divisible pointers|all]
     python -m zaya_kernels.tools.aot_report ...          (same, standalone)
 
 Each configuration registered in `zaya_kernels.triton._aot.AOT_REGISTRY` is compiled with `triton.compile` for each
-requested target; no GPU is needed. The report shows register use, spills, shared memory (LDS), the number of matrix
+requested target; no GPU is needed. By default the unspecialised variant; --divisible compiles the one Triton's
+launcher builds when the pointers (or the pointers and the integers) are divisible by 16, as at ZAYA1's sizes. The report shows register use, spills, shared memory (LDS), the number of matrix
 instructions (v_mfma / wgmma / mma) and, on AMD, the occupancy the compiler expects.
 
 Exit status: 1 if any record failed to compile, spills, or is a GEMM-like config with no matrix instruction; else 0.
@@ -192,19 +194,28 @@ def _nvidia_fields(compiled) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------------
 
-def _pointer_alignment(config) -> dict:
-    """The attributes Triton's launcher gives a launch whose pointers are all 16-byte aligned (torch allocates at
-    256-byte boundaries; ZAYA1's row strides keep views aligned): 16-divisibility of every pointer argument, which
-    turns on vector loads and can change register use. Integers stay unspecialised."""
-    return {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(config.signature.values()) if kind.startswith("*")}
+DIVISIBLE_CHOICES = ("pointers", "all")
 
 
-def compile_record(name: str, kernel, config, target: str, aligned: bool = False) -> dict:
+def _divisibility_hints(config, divisible: str) -> dict:
+    """The attributes Triton's launcher gives a launch whose arguments are 16-divisible: every pointer 16-byte aligned
+    (divisible "pointers": torch allocates at 256-byte boundaries and ZAYA1's row strides keep views aligned), and
+    with divisible "all" every integer argument a multiple of 16 too (ZAYA1's sizes are: H = I = 2048, R 256, D 128,
+    and so is any T or stride that is). tt.divisibility 16 turns on vector loads and wider software pipelining, which
+    can change register and LDS use."""
+    if divisible not in DIVISIBLE_CHOICES:
+        raise ValueError(f"divisible must be one of {DIVISIBLE_CHOICES}, got {divisible!r}")
+    integers = ("i32", "i64", "u32", "u64") if divisible == "all" else ()
+    return {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(config.signature.values())
+            if kind.startswith("*") or kind in integers}
+
+
+def compile_record(name: str, kernel, config, target: str, divisible: str | None = None) -> dict:
     """Compile one AotConfig of `kernel` for `target` ("gfx942", "gfx950" or "sm_90") and describe the result.
 
     Never raises for a compile problem: the record then has ok=False and the error text (fields: RECORD_FIELDS).
-    aligned: compile the variant Triton's launcher builds for 16-byte aligned pointers (`_pointer_alignment`)
-    instead of the unspecialised one.
+    divisible ("pointers" or "all"): compile the variant Triton's launcher builds for 16-divisible arguments
+    (`_divisibility_hints`) instead of the unspecialised one.
     """
     record = {k: None for k in RECORD_FIELDS}
     record.update(kernel=name, config=config.label, target=target, ok=False,
@@ -215,7 +226,8 @@ def compile_record(name: str, kernel, config, target: str, aligned: bool = False
 
         gpu = _gpu_target(target)
         src = ASTSource(fn=_jit_function(kernel), signature=dict(config.signature),
-                        constexprs=dict(config.constexprs), attrs=_pointer_alignment(config) if aligned else None)
+                        constexprs=dict(config.constexprs),
+                        attrs=_divisibility_hints(config, divisible) if divisible else None)
         compiled = triton.compile(src, target=gpu,
                                   options={"num_warps": config.num_warps, "num_stages": config.num_stages})
         record.update(_amd_fields(compiled) if gpu.backend == "hip" else _nvidia_fields(compiled))
@@ -288,9 +300,9 @@ def load_registry() -> tuple[dict, list[tuple[str, str]]]:
     return aot.AOT_REGISTRY, failures
 
 
-def run_report(archs, kernel_filter: str | None = None, aligned: bool = False) -> list[dict]:
+def run_report(archs, kernel_filter: str | None = None, divisible: str | None = None) -> list[dict]:
     """Compile every registered config whose kernel name contains `kernel_filter`, for every target in `archs`
-    (aligned: the 16-byte-aligned-pointer variant, see compile_record).
+    (divisible: the variant for 16-divisible pointers or all arguments, see compile_record).
 
     A kernel module that fails to import yields one ok=False record per target (kernel "<import MODULE>").
     """
@@ -309,7 +321,7 @@ def run_report(archs, kernel_filter: str | None = None, aligned: bool = False) -
             records.append(rec)
     keys = [(name, index, target) for name in sorted(registry) if not (kernel_filter and kernel_filter not in name)
             for index in range(len(registry[name].configs)) for target in archs]
-    records.extend(compile_record(name, registry[name].kernel, registry[name].configs[index], target, aligned)
+    records.extend(compile_record(name, registry[name].kernel, registry[name].configs[index], target, divisible)
                    for name, index, target in keys)
     return records
 
@@ -389,9 +401,10 @@ def main(argv=None) -> int:
                         help=f"comma-separated targets (default: {','.join(TARGET_NAMES)})")
     parser.add_argument("--json", action="store_true", help="print the records as a JSON list")
     parser.add_argument("--kernel", default=None, help="only kernels whose registry name contains this substring")
-    parser.add_argument("--aligned", action="store_true",
-                        help="compile the variant Triton builds for 16-byte aligned pointers (what most launches "
-                             "with torch tensors run; CI checks the unspecialised one)")
+    parser.add_argument("--divisible", choices=DIVISIBLE_CHOICES, default=None,
+                        help="compile the variant Triton builds when every pointer ('pointers'), or every pointer "
+                             "and integer ('all'), is divisible by 16: what launches with torch tensors at ZAYA1's "
+                             "sizes run (CI checks the unspecialised one)")
     args = parser.parse_args(argv)
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     unknown = [a for a in archs if a not in TARGET_NAMES]
@@ -403,7 +416,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
     start = time.perf_counter()
-    records = run_report(archs, args.kernel, args.aligned)
+    records = run_report(archs, args.kernel, args.divisible)
     elapsed = time.perf_counter() - start
     bad = [r for r in records if record_is_bad(r)]
     if args.json:
