@@ -6,8 +6,9 @@
 
 Each configuration registered in `zaya_kernels.triton._aot.AOT_REGISTRY` is compiled with `triton.compile` for each
 requested target; no GPU is needed. By default the unspecialised variant; --divisible compiles the one Triton's
-launcher builds when the pointers (or the pointers and the integers) are divisible by 16, as at ZAYA1's sizes. The report shows register use, spills, shared memory (LDS), the number of matrix
-instructions (v_mfma / wgmma / mma) and, on AMD, the occupancy the compiler expects.
+launcher builds when the pointers (or the pointers and the integers) are divisible by 16, as at ZAYA1's sizes.
+The report shows register use, spills, shared memory (LDS), the number of matrix instructions (v_mfma / wgmma /
+mma) and, on AMD, the occupancy the compiler expects.
 
 Exit status: 1 if any record failed to compile, spills, or is a GEMM-like config with no matrix instruction; else 0.
 """

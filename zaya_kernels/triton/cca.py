@@ -474,8 +474,8 @@ def forward_num_warps(head_dim: int, k0: int, k1: int, fp32: bool, decode: bool,
     """Warps per forward program, from the AOT report (gfx942 and gfx950 spill at neither count). Decode: 8 at every
     shape (at ZAYA1's, 4 spilled 24 B on sm_90 under Triton 3.6 and held AMD to 3 waves per SIMD there; 8 takes
     fewer registers under 3.6 and 3.9 alike), except 4 with bf16 states at ZAYA1's shape (8 spill 24 B on sm_90
-    under Triton 3.9 once pointers are 16-byte aligned, `aot-report --divisible pointers`; 4 spill in no variant under 3.6 or
-    3.9). Prefill (Triton 3.9): 4 at ZAYA1's shape (D 128, k0 = k1 = 2) and in bf16 at D > 128 (8 spill there on
+    under Triton 3.9 once pointers are 16-byte aligned, `aot-report --divisible pointers`; 4 spill in no variant
+    under 3.6 or 3.9). Prefill (Triton 3.9): 4 at ZAYA1's shape (D 128, k0 = k1 = 2) and in bf16 at D > 128 (8 spill there on
     sm_90); 8 elsewhere (with 4, ptxas spills on sm_90 at D 64 and 96, at D 256 in fp32, and when k0 + k1 > 4)."""
     if decode:
         return 4 if bf16_state and (head_dim, k0, k1) == (128, 2, 2) else 8
