@@ -84,6 +84,24 @@ def _conv_tap(acc, y, w1_ptr, head, inputs, imask, outs, omask, j1, HEAD_DIM, K1
 
 
 @triton.jit
+def _conv_tap_pair(acc, y_older, y_newer, w1_ptr, head, i0, outs, omask, HEAD_DIM, BLOCK_I: tl.constexpr,
+                   IEEE_DOT: tl.constexpr):
+    """k1 = 2: acc [R, O] += y_older [R, I] @ W1[head D + outs, i0 + i, 0]^T + y_newer @ W1[.., 1]^T. Both taps of
+    an output channel's BLOCK_I inputs are 2 BLOCK_I adjacent elements of W1 [C, D, 2], read as one [O, 2 I] tile
+    (16-byte vector loads; a tile per tap reads every other element, 2 bytes at a time) and split in registers."""
+    flat = i0 * 2 + tl.arange(0, 2 * BLOCK_I)  # input i, tap j at 2 i + j
+    offs = (head * HEAD_DIM + outs[:, None]) * (HEAD_DIM * 2) + flat[None, :]  # int32: C D k1 < 2^31
+    w = tl.load(w1_ptr + offs, mask=omask[:, None] & (flat < HEAD_DIM * 2)[None, :], other=0.0)
+    w_older, w_newer = tl.split(tl.reshape(w, (outs.shape[0], BLOCK_I, 2)))
+    w_older = tl.trans(w_older).to(y_older.dtype)
+    w_newer = tl.trans(w_newer).to(y_newer.dtype)
+    if IEEE_DOT:
+        acc = tl.dot(y_older, w_older, acc, input_precision="ieee")
+        return tl.dot(y_newer, w_newer, acc, input_precision="ieee")
+    return tl.dot(y_newer, w_newer, tl.dot(y_older, w_older, acc))
+
+
+@triton.jit
 def _store_head(out, dims, dmask, rows, row_mask, out_ptr, row_stride):
     """Store out [R, O] at dims `dims` of rows `rows` of the head whose first element is at out_ptr."""
     offs = rows.to(tl.int64)[:, None] * row_stride + dims[None, :]
@@ -200,6 +218,20 @@ def _value_rows(vc_ptr, vd_ptr, value_state_ptr, v_ptr, head, tokens, token_mask
 
 
 @triton.jit
+def _conv_input(qk_ptr, w0_ptr, state_ptr, b0, tokens, token_mask, seq, seq_start, has_state, in_channels, imask,
+                lag, C, QK_STRIDE, STATE_LEN, K0: tl.constexpr, HAS_STATE: tl.constexpr):
+    """Y_{t - lag} [BLOCK_T, BLOCK_I] of the given input channels: the depthwise conv of the X halo (its bias b0
+    included even before the sequence start), rounded to A like transformers' conv output."""
+    act_dtype = qk_ptr.dtype.element_ty
+    y = tl.zeros((tokens.shape[0], in_channels.shape[0]), dtype=tl.float32) + b0[None, :]
+    for j0 in tl.static_range(K0):
+        w0 = tl.load(w0_ptr + in_channels * K0 + j0, mask=imask, other=0.0).to(tl.float32)
+        y += w0[None, :] * _shifted_x(qk_ptr, state_ptr, tokens, token_mask, seq, seq_start, has_state, in_channels,
+                                      imask, lag + (K0 - 1 - j0), C, QK_STRIDE, STATE_LEN, HAS_STATE)
+    return y.to(act_dtype)
+
+
+@triton.jit
 def _pre_norm_head(qk_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, state_ptr, head, tokens, token_mask, seq, seq_start,
                    has_state, lo, lo_mask, rest, rest_mask, half, C, QK_STRIDE, NUM_Q, HEAD_DIM, GROUP, STATE_LEN,
                    K0: tl.constexpr, K1: tl.constexpr, HAS_STATE: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -209,7 +241,6 @@ def _pre_norm_head(qk_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, state_ptr, head, toke
     outside their masks. Y comes from the X halo of _shifted_x (conv state row `seq`), rounded to A. The forward
     and the backward (which recomputes U) share this, so they see the same numbers. qk rows are QK_STRIDE apart
     (the backward passes C: it reads a contiguous copy)."""
-    act_dtype = qk_ptr.dtype.element_ty
     row_offsets = tokens.to(tl.int64) * QK_STRIDE
     u_lo = _conv_start(b1_ptr, qk_ptr, row_offsets, token_mask, lo, lo_mask, head, NUM_Q, HEAD_DIM, GROUP)
     u_hi = _conv_start(b1_ptr, qk_ptr, row_offsets, token_mask, lo + half, lo_mask, head, NUM_Q, HEAD_DIM, GROUP)
@@ -219,19 +250,25 @@ def _pre_norm_head(qk_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, state_ptr, head, toke
         imask = inputs < HEAD_DIM
         in_channels = head * HEAD_DIM + inputs
         b0 = tl.load(b0_ptr + in_channels, mask=imask, other=0.0).to(tl.float32)
-        for j1 in tl.static_range(K1):
-            # Y_{t - (K1 - 1 - j1)} of these input channels: the depthwise conv of the X halo (its bias included even
-            # before the sequence start), rounded to A like transformers' conv output
-            y = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32) + b0[None, :]
-            for j0 in tl.static_range(K0):
-                shift = (K1 - 1 - j1) + (K0 - 1 - j0)
-                w0 = tl.load(w0_ptr + in_channels * K0 + j0, mask=imask, other=0.0).to(tl.float32)
-                y += w0[None, :] * _shifted_x(qk_ptr, state_ptr, tokens, token_mask, seq, seq_start, has_state,
-                                              in_channels, imask, shift, C, QK_STRIDE, STATE_LEN, HAS_STATE)
-            y = y.to(act_dtype)
-            u_lo = _conv_tap(u_lo, y, w1_ptr, head, inputs, imask, lo, lo_mask, j1, HEAD_DIM, K1, IEEE_DOT)
-            u_hi = _conv_tap(u_hi, y, w1_ptr, head, inputs, imask, lo + half, lo_mask, j1, HEAD_DIM, K1, IEEE_DOT)
-            u_rest = _conv_tap(u_rest, y, w1_ptr, head, inputs, imask, rest, rest_mask, j1, HEAD_DIM, K1, IEEE_DOT)
+        if K1 == 2:  # ZAYA1: both taps' weights in one vector-loaded tile per column block
+            y_older = _conv_input(qk_ptr, w0_ptr, state_ptr, b0, tokens, token_mask, seq, seq_start, has_state,
+                                  in_channels, imask, 1, C, QK_STRIDE, STATE_LEN, K0, HAS_STATE)
+            y_newer = _conv_input(qk_ptr, w0_ptr, state_ptr, b0, tokens, token_mask, seq, seq_start, has_state,
+                                  in_channels, imask, 0, C, QK_STRIDE, STATE_LEN, K0, HAS_STATE)
+            u_lo = _conv_tap_pair(u_lo, y_older, y_newer, w1_ptr, head, i0, lo, lo_mask, HEAD_DIM, BLOCK_I, IEEE_DOT)
+            u_hi = _conv_tap_pair(u_hi, y_older, y_newer, w1_ptr, head, i0, lo + half, lo_mask, HEAD_DIM, BLOCK_I,
+                                  IEEE_DOT)
+            u_rest = _conv_tap_pair(u_rest, y_older, y_newer, w1_ptr, head, i0, rest, rest_mask, HEAD_DIM, BLOCK_I,
+                                    IEEE_DOT)
+        else:
+            for j1 in tl.static_range(K1):
+                y = _conv_input(qk_ptr, w0_ptr, state_ptr, b0, tokens, token_mask, seq, seq_start, has_state,
+                                in_channels, imask, K1 - 1 - j1, C, QK_STRIDE, STATE_LEN, K0, HAS_STATE)
+                u_lo = _conv_tap(u_lo, y, w1_ptr, head, inputs, imask, lo, lo_mask, j1, HEAD_DIM, K1, IEEE_DOT)
+                u_hi = _conv_tap(u_hi, y, w1_ptr, head, inputs, imask, lo + half, lo_mask, j1, HEAD_DIM, K1,
+                                 IEEE_DOT)
+                u_rest = _conv_tap(u_rest, y, w1_ptr, head, inputs, imask, rest, rest_mask, j1, HEAD_DIM, K1,
+                                   IEEE_DOT)
     u_lo = tl.where(lo_mask[None, :], u_lo, 0.0)
     u_hi = tl.where(lo_mask[None, :], u_hi, 0.0)
     u_rest = tl.where(rest_mask[None, :], u_rest, 0.0)
@@ -470,18 +507,18 @@ FINAL_BLOCK_C = 128
 _inv_freq_cache: dict = {}
 
 
-def forward_num_warps(head_dim: int, k0: int, k1: int, fp32: bool, decode: bool, bf16_state: bool = False) -> int:
-    """Warps per forward program, from the AOT report (gfx942 and gfx950 spill at neither count). Decode: 8 at every
-    shape (at ZAYA1's, 4 spilled 24 B on sm_90 under Triton 3.6 and held AMD to 3 waves per SIMD there; 8 takes
-    fewer registers under 3.6 and 3.9 alike), except 4 with bf16 states at ZAYA1's shape (8 spill 24 B on sm_90
-    under Triton 3.9 once pointers are 16-byte aligned, `aot-report --divisible pointers`; 4 spill in no variant
-    under 3.6 or 3.9). Prefill (Triton 3.9): 4 at ZAYA1's shape (D 128, k0 = k1 = 2) and in bf16 at D > 128 (8 spill there on
-    sm_90); 8 elsewhere (with 4, ptxas spills on sm_90 at D 64 and 96, at D 256 in fp32, and when k0 + k1 > 4)."""
-    if decode:
-        return 4 if bf16_state and (head_dim, k0, k1) == (128, 2, 2) else 8
-    if (head_dim, k0, k1) == (128, 2, 2) or (head_dim > 128 and not fp32):
+def forward_num_warps(head_dim: int, k0: int, k1: int, fp32: bool, decode: bool) -> int:
+    """Warps per forward program, from the AOT report (Triton 3.9; gfx942 and gfx950 spill at neither count).
+    Decode: 4 at ZAYA1's shape (D 128, k0 = k1 = 2), where each [32, 2 x 16] tile of the grouped conv weight then
+    loads as one 16-byte vector per thread (8 warps: 4 bytes; AMD stays at 4 waves per SIMD) and no variant spills
+    (`aot-report --divisible pointers|all`; with 8, the aligned paged one spilled 8 B on sm_90); 8 elsewhere.
+    Prefill: 4 at ZAYA1's shape and in bf16 at D > 128 (8 spill there on sm_90); 8 elsewhere (with 4, ptxas spills
+    on sm_90 at D 64 and 96, at D 256 in fp32, and when k0 + k1 > 4)."""
+    if (head_dim, k0, k1) == (128, 2, 2):
         return 4
-    return 8
+    if decode:
+        return 8
+    return 4 if head_dim > 128 and not fp32 else 8
 
 
 def _inv_freq(rotary_dim: int, theta: float, device: torch.device) -> torch.Tensor:
@@ -590,8 +627,7 @@ def cca_prepare_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1
         NUM_Q=num_q_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, K0=k0, K1=k1,
         BLOCK_T=DECODE_BLOCK_ROWS, **_blocks(head_dim, rotary_dim, decode=True),
         IEEE_DOT=qk.dtype == torch.float32,
-        num_warps=forward_num_warps(head_dim, k0, k1, qk.dtype == torch.float32, decode=True,
-                                    bf16_state=conv_state.dtype == torch.bfloat16),
+        num_warps=forward_num_warps(head_dim, k0, k1, qk.dtype == torch.float32, decode=True),
     )
 
 
@@ -646,7 +682,7 @@ def _aot_configs(head_dim=128, rotary_dim=64, k0=2, k1=2, variants=None):
                  + (",paged_cache" if write_cache else ""))
         (decode_configs if decode else prefill).append(
             AotConfig(label=label, signature=signature, constexprs=consts,
-                      num_warps=forward_num_warps(head_dim, k0, k1, act == "fp32", decode, state == "bf16"),
+                      num_warps=forward_num_warps(head_dim, k0, k1, act == "fp32", decode),
                       matrix_expected=act == "bf16"))
         if not decode and not write_cache:  # the final-states kernel has no cache variant
             final_consts = {"STATE_LEN": state_len, "HAS_INIT": has_init, "BLOCK_C": FINAL_BLOCK_C,
