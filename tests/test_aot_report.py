@@ -180,10 +180,9 @@ def test_table_output_and_bad_arch():
     assert proc.returncode == 2 and "unknown --arch" in proc.stderr
 
 
-def test_divisible_variants_hint_pointers_then_integers_and_compile():
+def test_divisible_variants_hint_pointers_then_integers():
     """--divisible compiles what Triton's launcher builds for 16-divisible arguments: "pointers" puts tt.divisibility
-    16 on each pointer argument (and nothing else), "all" on the integers too (never on floats or constexprs); the
-    by-token MoE GEMVs compile that way without spills."""
+    16 on each pointer argument (and nothing else), "all" on the integers too (never on floats or constexprs)."""
     code = _LOAD_TOOL + """
 from zaya_kernels.triton._aot import AotConfig
 cfg = AotConfig("x", {"x_ptr": "*bf16", "n": "i32", "y_ptr": "*fp32", "eps": "fp32", "m": "i64", "B": "constexpr"},
@@ -193,9 +192,29 @@ print(json.dumps({d: sorted(k[0] for k in tool._divisibility_hints(cfg, d)) for 
     proc = _run([sys.executable, "-c", code], timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {"pointers": [0, 2], "all": [0, 1, 2, 4]}
-    proc = _run([sys.executable, "-m", "zaya_kernels.tools.aot_report", "--json", "--divisible", "all", "--arch",
-                 "sm_90,gfx942", "--kernel", "_by_token"])
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr
-    records = json.loads(proc.stdout)
-    assert {r["kernel"] for r in records} == {"moe_gate_up_by_token", "moe_down_by_token"}
-    assert all(r["ok"] and r["spills"] == 0 for r in records)
+
+
+# The decode kernels that stream a large operand at ZAYA1's sizes (weights, KV cache) and the configs that do it.
+STREAMING_DECODE = (("moe_gate_up_by_token", ""), ("moe_down_by_token", ""),
+                    ("attention_decode", "window=0,start=0,queries=1,direct=0,HEADS=4,ROWS=16,BLOCK_N=64,BLOCK_D=128"),
+                    ("cca_prepare_decode", "D=128,R=64,k0=2,k1=2"), ("router_fwd", "SPLIT_H=8,BLOCK_T=16,BLOCK_K=32"))
+
+
+def test_streaming_decode_kernels_load_16_bytes_at_a_time_at_zaya_sizes():
+    """Where every pointer and size is 16-divisible (ZAYA1's), the bandwidth-bound decode kernels stream their big
+    operand with 16-byte vector loads (global_load_dwordx4 / ld.global.v4) and compile without spills: a change that
+    falls back to 2- or 4-byte loads multiplies their load instructions."""
+    code = _LOAD_TOOL + f"""
+registry, _ = tool.load_registry()
+records = [tool.compile_record(name, registry[name].kernel, config, target, divisible="all")
+           for name, label in {STREAMING_DECODE!r} for config in registry[name].configs if label in config.label
+           for target in ("gfx942", "sm_90")]
+print(json.dumps(records))
+"""
+    proc = _run([sys.executable, "-c", code], timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {r["kernel"] for r in records} == {name for name, _ in STREAMING_DECODE}
+    bad = [(r["kernel"], r["config"], r["target"], r["vector_loads"], r["spills"], r["error"]) for r in records
+           if not r["ok"] or not r["vector_loads"] or r["spills"]]
+    assert not bad, bad

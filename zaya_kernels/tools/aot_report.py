@@ -50,6 +50,8 @@ RECORD_FIELDS = (
     "lds_bytes",  # shared memory / LDS bytes per workgroup (see _amd_lds_bytes for AMD)
     "matrix_instructions",  # AMD: lines with v_mfma / v_smfmac; NVIDIA: lines with wgmma.mma_async or mma.sync
     "matrix_expected",  # AotConfig.matrix_expected: the config is GEMM-like and must use matrix instructions
+    "vector_loads",  # global loads of 16 bytes per lane (AMD: global/buffer_load_dwordx4, incl. to LDS; NVIDIA:
+    # ld.global .v4.b32 / .v2.b64 and 16-byte cp.async): how a bandwidth-bound kernel should stream its data
     "occupancy",  # AMD: waves per SIMD from the "; Occupancy: N" line; NVIDIA: None
     "num_warps",  # AotConfig.num_warps
 )
@@ -104,6 +106,12 @@ def _amd_lds_bytes(asm: str, metadata_shared) -> int:
     return max(v for v in values if v is not None) if any(v is not None for v in values) else 0
 
 
+# 16-byte global loads (see RECORD_FIELDS "vector_loads")
+_AMD_VECTOR_LOAD = re.compile(r"^\s*(?:global|buffer)_load_(?:lds_)?dwordx4\b", re.MULTILINE)
+_PTX_VECTOR_LOAD = re.compile(r"\bld\.global\S*\.(?:v4\.[bfu]32|v2\.[bfu]64)\b"
+                              r"|\bcp\.async\.c[ag]\S*\s[^;]*,\s*16\s*;")
+
+
 def _amd_fields(compiled) -> dict:
     asm = compiled.asm["amdgcn"]
     # "; TotalNumVgprs" counts arch VGPRs + AGPRs (one register file on CDNA3/4); .vgpr_count is the fallback.
@@ -122,6 +130,7 @@ def _amd_fields(compiled) -> dict:
         "sgpr_lane_spills": 0 if scratch else sgpr_spills,
         "lds_bytes": _amd_lds_bytes(asm, getattr(compiled.metadata, "shared", None)),
         "matrix_instructions": len(re.findall(r"^\s*v_(?:mfma|smfmac)\w*", asm, flags=re.MULTILINE)),
+        "vector_loads": len(_AMD_VECTOR_LOAD.findall(asm)),
         "occupancy": _int_after(r"^\s*;\s*Occupancy:\s*(\d+)", asm),
     }
 
@@ -189,6 +198,7 @@ def _nvidia_fields(compiled) -> dict:
         "spills": spills,
         "lds_bytes": int(getattr(compiled.metadata, "shared", 0) or 0),
         "matrix_instructions": matrix,
+        "vector_loads": len(_PTX_VECTOR_LOAD.findall(ptx)),
         "occupancy": None,
     }
 
@@ -344,7 +354,8 @@ def _status(record: dict) -> str:
 
 def format_table(records: list[dict]) -> str:
     """Aligned text table, one row per record; errors follow the table."""
-    headers = ("kernel", "config", "target", "status", "vgpr", "sgpr", "spills", "lane", "lds", "mma", "occ", "warps")
+    headers = ("kernel", "config", "target", "status", "vgpr", "sgpr", "spills", "lane", "lds", "mma", "vec16", "occ",
+               "warps")
 
     def cell(v):
         return "-" if v is None else str(v)
@@ -353,7 +364,7 @@ def format_table(records: list[dict]) -> str:
              cell(r["sgpr_lane_spills"]),
              cell(r["lds_bytes"]),
              cell(r["matrix_instructions"]) + ("*" if r["matrix_expected"] else ""),
-             cell(r["occupancy"]), cell(r["num_warps"])) for r in records]
+             cell(r["vector_loads"]), cell(r["occupancy"]), cell(r["num_warps"])) for r in records]
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(headers)]
     numeric = set(range(4, len(headers)))
 
@@ -363,7 +374,8 @@ def format_table(records: list[dict]) -> str:
 
     out = [line(headers), line(["-" * w for w in widths])] + [line(row) for row in rows]
     out.append("(mma*: matrix instructions expected; vgpr on sm_90 = registers/thread; spills = spills to memory; "
-               "lane = SGPRs parked in VGPR lanes on AMD; lds in bytes; occ = waves/SIMD on AMD)")
+               "lane = SGPRs parked in VGPR lanes on AMD; lds in bytes; vec16 = 16-byte global loads; "
+               "occ = waves/SIMD on AMD)")
     for r in records:
         if r["error"]:
             out.append(f"\n{r['kernel']} [{r['config']}] on {r['target']}:\n  " + r["error"].replace("\n", "\n  "))
