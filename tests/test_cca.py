@@ -537,8 +537,9 @@ def _projection_grads(case, fn):
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("with_init", [False, True])
-def test_gradients_match_autograd_through_the_reference(backend, with_init):
-    case = Case(4, 2, 16, 2, 3, [5, 1, 7], seed=3, with_init=with_init)
+@pytest.mark.parametrize("k1", [2, 3])  # 2: the Triton conv kernels' paired-tap path (ZAYA1), 3: one tap at a time
+def test_gradients_match_autograd_through_the_reference(backend, with_init, k1):
+    case = Case(4, 2, 16, 2, k1, [5, 1, 7], seed=3, with_init=with_init)
     with zaya_kernels.use_backend(backend):
         actual = _projection_grads(case, torch.ops.zaya.cca_prepare)
     expected = _projection_grads(case, ref.cca_prepare)

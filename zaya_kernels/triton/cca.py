@@ -73,14 +73,20 @@ def _conv_start(b1_ptr, qk_ptr, row_offsets, row_mask, dims, dmask, head, NUM_Q,
 
 
 @triton.jit
+def _dot_acc(a, b, acc, IEEE_DOT: tl.constexpr):
+    """acc + a @ b: IEEE fp32 products for the fp32 path, the matrix units' default otherwise."""
+    if IEEE_DOT:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _conv_tap(acc, y, w1_ptr, head, inputs, imask, outs, omask, j1, HEAD_DIM, K1: tl.constexpr,
               IEEE_DOT: tl.constexpr):
     """acc [R, O] += y [R, I] @ W1[head D + outs, inputs, j1]^T (the weight tile read transposed, [I, O])."""
     offs = (head * HEAD_DIM + outs[None, :]) * (HEAD_DIM * K1) + inputs[:, None] * K1 + j1  # int32: C D k1 < 2^31
     w = tl.load(w1_ptr + offs, mask=imask[:, None] & omask[None, :], other=0.0).to(y.dtype)
-    if IEEE_DOT:
-        return tl.dot(y, w, acc, input_precision="ieee")
-    return tl.dot(y, w, acc)
+    return _dot_acc(y, w, acc, IEEE_DOT)
 
 
 @triton.jit
@@ -93,12 +99,8 @@ def _conv_tap_pair(acc, y_older, y_newer, w1_ptr, head, i0, outs, omask, HEAD_DI
     offs = (head * HEAD_DIM + outs[:, None]) * (HEAD_DIM * 2) + flat[None, :]  # int32: C D k1 < 2^31
     w = tl.load(w1_ptr + offs, mask=omask[:, None] & (flat < HEAD_DIM * 2)[None, :], other=0.0)
     w_older, w_newer = tl.split(tl.reshape(w, (outs.shape[0], BLOCK_I, 2)))
-    w_older = tl.trans(w_older).to(y_older.dtype)
-    w_newer = tl.trans(w_newer).to(y_newer.dtype)
-    if IEEE_DOT:
-        acc = tl.dot(y_older, w_older, acc, input_precision="ieee")
-        return tl.dot(y_newer, w_newer, acc, input_precision="ieee")
-    return tl.dot(y_newer, w_newer, tl.dot(y_older, w_older, acc))
+    acc = _dot_acc(y_older, tl.trans(w_older).to(y_older.dtype), acc, IEEE_DOT)
+    return _dot_acc(y_newer, tl.trans(w_newer).to(y_newer.dtype), acc, IEEE_DOT)
 
 
 @triton.jit
@@ -883,31 +885,42 @@ def cca_bwd_conv_input_kernel(
     BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
     """P_j1[t, head D + inputs] = sum_o dZ[t, head D + o] W1[head D + o, inputs, j1] for BLOCK_T tokens, one tap j1
-    and BLOCK_I input dims of one head -> p [k1, T, C] fp32. W1 is rounded to the activation dtype A (qk_ptr's
-    element type; qk itself is not read) as in the forward; so is dZ on the MFMA / wgmma path (not IEEE_DOT)."""
+    (both taps with k1 = 2: dZ read once, W1 in [O, 2 I] tiles as in _conv_tap_pair) and BLOCK_I input dims of one
+    head -> p [k1, T, C] fp32. W1 is rounded to the activation dtype A (qk_ptr's element type; qk itself is not
+    read) as in the forward; so is dZ on the MFMA / wgmma path (not IEEE_DOT)."""
     act_dtype = qk_ptr.dtype.element_ty
     head = tl.program_id(1)
-    i_block = tl.program_id(2) // K1
-    j1 = tl.program_id(2) % K1
+    PAIR: tl.constexpr = K1 == 2
+    i_block = tl.program_id(2) if PAIR else tl.program_id(2) // K1
+    j1 = 0 if PAIR else tl.program_id(2) % K1
     C: tl.constexpr = (NUM_Q + NUM_KV) * HEAD_DIM
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_mask = tokens < T
     inputs = i_block * BLOCK_I + tl.arange(0, BLOCK_I)
     imask = inputs < HEAD_DIM
     acc = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
+    acc_newer = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)  # tap 1 (PAIR only)
     for o0 in tl.range(0, HEAD_DIM, BLOCK_O, loop_unroll_factor=1):
         outs = o0 + tl.arange(0, BLOCK_O)
         omask = outs < HEAD_DIM
         gz = tl.load(gz_ptr + tokens.to(tl.int64)[:, None] * C + head * HEAD_DIM + outs[None, :],
                      mask=token_mask[:, None] & omask[None, :], other=0.0)
-        offs = (head * HEAD_DIM + outs[:, None]) * (HEAD_DIM * K1) + inputs[None, :] * K1 + j1
-        w = tl.load(w1_ptr + offs, mask=omask[:, None] & imask[None, :], other=0.0)
-        w = w.to(act_dtype)
-        if IEEE_DOT:
-            acc = tl.dot(gz, w, acc, input_precision="ieee")
+        if not IEEE_DOT:
+            gz = gz.to(act_dtype)
+        if PAIR:
+            flat = i_block * BLOCK_I * 2 + tl.arange(0, 2 * BLOCK_I)
+            w = tl.load(w1_ptr + (head * HEAD_DIM + outs[:, None]) * (HEAD_DIM * 2) + flat[None, :],
+                        mask=omask[:, None] & (flat < HEAD_DIM * 2)[None, :], other=0.0)
+            w_older, w_newer = tl.split(tl.reshape(w, (BLOCK_O, BLOCK_I, 2)))
+            acc = _dot_acc(gz, w_older.to(act_dtype), acc, IEEE_DOT)
+            acc_newer = _dot_acc(gz, w_newer.to(act_dtype), acc_newer, IEEE_DOT)
         else:
-            acc = tl.dot(gz.to(act_dtype), w, acc)
+            offs = (head * HEAD_DIM + outs[:, None]) * (HEAD_DIM * K1) + inputs[None, :] * K1 + j1
+            w = tl.load(w1_ptr + offs, mask=omask[:, None] & imask[None, :], other=0.0)
+            acc = _dot_acc(gz, w.to(act_dtype), acc, IEEE_DOT)
     _store_cols(acc, p_ptr + head * HEAD_DIM, tokens + j1 * T, token_mask, inputs, imask, C)  # row j1 T + t
+    if PAIR:
+        _store_cols(acc_newer, p_ptr + head * HEAD_DIM, tokens + T, token_mask, inputs, imask, C)
 
 
 @triton.jit
@@ -920,7 +933,9 @@ def cca_bwd_weights_kernel(
 ):
     """dW1[head D + :, inputs, j1] partial = sum over the chunk's tokens of dZ[t, head]^T Yr_{t-(k1-1-j1)}[inputs]
     -> gw1_part [chunks, C, D, k1]; the (tap 0, first input block) program also sums dZ -> gb1_part [chunks, C].
-    A program owns all D output dims and BLOCK_I input dims, so no Y element is recomputed twice per tap."""
+    A program owns all D output dims and BLOCK_I input dims, so no Y element is recomputed twice per tap. (Both
+    taps of k1 = 2 in one program, as the conv-input kernel does, read dZ once but hold two [D, BLOCK_I]
+    accumulators: AMD occupancy fell from 7 to 4 waves and fp32 spilled on sm_90.)"""
     chunk = tl.program_id(0)
     head = tl.program_id(1)
     i_block = tl.program_id(2) // K1
@@ -944,17 +959,9 @@ def cca_bwd_weights_kernel(
                      mask=token_mask[:, None] & omask[None, :], other=0.0)
         bias_acc += tl.sum(gz, axis=0)
         # Yr_{t-(k1-1-j1)} of these input channels: rows past T give b0 but meet dZ = 0
-        y = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32) + b0[None, :]
-        for j0 in tl.static_range(K0):
-            w0 = tl.load(w0_ptr + in_channels * K0 + j0, mask=imask, other=0.0).to(tl.float32)
-            y += w0[None, :] * _shifted_x(qk_ptr, init_conv_ptr, tokens, token_mask, seq, seq_start, has_init,
-                                          in_channels, imask, (K1 - 1 - j1) + (K0 - 1 - j0), C, C, STATE_LEN,
-                                          HAS_INIT)
-        y = y.to(act_dtype)
-        if IEEE_DOT:
-            acc = tl.dot(tl.trans(gz), y, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(tl.trans(gz.to(act_dtype)), y, acc)
+        y = _conv_input(qk_ptr, w0_ptr, init_conv_ptr, b0, tokens, token_mask, seq, seq_start, has_init,
+                        in_channels, imask, K1 - 1 - j1, C, C, STATE_LEN, K0, HAS_INIT)
+        acc = _dot_acc(tl.trans(gz if IEEE_DOT else gz.to(act_dtype)), y, acc, IEEE_DOT)
     offs = ((chunk.to(tl.int64) * C + head * HEAD_DIM + outs[:, None]) * HEAD_DIM + inputs[None, :]) * K1 + j1
     tl.store(gw1_part_ptr + offs, acc, mask=omask[:, None] & imask[None, :])
     first = (tl.zeros_like(outs) + tl.program_id(2)) == 0  # as a block: the interpreter rejects scalar masks
@@ -1058,6 +1065,11 @@ def _conv_input_blocks(head_dim: int) -> dict:
     return {"BLOCK_I": min(CONV_INPUT_BLOCK_I, _block(head_dim)), "BLOCK_O": min(CONV_INPUT_BLOCK_O, _block(head_dim))}
 
 
+def _tap_programs(k1: int) -> int:
+    """Programs per input block of the conv-input kernel: one for both taps at k1 = 2 (ZAYA1), else one a tap."""
+    return 1 if k1 == 2 else k1
+
+
 def _weight_chunks(tokens: int) -> tuple[int, int]:
     """(tiles per chunk, chunks) of WEIGHT_BLOCK_T-token tiles covering `tokens`."""
     tiles = triton.cdiv(tokens, WEIGHT_BLOCK_T)
@@ -1136,7 +1148,7 @@ def cca_prepare_bwd(grad_q, grad_k, grad_v, grad_final_conv_state, grad_final_va
     p = torch.empty(k1, tokens, channels, device=device, dtype=f32)
     blocks = _conv_input_blocks(head_dim)
     cca_bwd_conv_input_kernel[(triton.cdiv(tokens, CONV_INPUT_BLOCK_T), heads,
-                               k1 * triton.cdiv(head_dim, blocks["BLOCK_I"]))](
+                               _tap_programs(k1) * triton.cdiv(head_dim, blocks["BLOCK_I"]))](
         qk, conv1_weight, gz, p, tokens, NUM_Q=num_q_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, K1=k1,
         BLOCK_T=CONV_INPUT_BLOCK_T, **blocks, IEEE_DOT=ieee, num_warps=NUM_WARPS,
     )
