@@ -109,7 +109,7 @@ def _amd_lds_bytes(asm: str, metadata_shared) -> int:
 # 16-byte global loads (see RECORD_FIELDS "vector_loads")
 _AMD_VECTOR_LOAD = re.compile(r"^\s*(?:global|buffer)_load_(?:lds_)?dwordx4\b", re.MULTILINE)
 _PTX_VECTOR_LOAD = re.compile(r"\bld\.global\S*\.(?:v4\.[bfu]32|v2\.[bfu]64)\b"
-                              r"|\bcp\.async\.c[ag]\S*\s[^;]*,\s*16\s*;")
+                              r"|\bcp\.async\.c[ag]\.\S*\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(?:16|0x10)\b")
 
 
 def _amd_fields(compiled) -> dict:

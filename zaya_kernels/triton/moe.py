@@ -343,31 +343,32 @@ def moe_bwd_act_kernel(
     pid_n = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < I
-    safe_cols = tl.where(col_mask, cols, 0)
     ks = tl.arange(0, BLOCK_K)
     act_dtype = act_ptr.dtype.element_ty
     a_offs = tokens[:, None] * H + ks[None, :]
     gate_base = gate_up_ptr + expert.to(tl.int64) * 2 * I * H
     up_base = gate_base + I.to(tl.int64) * H
-    gate_offs = safe_cols[None, :] * H + ks[:, None]
+    gate_offs = tl.where(col_mask, cols, 0)[None, :] * H + ks[:, None]
     down_base = down_ptr + expert.to(tl.int64) * H * I
-    down_offs = ks[:, None] * I + safe_cols[None, :]
+    # down^T is read along its columns (contiguous): masked there rather than clamped, which would hide the
+    # contiguity from the compiler and cost the 16-byte vector loads
+    down_offs = ks[:, None] * I + cols[None, :]
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_q = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
-        k_mask = (k0 + ks) < H  # the only mask in the loop (see moe_gate_up_kernel)
+        k_mask = (k0 + ks) < H
         x = tl.load(x_ptr + (a_offs + k0), mask=k_mask[None, :], other=0.0)
         dy = tl.load(grad_y_ptr + (a_offs + k0), mask=k_mask[None, :], other=0.0).to(act_dtype)
         gate = tl.load(gate_base + (gate_offs + k0), mask=k_mask[:, None], other=0.0)
         up = tl.load(up_base + (gate_offs + k0), mask=k_mask[:, None], other=0.0)
-        down_t = tl.load(down_base + (down_offs + k0 * I), mask=k_mask[:, None], other=0.0)
+        down_t = tl.load(down_base + (down_offs + k0 * I), mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         acc_gate = tl.dot(x, gate, acc_gate, input_precision=DOT_PRECISION)
         acc_up = tl.dot(x, up, acc_up, input_precision=DOT_PRECISION)
         acc_q = tl.dot(dy, down_t, acc_q, input_precision=DOT_PRECISION)
     sig = tl.sigmoid(acc_gate)
     act = (acc_gate * sig * acc_up).to(act_dtype)
-    # columns past I were computed from column 0 (see the loop): they must not enter the row sum
+    # columns past I (gate and up read column 0 there, down reads 0) must not enter the row sum
     w_terms = tl.where(col_mask[None, :], acc_q * act.to(tl.float32), 0.0)
     tl.store(wpart_ptr + pid_n * T + rows, tl.sum(w_terms, axis=1), mask=row_mask)
     w = tl.load(weight_ptr + tokens, mask=row_mask, other=0.0).to(tl.float32)
@@ -406,12 +407,12 @@ def moe_bwd_dx_kernel(
     two_i = 2 * I
     a_offs = tl.where(row_mask, rows, row0)[:, None] * two_i + ks[None, :]
     b_base = gate_up_ptr + expert.to(tl.int64) * two_i * H
-    b_offs = ks[:, None] * H + tl.where(col_mask, cols, 0)[None, :]
+    b_offs = ks[:, None] * H + cols[None, :]  # contiguous along the columns: masked, not clamped (moe_bwd_act)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, two_i, BLOCK_K):
-        k_mask = (k0 + ks) < two_i  # the only mask in the loop (see moe_gate_up_kernel)
+        k_mask = (k0 + ks) < two_i
         a = tl.load(dgu_ptr + (a_offs + k0), mask=k_mask[None, :], other=0.0)
-        b = tl.load(b_base + (b_offs + k0 * H), mask=k_mask[:, None], other=0.0)
+        b = tl.load(b_base + (b_offs + k0 * H), mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     tl.store(grad_x_ptr + out_offs, acc.to(grad_x_ptr.dtype.element_ty), mask=out_mask)
 
@@ -432,8 +433,6 @@ def moe_wgrad_kernel(
     ns = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = ms < M
     n_mask = ns < N
-    safe_ms = tl.where(m_mask, ms, 0)
-    safe_ns = tl.where(n_mask, ns, 0)
     start = tl.load(offsets_ptr + expert)
     end = tl.load(offsets_ptr + expert + 1)
     ps = tl.arange(0, BLOCK_K)
@@ -451,12 +450,13 @@ def moe_wgrad_kernel(
             b_rows = tokens
         else:
             b_rows = rows
-        # K (the expert's tokens) is the only masked dimension; m and n past the edge read index 0.
-        a_t = tl.load(a_ptr + (a_rows[None, :] * lda + safe_ms[:, None]), mask=p_mask[None, :], other=0.0)
+        # Both operands are contiguous along m / n: masked there, not clamped (see moe_bwd_act_kernel)
+        a_t = tl.load(a_ptr + (a_rows[None, :] * lda + ms[:, None]), mask=p_mask[None, :] & m_mask[:, None],
+                      other=0.0)
         if A_SCALE_W:
             w = tl.load(weight_ptr + tokens, mask=p_mask, other=0.0).to(tl.float32)
             a_t = a_t.to(tl.float32) * w[None, :]
-        b = tl.load(b_ptr + (b_rows[:, None] * ldb + safe_ns[None, :]), mask=p_mask[:, None], other=0.0)
+        b = tl.load(b_ptr + (b_rows[:, None] * ldb + ns[None, :]), mask=p_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a_t.to(operand_dtype), b, acc, input_precision=DOT_PRECISION)
     out_ptrs = out_ptr + expert.to(tl.int64) * M * N + (ms[:, None] * N + ns[None, :])
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
