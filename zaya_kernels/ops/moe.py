@@ -552,9 +552,10 @@ def moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, expert_index
             block_m = moe_block_m(flat_x.shape[0], x.device)
         dispatch = call(torch.ops.zaya.moe_dispatch, expert_index.reshape(-1), E, block_m)
     counts, offsets, sorted_token_ids, inverse, tile_expert, tile_start = dispatch
-    this_dispatch = _dispatch_call(sorted_token_ids, E, block_m)
+    # (compiling: no identity to vouch by -- torch 2.11's dynamo cannot trace id() of a tensor it made)
     dispatch_outputs = (contextlib.nullcontext() if compiling else check.vouched(
-        (sorted_token_ids, "permutation"), *((t, this_dispatch) for t in (offsets, tile_expert, tile_start))))
+        (sorted_token_ids, "permutation"),
+        *((t, _dispatch_call(sorted_token_ids, E, block_m)) for t in (offsets, tile_expert, tile_start))))
     with dispatch_outputs:  # made just above: valid even where remember_valid cannot follow them (inference mode)
         y = call(torch.ops.zaya.moe_experts, flat_x, gate_up, down, routing_weight.reshape(-1), sorted_token_ids,
                  offsets, tile_expert, tile_start, block_m, skip_mode)
