@@ -204,13 +204,18 @@ _BWD_CONFIGS = ((256, 8, 256, 4), (1024, 2, 1024, 4), (2048, 1, 2048, 8))
 _BWD_CHUNKED = (1, 2048, 8)
 
 
+def _launch_table(backward: bool) -> list[tuple[int | None, int, int, int, bool]]:
+    """(max H or None for any wider row, BLOCK_N, BLOCK_H, num_warps, SINGLE_CHUNK) of the forward or the backward."""
+    configs, chunked = (_BWD_CONFIGS, _BWD_CHUNKED) if backward else (_FWD_CONFIGS, _FWD_CHUNKED)
+    return [(*config, True) for config in configs] + [(None, *chunked, False)]
+
+
 def pick_config(H: int, backward: bool = False) -> tuple[int, int, int, bool]:
     """(BLOCK_N, BLOCK_H, num_warps, SINGLE_CHUNK) for rows of width H, for the forward or the backward kernel."""
-    configs, chunked = (_BWD_CONFIGS, _BWD_CHUNKED) if backward else (_FWD_CONFIGS, _FWD_CHUNKED)
-    for max_h, block_n, block_h, num_warps in configs:
-        if H <= max_h:
-            return block_n, block_h, num_warps, True
-    return (*chunked, False)
+    for max_h, *config in _launch_table(backward):
+        if max_h is None or H <= max_h:
+            return tuple(config)
+    raise AssertionError("the launch table ends with the chunked config")
 
 
 @functools.lru_cache(maxsize=None)
@@ -266,44 +271,31 @@ def residual_rmsnorm_bwd(dy, d_new_residual, x, residual, hs, rs, weight, eps, n
     return partials.sum(0)
 
 
-def _aot_configs():
-    """Every (config, mode) the launchers can pick, with the dtypes of a bf16 ZAYA model: bf16 activations and
-    forward parameters, the fp32 residual (which the final norm, MODE 0, reads); the backward takes fp32 parameters."""
-    def launch_shapes(configs, chunked):
-        return [(*config[1:], True) for config in configs] + [(*chunked, False)]
-
-    def tag_and_consts(mode, block_n, block_h, single):
-        tag = f"mode={mode},BLOCK_N={block_n},BLOCK_H={block_h},single={int(single)}"
-        return tag, {"MODE": mode, "BLOCK_N": block_n, "BLOCK_H": block_h, "SINGLE_CHUNK": single}
-
-    modes = (MODE_RMSNORM, MODE_INPUT, MODE_RESIDUAL)
-    fwd, bwd = [], []
-    for block_n, block_h, num_warps, single in launch_shapes(_FWD_CONFIGS, _FWD_CHUNKED):
-        for mode in modes:
+def _aot_configs(backward: bool) -> list:
+    """Every (config, mode) the launcher of one direction can pick, with the dtypes of a bf16 ZAYA model: bf16
+    activations and forward parameters, the fp32 residual (which the final norm, MODE 0, reads); the backward takes
+    fp32 parameters."""
+    out = []
+    for _, block_n, block_h, num_warps, single in _launch_table(backward):
+        for mode in (MODE_RMSNORM, MODE_INPUT, MODE_RESIDUAL):
             x_type = "*fp32" if mode == MODE_RMSNORM else "*bf16"  # the final norm reads the fp32 residual
-            tag, consts = tag_and_consts(mode, block_n, block_h, single)
-            fwd.append(AotConfig(
-                label=f"{tag},warps={num_warps}",
-                signature={"x_ptr": x_type, "r_ptr": "*fp32", "hs_ptr": "*bf16", "hb_ptr": "*bf16", "rs_ptr": "*bf16",
-                           "rb_ptr": "*bf16", "w_ptr": "*bf16", "new_residual_ptr": "*fp32", "normed_ptr": "*bf16",
-                           "N": "i32", "H": "i32", "eps": "fp32", "MODE": "constexpr", "BLOCK_N": "constexpr",
-                           "BLOCK_H": "constexpr", "SINGLE_CHUNK": "constexpr"},
-                constexprs=consts, num_warps=num_warps))
-    for block_n, block_h, num_warps, single in launch_shapes(_BWD_CONFIGS, _BWD_CHUNKED):
-        for mode in modes:
-            x_type = "*fp32" if mode == MODE_RMSNORM else "*bf16"
-            tag, consts = tag_and_consts(mode, block_n, block_h, single)
-            bwd.append(AotConfig(
-                label=f"{tag},warps={num_warps},dR=1",
-                signature={"dy_ptr": "*bf16", "d_new_residual_ptr": "*fp32", "x_ptr": x_type, "r_ptr": "*fp32",
-                           "hs_ptr": "*fp32", "rs_ptr": "*fp32", "w_ptr": "*fp32", "norm_input_ptr": "*fp32",
-                           "grad_x_ptr": x_type, "grad_r_ptr": "*fp32", "partial_ptr": "*fp32", "N": "i32", "H": "i32",
-                           "eps": "fp32", "MODE": "constexpr", "HAS_DR": "constexpr", "BLOCK_N": "constexpr",
-                           "BLOCK_H": "constexpr", "SINGLE_CHUNK": "constexpr"},
-                constexprs={**consts, "HAS_DR": mode != MODE_RMSNORM}, num_warps=num_warps))
-    return fwd, bwd
+            label = f"mode={mode},BLOCK_N={block_n},BLOCK_H={block_h},single={int(single)},warps={num_warps}"
+            consts = {"MODE": mode, "BLOCK_N": block_n, "BLOCK_H": block_h, "SINGLE_CHUNK": single}
+            if backward:
+                label += ",dR=1"
+                consts["HAS_DR"] = mode != MODE_RMSNORM
+                pointers = {"dy_ptr": "*bf16", "d_new_residual_ptr": "*fp32", "x_ptr": x_type, "r_ptr": "*fp32",
+                            "hs_ptr": "*fp32", "rs_ptr": "*fp32", "w_ptr": "*fp32", "norm_input_ptr": "*fp32",
+                            "grad_x_ptr": x_type, "grad_r_ptr": "*fp32", "partial_ptr": "*fp32"}
+            else:
+                pointers = {"x_ptr": x_type, "r_ptr": "*fp32", "hs_ptr": "*bf16", "hb_ptr": "*bf16", "rs_ptr": "*bf16",
+                            "rb_ptr": "*bf16", "w_ptr": "*bf16", "new_residual_ptr": "*fp32", "normed_ptr": "*bf16"}
+            signature = {**pointers, "N": "i32", "H": "i32", "eps": "fp32", "MODE": "constexpr",
+                         **({"HAS_DR": "constexpr"} if backward else {}), "BLOCK_N": "constexpr",
+                         "BLOCK_H": "constexpr", "SINGLE_CHUNK": "constexpr"}
+            out.append(AotConfig(label=label, signature=signature, constexprs=consts, num_warps=num_warps))
+    return out
 
 
-_fwd_configs, _bwd_configs = _aot_configs()
-register_aot("residual_rmsnorm_fwd", residual_rmsnorm_fwd_kernel, _fwd_configs)
-register_aot("residual_rmsnorm_bwd", residual_rmsnorm_bwd_kernel, _bwd_configs)
+register_aot("residual_rmsnorm_fwd", residual_rmsnorm_fwd_kernel, _aot_configs(backward=False))
+register_aot("residual_rmsnorm_bwd", residual_rmsnorm_bwd_kernel, _aot_configs(backward=True))
