@@ -165,19 +165,20 @@ def test_gpu_triton_backward_matches_reference_and_is_deterministic(dtype, lengt
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("k0, k1", [(2, 2), (3, 2), (1, 3)])
-def test_initial_states_get_their_gradients(backend, k0, k1):
+@pytest.mark.parametrize("lengths", [[3, 0, 1, 4, 2], [0, 0, 0]])
+def test_initial_states_get_their_gradients(backend, k0, k1, lengths):
     """Training across chunks: both initial states are differentiable. The value state is Vd_{-1} of each sequence
     that has one (its gradient the delayed half of v's first row, the final value state itself for an empty
     sequence; with attention_bias the modules pass v_proj_delayed's bias here). The conv state is the K raw X
     columns before the chunk: read by the first K tokens, and by the final conv state of a sequence of at most K
     tokens. Nothing for a sequence without has_initial_state. Against autograd through the reference with the states
-    as leaves (fp64), every output with an upstream gradient."""
-    case = Case(4, 2, 8, k0, k1, [3, 0, 1, 4, 2], seed=3)
+    as leaves (fp64), every output with an upstream gradient; also a chunk of no tokens (the final states only)."""
+    case = Case(4, 2, 8, k0, k1, lengths, seed=3)
     num_seqs = len(case.lengths)
     gen = torch.Generator().manual_seed(4)
     conv = torch.randn(num_seqs, case.channels, case.state_len, generator=gen)
     value = torch.randn(num_seqs, case.value_dim, generator=gen)
-    has = torch.tensor([1, 1, 0, 1, 1], dtype=torch.int32)
+    has = torch.tensor([1, 1, 0, 1, 1][:num_seqs], dtype=torch.int32)
     args = case.prefill_args()[:14]  # up to rope_theta: the states are given below
     grads = _output_grads(case, (True, True, True, True, True), seed=5)
     leaves = conv.clone().requires_grad_(), value.clone().requires_grad_()
@@ -194,3 +195,20 @@ def test_initial_states_get_their_gradients(backend, k0, k1):
     for name, a, e in zip(("initial_conv_state", "initial_value_state"), actual, expected):
         assert e[2].abs().max() == 0 and e.abs().max() > 0  # no initial state: no gradient
         assert_close(a, e.float(), reduction=case.reduction(), what=f"{backend} grad {name}")
+
+
+def test_initial_state_gradients_trace_under_torch_compile():
+    """The initial-state gradients need no host read of cu_seqlens: a chunked training step with states that
+    require grad compiles fullgraph (AOT autograd traces the backward) and gives eager's gradients."""
+    case = Case(2, 1, 8, 2, 2, [3, 1, 0], seed=0, with_init=True)
+    args = case.prefill_args()
+    leaves = tuple(t.float().clone().requires_grad_() for t in args[14:16])
+
+    def loss(conv, value):
+        q, k, v, final_conv, final_value = torch.ops.zaya.cca_prepare(*args[:14], conv, value, args[16])
+        return q.sum() + k.square().sum() + v.sum() + final_conv.sum() + final_value.sum()
+
+    expected = torch.autograd.grad(loss(*leaves), leaves)
+    actual = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(*leaves), leaves)
+    for a, e in zip(actual, expected):
+        assert e.abs().max() > 0 and torch.equal(a, e)

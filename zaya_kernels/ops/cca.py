@@ -399,33 +399,50 @@ def _backward_fwd(ctx, grad_q, grad_k, grad_v, grad_conv, grad_value):
 
 def _initial_conv_state_grad(grad_q, grad_k, grad_final_conv, inputs):
     """Gradient of the initial conv state [B, C, K] (K = k0 + k1 - 2 raw X columns of an earlier chunk). Output
-    token t reads X back to t - K, so only a sequence's first K tokens read its history, and its final conv state
-    when it is at most K long: those few tokens are recomputed with the reference math under autograd (the same
-    function as the forward's reference) and differentiated with respect to the history. Training across chunks
-    only (a state that requires grad); one host read of cu_seqlens and has_initial_state."""
+    token t reads X back to t - K, so only a sequence's first K tokens read the history: every sequence's first K
+    rows (rows past its end get no upstream gradient) are recomputed with the reference math (the function the
+    forward's reference runs per sequence), vmapped over the sequences, and differentiated with respect to the
+    history. A sequence of L < K tokens also keeps history columns L.. in its final conv state: their gradient is a
+    shifted copy of the final state's. Training across chunks only (a state that requires grad); no host
+    synchronisation."""
     (qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature, positions,
      cu_seqlens, num_q_heads, num_kv_heads, rotary_dim, rope_theta, initial_conv, initial_value, has_state) = inputs
-    state_len = initial_conv.shape[2]
-    grad = torch.zeros(initial_conv.shape, dtype=torch.float32, device=initial_conv.device)
-    bounds, flags = cu_seqlens.tolist(), has_state.tolist()
-    weights = [w.detach() for w in (conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature)]
-    with torch.enable_grad():
-        for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-            if not flags[b]:
-                continue
-            head = slice(start, min(end, start + state_len))
-            history = initial_conv[b].detach().float().requires_grad_()
-            q, k, _, final_conv, _ = ref.prepare_sequence(
-                qk[head].detach(), v_current[head].detach(), v_delayed[head].detach(), *weights, positions[head],
-                num_q_heads, num_kv_heads, rotary_dim, rope_theta, history, initial_value[b].detach().float())
-            pairs = [(q, grad_q[head] if grad_q is not None else None),
-                     (k, grad_k[head] if grad_k is not None else None),
-                     (final_conv, grad_final_conv[b] if grad_final_conv is not None and end - start <= state_len
-                      else None)]
-            pairs = [(o, g.float()) for o, g in pairs if g is not None and o.requires_grad]
-            if pairs:
-                (grad[b],) = torch.autograd.grad([o for o, _ in pairs], history, [g for _, g in pairs],
-                                                 allow_unused=True, materialize_grads=True)
+    num_seqs, _, state_len = initial_conv.shape
+    compute = torch.float64 if qk.dtype == torch.float64 else torch.float32
+    grad = initial_conv.new_zeros(initial_conv.shape, dtype=compute)
+    starts = cu_seqlens[:-1].long()
+    lengths = cu_seqlens[1:].long() - starts
+    column = torch.arange(state_len, device=initial_conv.device)
+    if grad_final_conv is not None:  # final column i of an L-token sequence is history column L + i while < K
+        shifted = (column[None, :] - lengths[:, None]).clamp(min=0)[:, None, :].expand_as(grad)
+        from_final = grad_final_conv.to(compute).gather(2, shifted)
+        grad = grad + torch.where((column[None, :] >= lengths[:, None])[:, None, :], from_final, 0.0)
+    num_tokens = qk.shape[0]
+    if state_len > 0 and num_tokens > 0 and (grad_q is not None or grad_k is not None):
+        rows = (starts[:, None] + column[None, :]).clamp(max=num_tokens - 1)  # [B, K]
+        in_sequence = (column[None, :] < lengths[:, None])[:, :, None, None]
+
+        def upstream(g, heads):
+            if g is None:
+                return torch.zeros(num_seqs, state_len, heads, conv1_weight.shape[1], dtype=compute,
+                                   device=qk.device)
+            return torch.where(in_sequence, g[rows].to(compute), 0.0)
+
+        weights = [w.detach() for w in (conv0_weight, conv0_bias, conv1_weight, conv1_bias, temperature)]
+
+        def history_grad(x, current, delayed, pos, history, value_history, g_q, g_k):
+            def queries_keys(hist):
+                q, k, *_ = ref.prepare_sequence(x, current, delayed, *weights, pos, num_q_heads, num_kv_heads,
+                                                rotary_dim, rope_theta, hist, value_history)
+                return q, k
+            _, pullback = torch.func.vjp(queries_keys, history)
+            return pullback((g_q, g_k))[0]
+
+        grad = grad + torch.func.vmap(history_grad)(
+            qk[rows].detach(), v_current[rows].detach(), v_delayed[rows].detach(), positions[rows],
+            initial_conv.detach().to(compute), initial_value.detach().to(compute),
+            upstream(grad_q, num_q_heads), upstream(grad_k, num_kv_heads))
+    grad = grad * (has_state != 0)[:, None, None]
     return grad.to(initial_conv.dtype)
 
 
