@@ -235,6 +235,10 @@ def run_model_demo(model_path=None, new_tokens=None, batch=1) -> int:
               f"{base_prefill / prefill:9.2f}x {base_decode / decode:8.2f}x")
     print("(kernelized: transformers' model and caches with the residual/norm chain, CCA projection, attention, router "
           "and experts on zaya ops; zaya modules: the model on zaya ops with a preallocated ZayaCache)")
+    if not on_gpu:
+        print("(on CPU every zaya op runs its pure-PyTorch reference, the oracle the kernels are tested against, "
+              "written to be read (one sequence at a time, fp32), not to be fast: these times check that the paths "
+              "run and agree, and say nothing about the GPU kernels)")
     print("kernelized backends: " + ", ".join(f"{op} {name}" for op, name in k_backends.items())
           + f"; attention (last step): {', '.join(str(p) for p in k_paths)}")
     print("decode time per op family (zaya modules, profiler): "
