@@ -531,6 +531,21 @@ def test_sharded_checkpoint_round_trip_into_a_kernelized_model(tmp_path):
     assert relative_error(actual, expected) < 5e-5
 
 
+def test_load_checkpoint_gives_back_the_skip_bias_from_pretrained_overwrites(tmp_path):
+    """transformers 5.24's from_pretrained writes -1 into every layer's skip-class balancing bias after loading
+    (its _init_weights assigns it unconditionally); zaya_kernels.checkpoint.load_checkpoint on the loaded (and
+    kernelized) model restores every tensor of the checkpoint, that bias included."""
+    from zaya_kernels.checkpoint import load_checkpoint
+
+    model = tiny_model("gqa2", layers=2)
+    assert all(layer.mlp.gate.balancing_biases[-1] != -1.0 for layer in model.model.layers)
+    model.save_pretrained(tmp_path)
+    loaded = kernelize(ZayaForCausalLM.from_pretrained(tmp_path).eval(), backend="reference")
+    load_checkpoint(loaded, tmp_path)
+    for (name, p), (_, q) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(p, q), name
+
+
 def test_training_updates_balancing_biases_toward_equal_load():
     from zaya_kernels.integrations.transformers import update_balancing_biases
 
