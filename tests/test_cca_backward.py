@@ -171,14 +171,16 @@ def test_initial_states_get_their_gradients(backend, k0, k1, lengths):
     that has one (its gradient the delayed half of v's first row, the final value state itself for an empty
     sequence; with attention_bias the modules pass v_proj_delayed's bias here). The conv state is the K raw X
     columns before the chunk: read by the first K tokens, and by the final conv state of a sequence of at most K
-    tokens. Nothing for a sequence without has_initial_state. Against autograd through the reference with the states
-    as leaves (fp64), every output with an upstream gradient; also a chunk of no tokens (the final states only)."""
+    tokens. Nothing for a sequence without has_initial_state (its slot may hold NaN). Against autograd through the
+    reference with the states as leaves (fp64), every output with an upstream gradient; also a chunk of no tokens
+    (the final states only)."""
     case = Case(4, 2, 8, k0, k1, lengths, seed=3)
     num_seqs = len(case.lengths)
     gen = torch.Generator().manual_seed(4)
     conv = torch.randn(num_seqs, case.channels, case.state_len, generator=gen)
     value = torch.randn(num_seqs, case.value_dim, generator=gen)
     has = torch.tensor([1, 1, 0, 1, 1][:num_seqs], dtype=torch.int32)
+    conv[2], value[2] = float("nan"), float("nan")  # a sequence without a state: whatever its slot holds is unused
     args = case.prefill_args()[:14]  # up to rope_theta: the states are given below
     grads = _output_grads(case, (True, True, True, True, True), seed=5)
     leaves = conv.clone().requires_grad_(), value.clone().requires_grad_()

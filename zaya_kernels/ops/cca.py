@@ -442,7 +442,7 @@ def _initial_conv_state_grad(grad_q, grad_k, grad_final_conv, inputs):
             qk[rows].detach(), v_current[rows].detach(), v_delayed[rows].detach(), positions[rows],
             initial_conv.detach().to(compute), initial_value.detach().to(compute),
             upstream(grad_q, num_q_heads), upstream(grad_k, num_kv_heads))
-    grad = grad * (has_state != 0)[:, None, None]
+    grad = torch.where((has_state != 0)[:, None, None], grad, 0.0)  # not grad * flag: an unused state may hold NaN
     return grad.to(initial_conv.dtype)
 
 
