@@ -4,7 +4,8 @@
 # device libs via apt, needs root; nvcc is expected at /usr/local/cuda).
 #
 # torch: an installed torch (CPU, CUDA or ROCm) is kept. Without one, torch==2.13.0 (the CPU build) is installed:
-# an unpinned torch would pull a multi-GB CUDA build.
+# an unpinned torch would pull a multi-GB CUDA build. Triton (where none is importable), transformers and the test
+# tools install at the versions in scripts/constraints.txt, the ones CI last passed with (ZAYA_UNPINNED=1: newest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,9 +19,11 @@ if [ "${1:-}" = "--toolchains" ]; then
 fi
 
 python -m pip install -q --upgrade pip
+constraints=(-c scripts/constraints.txt)
+[ "${ZAYA_UNPINNED:-0}" = "1" ] && constraints=()
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
 python -m pip install -q setuptools wheel ninja
 # ROCm torch ships Triton as pytorch-triton-rocm: install PyPI's triton only where none is importable.
-python -c "import triton" 2>/dev/null || python -m pip install -q triton
-python -m pip install -q --no-build-isolation -e ".[test,bench]"
+python -c "import triton" 2>/dev/null || python -m pip install -q "${constraints[@]}" triton
+python -m pip install -q --no-build-isolation "${constraints[@]}" -e ".[test,bench]"
 python -m zaya_kernels info
