@@ -11,6 +11,10 @@
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
 import time
 
 import torch
@@ -261,13 +265,33 @@ _OP_FAMILIES = (("attention", ("zaya::cca_attention",)), ("CCA preparation", ("z
                 ("linear layers", ("aten::linear", "aten::matmul", "aten::mm", "aten::addmm")))
 
 
+@contextlib.contextmanager
+def _without_profiler_chatter():
+    """Keep the profiler's own start/stop lines (torch 2.13's C++ code prints "USDT:... SyncActivityProfilerHandler
+    ... profiler_start" on stderr) out of the demo's output; anything else written to stderr meanwhile still shows."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if "SyncActivityProfilerHandler" not in line:
+                    sys.stderr.write(line)
+
+
 def _decode_shares(step, device):
     """Fractions of one decode step's time per op family: the profiler's top-level ops (a zaya op or a linear
     layer, with the kernels they launch), device time on a GPU, CPU time on CPU."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with _without_profiler_chatter(), profile(activities=activities) as prof:
         step()
         if device == "cuda":
             torch.cuda.synchronize()
