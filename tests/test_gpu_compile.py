@@ -2,8 +2,9 @@
 
 - every kernels/*.cuh instantiated and compiled for AMD gfx942 (clang-19 -x hip + rocm-device-libs) and NVIDIA
   sm_90 (nvcc), warnings as errors;
-- the whole extension built against torch's CUDA wheel in a separate venv and loaded (slow: minutes; the venv is
-  created once at $ZAYA_CUDA_VENV, default .cache/cuda-venv, and reused).
+- the source distribution holds every file a GPU build compiles (MANIFEST.in);
+- the whole extension built from that sdist against torch's CUDA wheel in a separate venv and loaded (slow: minutes;
+  the venv is created once at $ZAYA_CUDA_VENV, default .cache/cuda-venv, and reused).
 
 A missing toolchain skips with the reason, unless ZAYA_REQUIRE_TOOLCHAINS=1 (CI), where it fails.
 """
@@ -75,6 +76,20 @@ def test_kernels_compile_for_nvidia_sm90():
         for kname, info in res.kernels.items():
             assert info.get("spill_stores", 0) == 0 and info.get("spill_loads", 0) == 0, (
                 f"{res.name} {kname} spills registers on sm_90: {info}")
+
+
+def test_sdist_holds_every_file_the_gpu_build_needs(tmp_path):
+    """`pip install` of a published source distribution builds the GPU extension from it alone: every file of csrc/
+    and kernels/ and every package file must be in it, whichever machine made it (here CPU torch, whose setup.py
+    configures the CPU-only extension: setuptools by itself adds csrc/zaya_ops.cpp and no header). No toolchain
+    needed; the slow test below builds the CUDA extension from such an sdist."""
+    tree = gcc.unpacked_sdist(sys.executable, tmp_path)
+    root = gcc.REPO_ROOT
+    needed = [p for folder in ("csrc", "kernels") for p in (root / folder).rglob("*")
+              if p.is_file() and p.suffix in (".cpp", ".cu", ".h", ".cuh")]
+    needed += [p for p in (root / "zaya_kernels").rglob("*") if p.suffix in (".py", ".json")]
+    missing = sorted(str(p.relative_to(root)) for p in needed if not (tree / p.relative_to(root)).is_file())
+    assert len(needed) >= 40 and not missing, f"missing from the sdist: {missing}"
 
 
 @pytest.mark.slow

@@ -7,9 +7,10 @@
     instantiation list behind that macro makes every kernel compile for float, half and bf16. Warnings are errors.
     The report gives per-kernel registers and spills (AMD: -Rpass-analysis=kernel-resource-usage; NVIDIA: ptxas -v).
 (b) --extension: the whole torch extension (csrc/ + kernels/) built against torch's CUDA wheel in a separate venv
-    ($ZAYA_CUDA_VENV, default <repo>/.cache/cuda-venv, created on first use: ~80 s, ~5.5 GB from local wheels), from a
-    temporary copy of the repository, then loaded in that venv: `_C.gpu_build == "cuda"`, the launchers exist and the
-    torch.ops.zaya schemas are registered.
+    ($ZAYA_CUDA_VENV, default <repo>/.cache/cuda-venv, created on first use: ~80 s, ~5.5 GB from local wheels), from
+    the source distribution of a temporary copy of the repository (what `pip install` of a published sdist builds:
+    a file MANIFEST.in forgets fails here), then loaded in that venv: `_C.gpu_build == "cuda"`, the launchers exist
+    and the torch.ops.zaya schemas are registered.
 
     python -m zaya_kernels.tools.gpu_compile_check [--amd] [--nvidia] [--extension] [--json PATH]
 
@@ -28,6 +29,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -507,8 +509,27 @@ def _copy_repo(dest: Path) -> None:
     shutil.copytree(REPO_ROOT, dest, ignore=ignore, symlinks=True)
 
 
+def unpacked_sdist(python: str, dest: Path, env: dict | None = None) -> Path:
+    """Make the source distribution of a copy of this repository with `python` (which must have torch and
+    setuptools: setup.py imports torch) and unpack it under dest; returns the unpacked source tree."""
+    copy = dest / "copy"
+    _copy_repo(copy)
+    rc, out, _ = _run([python, "setup.py", "-q", "sdist", "--dist-dir", str(dest / "dist")], cwd=copy, env=env,
+                      timeout=600)
+    archives = sorted((dest / "dist").glob("*.tar.gz"))
+    if rc != 0 or not archives:
+        raise RuntimeError(f"setup.py sdist failed:\n{out[-4000:]}")
+    with tarfile.open(archives[0]) as archive:
+        # the "data" filter (no absolute paths, links out of the tree...) where this Python has it (3.10.12+)
+        archive.extractall(dest / "sdist", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    shutil.rmtree(copy, ignore_errors=True)
+    (tree,) = (dest / "sdist").iterdir()
+    return tree
+
+
 def check_extension(venv: Path | None = None, arch_list: str = "9.0", max_jobs: int = 2, keep: bool = False, log=print) -> CheckResult:
-    """Builds zaya_kernels._C against torch's CUDA wheel (from a temporary copy of the repo) and loads it."""
+    """Builds zaya_kernels._C against torch's CUDA wheel (from the sdist of a temporary copy of the repo) and loads
+    it."""
     venv = venv or default_venv()
     cuda_home = find_cuda_home()
     py = ensure_cuda_venv(venv, log=log)
@@ -526,8 +547,7 @@ def check_extension(venv: Path | None = None, arch_list: str = "9.0", max_jobs: 
         env["CPATH"] = os.pathsep.join(cpath + ([env["CPATH"]] if env.get("CPATH") else []))
     tmp = Path(tempfile.mkdtemp(prefix="zaya-ext-"))
     try:
-        work = tmp / "repo"
-        _copy_repo(work)
+        work = unpacked_sdist(str(py), tmp, env)
         log(f"building the CUDA extension in {work} (TORCH_CUDA_ARCH_LIST={arch_list}, MAX_JOBS={max_jobs})")
         rc, out, build_secs = _run([str(py), "setup.py", "build_ext", "--inplace"], cwd=work, env=env, timeout=3600)
         if rc != 0:
