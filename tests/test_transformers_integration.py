@@ -5,6 +5,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import zaya_kernels
 from helpers import assert_close, counted_launches, perturb_zaya_parameters
@@ -65,6 +67,35 @@ def test_logits_and_greedy_tokens_match(name, backend):
     assert zaya_kernels.last_backend("moe_experts") == backend
     assert zaya_kernels.last_backend("cca_attention") == backend
     # every token's logits; a pad position's are implementation-defined (see test_pad_positions_are_undefined)
+    tokens_at = mask.bool()
+    assert relative_error(logits[tokens_at], expected_logits[tokens_at]) < 5e-5
+    assert torch.equal(tokens, expected_tokens)
+
+
+@settings(max_examples=8)
+@given(kv_heads=st.sampled_from([1, 2]), group=st.sampled_from([1, 2, 4]), head_dim=st.sampled_from([16, 32]),
+       experts=st.integers(1, 6), router_hidden=st.integers(4, 40), k0=st.integers(1, 4), k1=st.integers(1, 4),
+       rotary=st.sampled_from([0.25, 0.5, 1.0]), window=st.sampled_from([None, 2, 5]), bias=st.booleans(),
+       tie=st.booleans(), backend=st.sampled_from(["reference", "triton"]), seed=st.integers(0, 2**16))
+def test_drawn_configurations_match(kv_heads, group, head_dim, experts, router_hidden, k0, k1, rotary, window, bias,
+                                    tie, backend, seed):
+    """Logits and greedy tokens of a left-padded batch on drawn architectures: GQA ratio, head_dim, expert count
+    (1 included), router width, both CCA convolution sizes (1..4), the rotary fraction, a sliding-window layer,
+    q/k/v biases, tied or separate (biased) output head; the decode steps go through the cached path."""
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": rotary}
+    layers = dict(layer_types=["hybrid", "hybrid_sliding"], sliding_window=window) if window else {}
+    model = tiny_model("gqa2", seed=seed, layers=2, num_attention_heads=kv_heads * group, num_key_value_heads=kv_heads,
+                       head_dim=head_dim, num_experts=experts, router_hidden_size=router_hidden, cca_time0=k0,
+                       cca_time1=k1, attention_bias=bias, tie_word_embeddings=tie, lm_head_bias=not tie,
+                       rope_parameters={"hybrid": rope, "hybrid_sliding": rope}, **layers)
+    ids, mask = left_padded_batch(seed)
+    with torch.no_grad():
+        expected_logits = model(input_ids=ids, attention_mask=mask).logits
+        expected_tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        kernelize(model, backend=backend)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert zaya_kernels.last_backend("cca_prepare_decode") == backend
     tokens_at = mask.bool()
     assert relative_error(logits[tokens_at], expected_logits[tokens_at]) < 5e-5
     assert torch.equal(tokens, expected_tokens)
