@@ -7,6 +7,8 @@ import collections
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helpers import assert_close, counted_launches
 from zaya_kernels.backend import use_backend
@@ -14,7 +16,7 @@ from zaya_kernels.integrations.transformers import kernelize, update_balancing_b
 from zaya_kernels.modules import DecodeGraph, ZayaCache, ZayaForCausalLM, forget_stacked_projections
 
 pytest.importorskip("transformers", reason="the module parity tests need transformers >= 5.8")
-from test_transformers_integration import relative_error, tiny_model  # noqa: E402
+from test_transformers_integration import ARCHITECTURES, drawn_model, relative_error, tiny_model  # noqa: E402
 
 SLIDING = dict(layer_types=["hybrid", "hybrid_sliding", "hybrid"], sliding_window=4)
 
@@ -60,6 +62,25 @@ def test_logits_and_greedy_tokens_match_transformers(backend, name):
         with use_backend(backend):
             logits = ours(ids)
             tokens = ours.generate(ids, 5)
+    assert relative_error(logits, expected) < 5e-5
+    assert torch.equal(tokens, expected_tokens)
+
+
+@settings(max_examples=6)
+@given(arch=ARCHITECTURES, backend=st.sampled_from(["reference", "triton"]), seed=st.integers(0, 2**16))
+def test_drawn_architectures_match_transformers(arch, backend, seed):
+    """zaya_kernels.modules with a drawn architecture's transformers state dict: logits and greedy tokens (decode
+    through ZayaCache) equal the transformers model's."""
+    hf = drawn_model(arch, seed)
+    ours = ZayaForCausalLM(hf.config).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    ids = random_ids(2, 7, seed)
+    with torch.no_grad():
+        expected = hf(ids).logits
+        expected_tokens = hf.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+        with use_backend(backend):
+            logits = ours(ids)
+            tokens = ours.generate(ids, 4)
     assert relative_error(logits, expected) < 5e-5
     assert torch.equal(tokens, expected_tokens)
 

@@ -72,22 +72,33 @@ def test_logits_and_greedy_tokens_match(name, backend):
     assert torch.equal(tokens, expected_tokens)
 
 
-@settings(max_examples=8)
-@given(kv_heads=st.sampled_from([1, 2]), group=st.sampled_from([1, 2, 4]), head_dim=st.sampled_from([16, 32]),
-       experts=st.integers(1, 6), router_hidden=st.integers(4, 40), k0=st.integers(1, 4), k1=st.integers(1, 4),
-       rotary=st.sampled_from([0.25, 0.5, 1.0]), window=st.sampled_from([None, 2, 5]), bias=st.booleans(),
-       tie=st.booleans(), backend=st.sampled_from(["reference", "triton"]), seed=st.integers(0, 2**16))
-def test_drawn_configurations_match(kv_heads, group, head_dim, experts, router_hidden, k0, k1, rotary, window, bias,
-                                    tie, backend, seed):
-    """Logits and greedy tokens of a left-padded batch on drawn architectures: GQA ratio, head_dim, expert count
-    (1 included), router width, both CCA convolution sizes (1..4), the rotary fraction, a sliding-window layer,
-    q/k/v biases, tied or separate (biased) output head; the decode steps go through the cached path."""
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": rotary}
+# Architectures drawn for the parity tests: GQA ratio, head_dim, expert count (1 included), router width, both CCA
+# convolution sizes (1..4), the rotary fraction, a sliding-window layer, q/k/v biases, tied or separate (biased) head.
+ARCHITECTURES = st.fixed_dictionaries(dict(
+    kv_heads=st.sampled_from([1, 2]), group=st.sampled_from([1, 2, 4]), head_dim=st.sampled_from([16, 32]),
+    experts=st.integers(1, 6), router_hidden=st.integers(4, 40), k0=st.integers(1, 4), k1=st.integers(1, 4),
+    rotary=st.sampled_from([0.25, 0.5, 1.0]), window=st.sampled_from([None, 2, 5]), bias=st.booleans(),
+    tie=st.booleans()))
+
+
+def drawn_model(arch, seed):
+    """tiny_model with 2 layers of the drawn architecture `arch` (an ARCHITECTURES example)."""
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": arch["rotary"]}
+    window = arch["window"]
     layers = dict(layer_types=["hybrid", "hybrid_sliding"], sliding_window=window) if window else {}
-    model = tiny_model("gqa2", seed=seed, layers=2, num_attention_heads=kv_heads * group, num_key_value_heads=kv_heads,
-                       head_dim=head_dim, num_experts=experts, router_hidden_size=router_hidden, cca_time0=k0,
-                       cca_time1=k1, attention_bias=bias, tie_word_embeddings=tie, lm_head_bias=not tie,
-                       rope_parameters={"hybrid": rope, "hybrid_sliding": rope}, **layers)
+    return tiny_model("gqa2", seed=seed, layers=2, num_attention_heads=arch["kv_heads"] * arch["group"],
+                      num_key_value_heads=arch["kv_heads"], head_dim=arch["head_dim"], num_experts=arch["experts"],
+                      router_hidden_size=arch["router_hidden"], cca_time0=arch["k0"], cca_time1=arch["k1"],
+                      attention_bias=arch["bias"], tie_word_embeddings=arch["tie"], lm_head_bias=not arch["tie"],
+                      rope_parameters={"hybrid": rope, "hybrid_sliding": rope}, **layers)
+
+
+@settings(max_examples=8)
+@given(arch=ARCHITECTURES, backend=st.sampled_from(["reference", "triton"]), seed=st.integers(0, 2**16))
+def test_drawn_architectures_match(arch, backend, seed):
+    """Logits and greedy tokens of a left-padded batch on drawn architectures (ARCHITECTURES); the decode steps go
+    through the cached path."""
+    model = drawn_model(arch, seed)
     ids, mask = left_padded_batch(seed)
     with torch.no_grad():
         expected_logits = model(input_ids=ids, attention_mask=mask).logits
