@@ -24,11 +24,28 @@ SLIDING = dict(layer_types=["hybrid", "hybrid_sliding", "hybrid"], sliding_windo
 def pair(name, seed=0):
     """(transformers model, zaya_kernels.modules model with the same state dict), fp32, eval mode. "sliding" is the
     gqa2 configuration with a sliding-window middle layer."""
-    hf = tiny_model("gqa2", seed, **SLIDING) if name == "sliding" else tiny_model(name, seed)
+    return pair_of(tiny_model("gqa2", seed, **SLIDING) if name == "sliding" else tiny_model(name, seed))
+
+
+def pair_of(hf):
+    """(hf with eager attention, a zaya_kernels.modules model holding a copy of its state dict)."""
     hf.config._attn_implementation = "eager"
     ours = ZayaForCausalLM(hf.config).eval()
     ours.load_state_dict(hf.state_dict(), strict=True)
     return hf, ours
+
+
+def check_logits_and_tokens(hf, ours, ids, backend, new_tokens):
+    """ours' prefill logits (relative error < 5e-5) and greedy tokens (identical) against hf's."""
+    with torch.no_grad():
+        expected = hf(ids).logits
+        expected_tokens = hf.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0)
+        with use_backend(backend):
+            logits = ours(ids)
+            tokens = ours.generate(ids, new_tokens)
+    assert relative_error(logits, expected) < 5e-5
+    assert torch.equal(tokens, expected_tokens)
 
 
 def random_ids(batch, seq, seed=3):
@@ -55,15 +72,7 @@ def test_state_dict_names_equal_transformers():
                                           ("triton", "sliding")])
 def test_logits_and_greedy_tokens_match_transformers(backend, name):
     hf, ours = pair(name)
-    ids = random_ids(2, 9)
-    with torch.no_grad():
-        expected = hf(ids).logits
-        expected_tokens = hf.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
-        with use_backend(backend):
-            logits = ours(ids)
-            tokens = ours.generate(ids, 5)
-    assert relative_error(logits, expected) < 5e-5
-    assert torch.equal(tokens, expected_tokens)
+    check_logits_and_tokens(hf, ours, random_ids(2, 9), backend, 5)
 
 
 @settings(max_examples=6)
@@ -71,18 +80,8 @@ def test_logits_and_greedy_tokens_match_transformers(backend, name):
 def test_drawn_architectures_match_transformers(arch, backend, seed):
     """zaya_kernels.modules with a drawn architecture's transformers state dict: logits and greedy tokens (decode
     through ZayaCache) equal the transformers model's."""
-    hf = drawn_model(arch, seed)
-    ours = ZayaForCausalLM(hf.config).eval()
-    ours.load_state_dict(hf.state_dict(), strict=True)
-    ids = random_ids(2, 7, seed)
-    with torch.no_grad():
-        expected = hf(ids).logits
-        expected_tokens = hf.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
-        with use_backend(backend):
-            logits = ours(ids)
-            tokens = ours.generate(ids, 4)
-    assert relative_error(logits, expected) < 5e-5
-    assert torch.equal(tokens, expected_tokens)
+    hf, ours = pair_of(drawn_model(arch, seed))
+    check_logits_and_tokens(hf, ours, random_ids(2, 7, seed), backend, 4)
 
 
 def test_decode_step_kernel_launches():
