@@ -514,11 +514,12 @@ def unpacked_sdist(python: str, dest: Path, env: dict | None = None) -> Path:
     setuptools: setup.py imports torch) and unpack it under dest; returns the unpacked source tree."""
     copy = dest / "copy"
     _copy_repo(copy)
-    rc, out, _ = _run([python, "setup.py", "-q", "sdist", "--dist-dir", str(dest / "dist")], cwd=copy, env=env,
-                      timeout=600)
+    # setuptools' PEP 517 hook, what `python -m build --sdist --no-isolation` calls (`setup.py sdist` is deprecated)
+    build_sdist = "import sys; from setuptools import build_meta; build_meta.build_sdist(sys.argv[1])"
+    rc, out, _ = _run([python, "-c", build_sdist, str(dest / "dist")], cwd=copy, env=env, timeout=600)
     archives = sorted((dest / "dist").glob("*.tar.gz"))
     if rc != 0 or not archives:
-        raise RuntimeError(f"setup.py sdist failed:\n{out[-4000:]}")
+        raise RuntimeError(f"building the sdist failed:\n{out[-4000:]}")
     with tarfile.open(archives[0]) as archive:
         # the "data" filter (no absolute paths, links out of the tree...) where this Python has it (3.10.12+)
         archive.extractall(dest / "sdist", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
