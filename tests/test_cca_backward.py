@@ -44,8 +44,22 @@ def _check_backward(case, present, seed, dtype=None):
     expected = ref.cca_prepare_backward(*grads, *case.prefill_args())
     for name, a, e, inp in zip(GRAD_NAMES, actual, expected, case.prefill_args()[:8]):
         assert a.dtype == inp.dtype and a.shape == inp.shape, name
-        assert_close(a, e, dtype=dtype, reduction=_reduction(case), what=f"triton backward grad {name}")
+        scale = _temperature_grad_scale(case, grads[1]) if name == "temperature" else 0.0
+        assert_close(a, e, dtype=dtype, reduction=_reduction(case), what=f"triton backward grad {name}", scale=scale)
     return actual
+
+
+def _temperature_grad_scale(case, grad_k):
+    """The root-sum-square of the terms a kv head's temperature gradient adds up, grad_k * k / temp over its tokens
+    and dims (RoPE rotates both alike), largest over heads: the gradient is one number per head, which can be a small
+    remainder of those terms, so its own size is no scale for its rounding (a fuzzed draw: 0.227 of terms whose
+    rounding left 1.7e-5 relative)."""
+    if grad_k is None or not sum(case.lengths):
+        return 0.0
+    args = list(case.prefill_args())
+    args[7] = torch.ones_like(args[7])  # temperature 1: k / temp
+    unit_k = ref.cca_prepare(*args)[1]
+    return (grad_k.double() * unit_k.double()).pow(2).sum((0, 2)).sqrt().max().item()
 
 
 # (num_q, num_kv): GQA ratios 1, 2 and 4
@@ -73,6 +87,9 @@ lengths_st = st.lists(st.sampled_from([0, 1, 2, 3, 33]), min_size=1, max_size=3)
          seed=3)
 @example(heads=(16, 2), head_dim=16, k0=4, k1=4, lengths=[2, 5], rotary="full", with_init=True, present=[True] * 5,
          seed=4)
+# one kv head whose temperature gradient is a remainder of its 192 terms (found by a run with other draws)
+@example(heads=(4, 1), head_dim=32, k0=1, k1=1, lengths=[3, 3], rotary="zero", with_init=False,
+         present=[True, True, False, False, False], seed=0)
 def test_triton_backward_matches_reference(heads, head_dim, k0, k1, lengths, rotary, with_init, present, seed):
     rotary_dim = {"zero": 0, "half": head_dim // 2, "full": head_dim}[rotary]
     case = Case(*heads, head_dim, k0, k1, lengths, seed=seed, rotary_dim=rotary_dim, with_init=with_init)
