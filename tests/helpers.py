@@ -136,6 +136,27 @@ class _AtenWork(TorchDispatchMode):
 
 
 @contextlib.contextmanager
+def recorded_launches():
+    """Inside the `with`: a list of (kernel, {argument name: value}) for every Triton launch, which is recorded
+    instead of run (its outputs stay unwritten); the launch options the launcher passed (num_warps, num_stages) are
+    among the arguments, an option it left to Triton's default is absent. Hooks the interpreter (TRITON_INTERPRET=1,
+    as the tests run); `kernel` is the launched function, the object the AOT registry holds."""
+    from triton.runtime import interpreter
+
+    launches, run = [], interpreter.InterpretedFunction.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        if not warmup:
+            launches.append((self, {**dict(zip(self.arg_names, args)), **kwargs}))
+
+    interpreter.InterpretedFunction.run = recording_run
+    try:
+        yield launches
+    finally:
+        interpreter.InterpretedFunction.run = run
+
+
+@contextlib.contextmanager
 def counted_launches():
     """Inside the `with`: (Triton kernel launches by kernel name, aten ops that are not views by op name), two
     Counters filled as the code runs. The Triton count hooks the interpreter (TRITON_INTERPRET=1, as the tests

@@ -14,6 +14,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
+
+import zaya_kernels
+from helpers import recorded_launches
 
 REPO = Path(__file__).resolve().parent.parent
 TOOL = REPO / "zaya_kernels" / "tools" / "aot_report.py"
@@ -224,3 +228,127 @@ print(json.dumps(records))
     bad = [(r["kernel"], r["config"], r["target"], r["vector_loads"], r["spills"], r["error"]) for r in records
            if not r["ok"] or not r["vector_loads"] or r["spills"]]
     assert not bad, bad
+
+
+# ---------------------------------------------------------------- the registry covers what the launchers launch
+def _launch_every_op_at_zaya_sizes():
+    """Every Triton launch path of the ops at ZAYA1-8B's sizes (H = I = 2048, R 256, 16 experts, n_q 8, n_kv 2,
+    D 128, k0 = k1 = 2, bf16): norms, router (decode and prefill), MoE (the three dispatch tile sizes, both skip
+    modes, the by-token GEMVs, the backward, the row permutations), CCA preparation (prefill with and without
+    states, into a paged cache, decode with fp32 and bf16 states, backward) and attention (prefill with and without
+    a window, its backward, decode in 1, 2, 8 and 64 splits with their reduce, over contiguous, paged and left-padded
+    caches, with 4 speculative tokens). Meant to run with launches
+    recorded, not run: whatever a kernel would have written is never read by another launch, the inputs of each
+    op are made here (the dispatch by the reference)."""
+    z = torch.ops.zaya
+    gen = torch.Generator().manual_seed(0)
+    H, R, E, I, D, nq, nkv, k0, k1, T = 2048, 256, 16, 2048, 128, 8, 2, 2, 2, 80
+    C, value_dim = (nq + nkv) * D, nkv * D // 2
+
+    def randn(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    x, residual = randn(T, H), randn(T, H, dtype=torch.float32)
+    scales = [randn(H) for _ in range(5)]
+    new_residual, normed = z.residual_scale_rmsnorm(x, residual, *scales, 1e-5)
+    z.residual_scale_rmsnorm(x, None, scales[0], scales[1], None, None, scales[4], 1e-5)
+    z.residual_scale_rmsnorm_backward(normed, new_residual, x, residual, *(s.float() for s in scales), new_residual,
+                                      1e-5)
+    z.rmsnorm(residual, scales[4], 1e-5, torch.bfloat16)
+    z.rmsnorm_backward(normed, residual, scales[4].float(), 1e-5)
+
+    router = (randn(R, H), randn(R), randn(R), randn(R, R), randn(R), randn(R, R), randn(R), randn(E + 1, R))
+    for tokens in (1, 8, T):  # split decode, and the prefill kernel past 64 tokens
+        z.zaya_router(x[:tokens], None, None, *router, torch.zeros(E + 1), 1e-5, True)
+        z.zaya_router(x[:tokens], randn(tokens, R), randn(R), *router, torch.zeros(E + 1), 1e-5, False)
+
+    index = torch.randint(0, E + 1, (T,), generator=gen, dtype=torch.int32)
+    weight = torch.rand(T, generator=gen)
+    gate_up, down = randn(E, 2 * I, H), randn(E, H, I)
+    for skip_mode in (0, 1):
+        for tokens in (1, 4):
+            z.moe_experts_by_token(x[:tokens], gate_up, down, index[:tokens], weight[:tokens], skip_mode)
+    for block_m in (16, 64, 128):
+        z.moe_dispatch(index, E, block_m)
+        with zaya_kernels.use_backend("reference"):
+            _, offsets, sorted_ids, _, tile_expert, tile_start = z.moe_dispatch(index, E, block_m)
+        for skip_mode in (0, 1):
+            args = (weight, sorted_ids, offsets, tile_expert, tile_start, block_m, skip_mode)
+            z.moe_experts(x, gate_up, down, *args)
+            z.moe_experts_backward(x, x, gate_up, down, *args)
+    z.moe_dispatch(torch.randint(0, E + 1, (5000,), generator=gen, dtype=torch.int32), E, 128)  # chunked: > 4096
+    rows = z.moe_permute_rows(x, sorted_ids, T)
+    for skip_mode in (0, 1):
+        z.moe_unpermute_rows(rows, sorted_ids, x, weight, skip_mode)
+        z.moe_unpermute_rows_backward(x, sorted_ids, x, weight, T, skip_mode)
+
+    qk, v_current, v_delayed = randn(T, C), randn(T, value_dim), randn(T, value_dim)
+    conv = (randn(C, k0), randn(C), randn(C, D, k1), randn(C), randn(nkv))
+    positions, cu_seqlens = torch.arange(T), torch.tensor([0, 30, T], dtype=torch.int32)
+    heads = (nq, nkv, D // 2, 1e4)
+    states = (torch.zeros(2, C, k0 + k1 - 2), torch.zeros(2, value_dim), torch.ones(2, dtype=torch.int32))
+    q, k, v, conv_state, value_state = z.cca_prepare(qk, v_current, v_delayed, *conv, positions, cu_seqlens, *heads)
+    z.cca_prepare(qk, v_current, v_delayed, *conv, positions, cu_seqlens, *heads, *states)
+    z.cca_prepare_backward(q, k, v, conv_state, value_state, qk, v_current, v_delayed, *conv, positions, cu_seqlens,
+                           *heads)
+    z.cca_prepare_backward(q, k, v, conv_state, value_state, qk, v_current, v_delayed, *conv, positions, cu_seqlens,
+                           *heads, *states)
+    k_cache, v_cache = randn(8, 16, nkv, D), randn(8, 16, nkv, D)
+    z.cca_prepare_paged(qk, v_current, v_delayed, *conv, positions, cu_seqlens, *heads, torch.arange(T),
+                        k_cache, v_cache, *states)
+    for state_dtype in (torch.float32, torch.bfloat16):
+        z.cca_prepare_decode(qk[:2], v_current[:2], v_delayed[:2], *conv, positions[:2],
+                             states[0].to(state_dtype), states[1].to(state_dtype), torch.arange(2, dtype=torch.int32),
+                             *heads)
+
+    q, k, v = randn(T, nq, D), randn(T, nkv, D), randn(T, nkv, D)
+    for window in (-1, 16):
+        out, lse = z.cca_attention(q, k, v, cu_seqlens, 50, None, True, window)
+        z.cca_attention_backward(out, q, k, v, out, lse, cu_seqlens, 50, None, True, window)
+    seq_lens = torch.tensor([5, 100], dtype=torch.int32)
+    for capacity in (128, 512, 2048, 16384):  # one split (written in place), then 2, 8 and 64 with their reduce
+        contiguous = (torch.zeros(2, capacity, nkv, D, dtype=torch.bfloat16),) * 2
+        z.cca_attention_decode(randn(2, nq, D), *contiguous, seq_lens)
+    z.cca_attention_decode(randn(2, nq, D), *contiguous, seq_lens, None, None, -1, None,
+                           torch.tensor([2, 0], dtype=torch.int32))
+    z.cca_attention_decode(randn(2, 4, nq, D), *contiguous, seq_lens)  # 4 speculative tokens
+    block_table = (torch.arange(16, dtype=torch.int32) % 8).reshape(2, 8)
+    z.cca_attention_decode(randn(2, nq, D), k_cache, v_cache, seq_lens, block_table)
+
+
+COMPUTE_UNITS = {"gfx942": 304, "gfx950": 256, "sm_90": 132}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_launch_at_zaya_sizes_is_a_registered_configuration(target, monkeypatch):
+    """The report compiles what runs: each Triton launch the ops make at ZAYA1-8B's sizes with `target`'s launch
+    tables is a registered configuration of its kernel, with the same constexprs, num_warps and num_stages (a
+    launcher that left num_stages to Triton would get its backend's default, 2 on AMD or 3 on NVIDIA: another
+    compile). The launches are recorded on CPU tensors, not run."""
+    from zaya_kernels.tools import aot_report
+    from zaya_kernels.triton import _target, attention
+
+    registry, failures = aot_report.load_registry()
+    assert not failures
+    configs_of = {}
+    for name, entry in registry.items():
+        configs_of.setdefault(id(entry.kernel), []).extend(entry.configs)
+    monkeypatch.setitem(_target._TARGETS, torch.device("cpu"), target)  # CPU tensors take `target`'s tables
+    # decode split counts as on the GPU: two programs per CU / SM of an MI300X, MI355X or H200
+    monkeypatch.setattr(attention, "_target_programs", lambda device: 2 * COMPUTE_UNITS[target])
+    with recorded_launches() as launches, zaya_kernels.use_backend("triton"), torch.no_grad():
+        _launch_every_op_at_zaya_sizes()
+
+    unregistered = set()
+    for kernel, args in launches:
+        options = (args.get("num_warps"), args.get("num_stages"))
+        if not any((config.num_warps, config.num_stages) == options
+                   and all(args.get(key, "absent") == value for key, value in config.constexprs.items())
+                   for config in configs_of.get(id(kernel), ())):
+            constexprs = next(iter(configs_of.get(id(kernel), [])), None)
+            unregistered.add((kernel.__name__, options, str({key: args.get(key) for key in
+                                                             (constexprs.constexprs if constexprs else ())})))
+    launched = {kernel.__name__ for kernel, _ in launches}
+    every_kernel = {entry.kernel.__name__ for entry in registry.values()}
+    assert launched == every_kernel, f"registered, never launched here: {sorted(every_kernel - launched)}"
+    assert not unregistered, sorted(unregistered)

@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from zaya_kernels.triton._aot import AotConfig, register_aot
+from zaya_kernels.triton._aot import NO_PIPELINING, AotConfig, register_aot
 from zaya_kernels.triton._target import ConfigTable, device_target
 
 LOG2E = 1.4426950408889634
@@ -619,6 +619,7 @@ def _target_programs(device: torch.device) -> int:
 
 
 MAX_SPLITS = 64
+REDUCE_SPLITS = tuple(2**i for i in range(1, MAX_SPLITS.bit_length()))  # the reduce's SPLITS: next_pow2(num_splits)
 # Elements of one decode query tile (rows = query tokens x query heads of a kv group, times BLOCK_D): 256 rows of
 # head dim 128 take all 64 KB of a gfx942 workgroup's LDS (a bigger tile fails to launch there; sm_90 spills from
 # 128 rows on). ZAYA1 decode: 16 rows (4 heads x Q <= 4).
@@ -688,7 +689,7 @@ def attention_decode(q, k_cache, v_cache, seq_lens, block_table, softmax_scale, 
         return out
     attention_decode_reduce_kernel[(B * num_queries, Hq)](
         part_out, part_lse, out, num_splits, num_q_heads=Hq, head_dim=D, SPLITS=triton.next_power_of_2(num_splits),
-        BLOCK_D=block_d_for(D), num_warps=1)
+        BLOCK_D=block_d_for(D), num_warps=1, num_stages=NO_PIPELINING)
     return out
 
 
@@ -790,7 +791,7 @@ def _aot_configs() -> dict[str, list]:
                         label=label, signature=_prefill_signature(kernel), constexprs=consts,
                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], matrix_expected=True))
         for block_d in table[target]["decode"]:
-            for splits in (MAX_SPLITS,):  # the widest reduce: fewer splits only shrink the tile
+            for splits in REDUCE_SPLITS:
                 label = f"SPLITS={splits},BLOCK_D={block_d}"
                 seen["decode_reduce"].setdefault(label, AotConfig(
                     label=label, signature=dict(_REDUCE_SIGNATURE),

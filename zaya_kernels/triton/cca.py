@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from zaya_kernels.reference.cca import rope_inv_freq
-from zaya_kernels.triton._aot import AotConfig, register_aot
+from zaya_kernels.triton._aot import NO_PIPELINING, AotConfig, register_aot
 
 
 @triton.jit
@@ -600,13 +600,14 @@ def cca_prepare_fwd(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_we
             HAS_INIT=has_init, BLOCK_T=BLOCK_T, **_blocks(head_dim, rotary_dim, decode=False),
             IEEE_DOT=qk.dtype == torch.float32,
             num_warps=forward_num_warps(head_dim, k0, k1, qk.dtype == torch.float32, decode=False),
+            num_stages=NO_PIPELINING,
         )
     if num_seqs > 0:
         state_len = k0 + k1 - 2
         cca_final_states_kernel[(num_seqs, triton.cdiv(channels, FINAL_BLOCK_C))](
             qk, v_delayed, cu_seqlens, *init_args, final_conv_state, final_value_state, channels, v_current.shape[1],
             qk.stride(0), v_delayed.stride(0), STATE_LEN=state_len, HAS_INIT=has_init, BLOCK_C=FINAL_BLOCK_C,
-            BLOCK_K=triton.next_power_of_2(max(1, state_len)), num_warps=4,
+            BLOCK_K=triton.next_power_of_2(max(1, state_len)), num_warps=4, num_stages=NO_PIPELINING,
         )
 
 
@@ -630,6 +631,7 @@ def cca_prepare_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1
         BLOCK_T=DECODE_BLOCK_ROWS, **_blocks(head_dim, rotary_dim, decode=True),
         IEEE_DOT=qk.dtype == torch.float32,
         num_warps=forward_num_warps(head_dim, k0, k1, qk.dtype == torch.float32, decode=True),
+        num_stages=NO_PIPELINING,
     )
 
 
@@ -1141,7 +1143,7 @@ def cca_prepare_bwd(grad_q, grad_k, grad_v, grad_final_conv_state, grad_final_va
         tokens, num_seqs, search_steps, EPS=torch.finfo(qk.dtype).eps, HEAD_SCALE=head_dim**0.5,
         NUM_Q=num_q_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, K0=k0, K1=k1,
         HAS_INIT=has_init, HAS_GQ=grad_q is not None, HAS_GK=grad_k is not None, BLOCK_T=GRAD_Z_BLOCK_T,
-        **_grad_z_blocks(head_dim, rotary_dim), IEEE_DOT=ieee, num_warps=NUM_WARPS,
+        **_grad_z_blocks(head_dim, rotary_dim), IEEE_DOT=ieee, num_warps=NUM_WARPS, num_stages=NO_PIPELINING,
     )
 
     block_d = _block(head_dim)
@@ -1150,7 +1152,7 @@ def cca_prepare_bwd(grad_q, grad_k, grad_v, grad_final_conv_state, grad_final_va
     cca_bwd_conv_input_kernel[(triton.cdiv(tokens, CONV_INPUT_BLOCK_T), heads,
                                _tap_programs(k1) * triton.cdiv(head_dim, blocks["BLOCK_I"]))](
         qk, conv1_weight, gz, p, tokens, NUM_Q=num_q_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, K1=k1,
-        BLOCK_T=CONV_INPUT_BLOCK_T, **blocks, IEEE_DOT=ieee, num_warps=NUM_WARPS,
+        BLOCK_T=CONV_INPUT_BLOCK_T, **blocks, IEEE_DOT=ieee, num_warps=NUM_WARPS, num_stages=NO_PIPELINING,
     )
 
     per_chunk, chunks = _weight_chunks(tokens)
@@ -1161,7 +1163,7 @@ def cca_prepare_bwd(grad_q, grad_k, grad_v, grad_final_conv_state, grad_final_va
         qk, conv0_weight, conv0_bias, cu_seqlens, init_conv, has_init_flags, gz, gw1_part, gb1_part,
         tokens, num_seqs, search_steps, per_chunk, NUM_Q=num_q_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim,
         K0=k0, K1=k1, HAS_INIT=has_init, BLOCK_T=WEIGHT_BLOCK_T, BLOCK_I=block_i, BLOCK_D=block_d, IEEE_DOT=ieee,
-        num_warps=NUM_WARPS,
+        num_warps=NUM_WARPS, num_stages=NO_PIPELINING,
     )
 
     x_tiles = triton.cdiv(tokens, GRAD_X_BLOCK_T)
@@ -1173,6 +1175,7 @@ def cca_prepare_bwd(grad_q, grad_k, grad_v, grad_final_conv_state, grad_final_va
         qk, conv0_weight, cu_seqlens, init_conv, has_init_flags, gz, p, grad_conv, grad_qk, gw0_part, gb0_part,
         tokens, num_seqs, search_steps, NUM_Q=num_q_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, K0=k0, K1=k1,
         HAS_INIT=has_init, HAS_GCONV=has_gconv, BLOCK_T=GRAD_X_BLOCK_T, BLOCK_D=block_x, num_warps=NUM_WARPS,
+        num_stages=NO_PIPELINING,
     )
     return (grad_qk, g_vc.to(v_current.dtype), g_vd.to(v_delayed.dtype),
             gw0_part.sum(0).to(conv0_weight.dtype), gb0_part.sum(0).to(conv0_bias.dtype),

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from zaya_kernels.triton._aot import AotConfig, register_aot
+from zaya_kernels.triton._aot import NO_PIPELINING, AotConfig, register_aot
 from zaya_kernels.triton._target import ConfigTable, device_target
 
 CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "moe.json"
@@ -578,7 +578,8 @@ def moe_permute_rows(x, sorted_token_ids, num_rows, out):
         return
     block_r, block_h = row_blocks(H)
     moe_permute_rows_kernel[(triton.cdiv(num_rows, block_r), triton.cdiv(H, block_h))](
-        x, sorted_token_ids, out, num_rows, H, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=4)
+        x, sorted_token_ids, out, num_rows, H, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=4,
+        num_stages=NO_PIPELINING)
 
 
 def moe_unpermute_rows(rows, sorted_token_ids, x, routing_weight, skip_mode, y):
@@ -590,7 +591,8 @@ def moe_unpermute_rows(rows, sorted_token_ids, x, routing_weight, skip_mode, y):
     scaled = skip_mode == 1
     moe_unpermute_rows_kernel[(triton.cdiv(T, block_r), triton.cdiv(H, block_h))](
         rows, sorted_token_ids, x if scaled else rows, routing_weight if scaled else sorted_token_ids, y,
-        T, rows.shape[0], H, SKIP_MODE=1 if scaled else 0, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=4)
+        T, rows.shape[0], H, SKIP_MODE=1 if scaled else 0, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=4,
+        num_stages=NO_PIPELINING)
 
 
 def moe_unpermute_rows_backward(grad_y, sorted_token_ids, x, routing_weight, num_rows, skip_mode):
@@ -607,7 +609,8 @@ def moe_unpermute_rows_backward(grad_y, sorted_token_ids, x, routing_weight, num
         moe_unpermute_rows_bwd_kernel[(triton.cdiv(positions, block_r),)](
             grad_y, sorted_token_ids, x if scaled else grad_y, routing_weight if scaled else sorted_token_ids,
             grad_rows, grad_x if scaled else grad_rows, grad_w if scaled else sorted_token_ids,
-            positions, num_rows, H, SKIP_MODE=1 if scaled else 0, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=4)
+            positions, num_rows, H, SKIP_MODE=1 if scaled else 0, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=4,
+        num_stages=NO_PIPELINING)
     return grad_rows, grad_x, None if grad_w is None else grad_w.to(routing_weight.dtype)
 
 
@@ -669,18 +672,20 @@ def moe_dispatch(expert_index, num_experts, block_m, counts, offsets, sorted_tok
         moe_dispatch_kernel[(1,)](
             expert_index, counts, offsets, sorted_token_ids, inverse, tile_expert, tile_start,
             T, num_experts, num_tiles,
-            BLOCK_M=block_m, CHUNK=chunk, C_PAD=c_pad, num_warps=4,
+            BLOCK_M=block_m, CHUNK=chunk, C_PAD=c_pad, num_warps=4, num_stages=NO_PIPELINING,
         )
         return
     num_chunks = triton.cdiv(T, chunk)
     chunk_counts = torch.empty(num_chunks, c_pad, dtype=torch.int32, device=expert_index.device)
-    moe_dispatch_count_kernel[(num_chunks,)](expert_index, chunk_counts, T, CHUNK=chunk, C_PAD=c_pad, num_warps=4)
+    moe_dispatch_count_kernel[(num_chunks,)](expert_index, chunk_counts, T, CHUNK=chunk, C_PAD=c_pad, num_warps=4,
+                                              num_stages=NO_PIPELINING)
     moe_dispatch_scan_kernel[(1,)](
         chunk_counts, counts, offsets, tile_expert, tile_start, num_chunks, num_experts, num_tiles,
-        BLOCK_M=block_m, CHUNK=chunk, C_PAD=c_pad, num_warps=4,
+        BLOCK_M=block_m, CHUNK=chunk, C_PAD=c_pad, num_warps=4, num_stages=NO_PIPELINING,
     )
     moe_dispatch_place_kernel[(num_chunks,)](
         expert_index, chunk_counts, sorted_token_ids, inverse, T, CHUNK=chunk, C_PAD=c_pad, num_warps=4,
+        num_stages=NO_PIPELINING,
     )
 
 
@@ -796,7 +801,7 @@ def moe_experts_backward(grad_y, x, gate_up, down, routing_weight, sorted_token_
     block_h = min(SKIP_BLOCK_H, triton.next_power_of_2(H))
     moe_skip_bwd_kernel[(triton.cdiv(T, SKIP_BLOCK_T), triton.cdiv(H, block_h))](
         grad_y, x, routing_weight, grad_x, wpart, sorted_token_ids, offsets, T, H, E,
-        SKIP_MODE=skip_mode, BLOCK_T=SKIP_BLOCK_T, BLOCK_H=block_h, num_warps=4,
+        SKIP_MODE=skip_mode, BLOCK_T=SKIP_BLOCK_T, BLOCK_H=block_h, num_warps=4, num_stages=NO_PIPELINING,
     )
     wgrad = dict(BLOCK_M=cfg_w["BLOCK_M"], BLOCK_N=cfg_w["BLOCK_N"], BLOCK_K=cfg_w["BLOCK_K"],
                  num_warps=cfg_w["num_warps"], num_stages=cfg_w["num_stages"])

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from zaya_kernels.triton._aot import AotConfig, register_aot
+from zaya_kernels.triton._aot import NO_PIPELINING, AotConfig, register_aot
 
 MODE_RMSNORM, MODE_INPUT, MODE_RESIDUAL = 0, 1, 2
 
@@ -243,6 +243,7 @@ def residual_rmsnorm_fwd(x, residual, hs, hb, rs, rb, weight, eps, new_residual,
         hb if hb is not None else dummy, rs if rs is not None else dummy, rb if rb is not None else dummy,
         weight, new_residual if new_residual is not None else normed, normed, N, H, eps,
         MODE=mode, BLOCK_N=block_n, BLOCK_H=block_h, SINGLE_CHUNK=single, num_warps=num_warps,
+        num_stages=NO_PIPELINING,
     )
 
 
@@ -266,7 +267,7 @@ def residual_rmsnorm_bwd(dy, d_new_residual, x, residual, hs, rs, weight, eps, n
         rs if rs is not None else dummy, weight, norm_input, grad_x, grad_r if grad_r is not None else grad_x,
         partials, N, H, eps,
         MODE=mode, HAS_DR=d_new_residual is not None, BLOCK_N=block_n, BLOCK_H=block_h, SINGLE_CHUNK=single,
-        num_warps=num_warps,
+        num_warps=num_warps, num_stages=NO_PIPELINING,
     )
     return partials.sum(0)
 

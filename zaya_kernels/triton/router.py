@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from zaya_kernels.triton._aot import AotConfig, register_aot
+from zaya_kernels.triton._aot import NO_PIPELINING, AotConfig, register_aot
 
 MAX_R = 512  # BLOCK_R x BLOCK_T fp32 accumulators must stay in registers
 # The output projection's W3^T tile [BLOCK_R, BLOCK_E] and its dot operands live in shared memory: BLOCK_R * BLOCK_E
@@ -274,7 +274,7 @@ def zaya_router_fwd(x, r_prev, gamma, down_w, down_b, norm_w, fc1_w, fc1_b, fc2_
         fc1_w, fc1_b, fc2_w, fc2_b, out_w, balance_bias, index, weight, r, logits if logits is not None else weight,
         partial, counter, T, H, R, C, eps, per,
         HAS_PREV=r_prev is not None, STORE_LOGITS=logits is not None, SPLIT_H=split,
-        num_warps=num_warps, **cfg,
+        num_warps=num_warps, num_stages=NO_PIPELINING, **cfg,
     )
 
 
