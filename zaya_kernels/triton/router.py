@@ -110,9 +110,10 @@ def zaya_router_fwd_kernel(
     BLOCK_E: tl.constexpr, RELEASE_LANES: tl.constexpr,
 ):
     # grid (token blocks, SPLIT_H). SPLIT_H > 1 (decode): program (t, s) reduces x[:, s*H_PER_SPLIT : ...] only,
-    # writes its partial [BLOCK_T, BLOCK_R] to partial_ptr [SPLIT_H, num token blocks, BLOCK_T, BLOCK_R] and bumps
-    # counter_ptr[t]; the last program of token block t to arrive sums the partials, runs steps 2-6 and resets the
-    # counter to 0 for the next launch. The down projection then streams Wd through SPLIT_H compute units at once.
+    # writes the real tokens' rows of its partial [BLOCK_T, BLOCK_R] to partial_ptr [SPLIT_H, num token blocks,
+    # BLOCK_T, BLOCK_R] and bumps counter_ptr[t]; the last program of token block t to arrive sums the partials, runs
+    # steps 2-6 and resets the counter to 0 for the next launch. The down projection then streams Wd through SPLIT_H
+    # compute units at once.
     w_dtype = down_w_ptr.dtype.element_ty
     pid_t = tl.program_id(0)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -143,7 +144,9 @@ def zaya_router_fwd_kernel(
         tile = tl.arange(0, BLOCK_T)[:, None] * BLOCK_R + rcols[None, :]
         block_stride = tl.num_programs(0).to(tl.int64) * BLOCK_T * BLOCK_R
         my_partial = partial_ptr + tl.program_id(1) * block_stride + pid_t.to(tl.int64) * BLOCK_T * BLOCK_R
-        tl.store(my_partial + tile, acc)
+        # only the rows of real tokens: at T = 1 the last program then reads 1 / BLOCK_T of the partial tiles
+        partial_mask = row_mask[:, None] & rmask[None, :]
+        tl.store(my_partial + tile, acc, mask=partial_mask)
         # The barrier alone does not publish the other waves' stores: it orders the waves, but on AMD (gfx942) it
         # is a bare s_barrier and the arrival atomic's release waits only for its own wave's stores, so the last
         # program could sum a partial still in flight. A release atomic in every thread (adding integer 0 to its
@@ -157,7 +160,7 @@ def zaya_router_fwd_kernel(
             total = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
             for s in range(0, SPLIT_H):
                 total += tl.load(partial_ptr + s * block_stride + pid_t.to(tl.int64) * BLOCK_T * BLOCK_R + tile,
-                                 cache_modifier=".cg")
+                                 mask=partial_mask, other=0.0, cache_modifier=".cg")
             tl.store(counter_ptr + pid_t, 0)
             _router_tail(total, rows, row_mask, rows64, rcols, rmask, r_prev_ptr, gamma_ptr, down_b_ptr, norm_w_ptr,
                          fc1_w_ptr, fc1_b_ptr, fc2_w_ptr, fc2_b_ptr, out_w_ptr, bias_ptr, index_ptr, weight_ptr,
