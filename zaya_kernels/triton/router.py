@@ -178,6 +178,10 @@ _CONFIGS = ((DECODE_MAX_T, 16, 32, 16, 8), (None, 32, 32, 16, 8))
 # tile) stay within 32 x 256 (at R 512, BLOCK_T 32 spilled 828 B on sm_90 and 56 VGPRs on gfx942; BLOCK_T 16 with
 # BLOCK_K 32 still 36 B on sm_90; BLOCK_T 16 with BLOCK_K 16 none, measured with the AOT report).
 MAX_R_TILE = 32 * 256
+# Software pipelining of the K loops (the next Wd, W1 and W2 tiles load while the current one multiplies; Triton's
+# own default on AMD) up to R 256, spill-free there in every variant on all three targets; at R 512 two stages
+# spill 23-77 VGPRs on gfx942 / gfx950 (AOT report), so one.
+PIPELINED_MAX_R = 256
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -185,7 +189,7 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 
 def pick_config(T: int, H: int, R: int, C: int) -> dict:
-    """Block sizes and warps for T tokens of width H, router hidden R, C = E + 1 classes."""
+    """Block sizes, warps and stages for T tokens of width H, router hidden R, C = E + 1 classes."""
     for max_t, block_t, block_k, block_c, num_warps in _CONFIGS:
         if max_t is None or T <= max_t:
             break
@@ -194,7 +198,8 @@ def pick_config(T: int, H: int, R: int, C: int) -> dict:
     block_k = max(16, min(block_k, MAX_R_TILE // block_r))
     # RELEASE_LANES: at least one lane per thread (64-wide AMD wavefronts) for the split decode's release atomics
     return dict(BLOCK_T=block_t, BLOCK_K=min(block_k, _pow2(H)), BLOCK_R=block_r, BLOCK_C=min(block_c, block_r),
-                BLOCK_E=_pow2(C), RELEASE_LANES=64 * num_warps, num_warps=num_warps)
+                BLOCK_E=_pow2(C), RELEASE_LANES=64 * num_warps, num_warps=num_warps,
+                num_stages=2 if block_r <= PIPELINED_MAX_R else NO_PIPELINING)
 
 
 # Decode (T <= DECODE_MAX_T): the down projection is split over H across SPLIT_H programs per token block,
@@ -263,7 +268,7 @@ def zaya_router_fwd(x, r_prev, gamma, down_w, down_b, norm_w, fc1_w, fc1_b, fc2_
     if T == 0:
         return
     cfg = pick_config(T, H, R, C)
-    num_warps = cfg.pop("num_warps")
+    num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     n_blocks = triton.cdiv(T, cfg["BLOCK_T"])
     split, per = pick_split(T, H, cfg["BLOCK_T"], cfg["BLOCK_K"])
     if split > 1:
@@ -277,7 +282,7 @@ def zaya_router_fwd(x, r_prev, gamma, down_w, down_b, norm_w, fc1_w, fc1_b, fc2_
         fc1_w, fc1_b, fc2_w, fc2_b, out_w, balance_bias, index, weight, r, logits if logits is not None else weight,
         partial, counter, T, H, R, C, eps, per,
         HAS_PREV=r_prev is not None, STORE_LOGITS=logits is not None, SPLIT_H=split,
-        num_warps=num_warps, num_stages=NO_PIPELINING, **cfg,
+        num_warps=num_warps, num_stages=num_stages, **cfg,
     )
 
 
@@ -288,12 +293,12 @@ def _aot_configs(H: int = 2048, R: int = 256, C: int = 17, token_counts=(1, 8192
     configs = []
     for T in token_counts:
         cfg = pick_config(T, H, R, C)
-        num_warps = cfg.pop("num_warps")
+        num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
         split, _ = pick_split(T, H, cfg["BLOCK_T"], cfg["BLOCK_K"])
         for has_prev, store_logits in ((True, False), (False, True)):
             consts = dict(HAS_PREV=has_prev, STORE_LOGITS=store_logits, SPLIT_H=split, **cfg)
             label = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in consts.items()) + \
-                f",warps={num_warps}"
+                f",warps={num_warps},stages={num_stages}"
             sig = {"x_ptr": "*bf16", "r_prev_ptr": "*bf16", "gamma_ptr": "*bf16", "down_w_ptr": "*bf16",
                    "down_b_ptr": "*bf16", "norm_w_ptr": "*bf16", "fc1_w_ptr": "*bf16", "fc1_b_ptr": "*bf16",
                    "fc2_w_ptr": "*bf16", "fc2_b_ptr": "*bf16", "out_w_ptr": "*bf16", "bias_ptr": "*fp32",
@@ -302,7 +307,7 @@ def _aot_configs(H: int = 2048, R: int = 256, C: int = 17, token_counts=(1, 8192
                    "T": "i32", "H": "i32", "R": "i32", "C": "i32", "eps": "fp32", "H_PER_SPLIT": "i32"}
             sig.update({k: "constexpr" for k in consts})
             configs.append(AotConfig(label=label, signature=sig, constexprs=consts, num_warps=num_warps,
-                                     matrix_expected=True))
+                                     num_stages=num_stages, matrix_expected=True))
     return configs
 
 
