@@ -523,6 +523,14 @@ def forward_num_warps(head_dim: int, k0: int, k1: int, fp32: bool, decode: bool)
     return 4 if head_dim > 128 and not fp32 else 8
 
 
+def forward_num_stages(head_dim: int, k0: int, k1: int) -> int:
+    """Pipeline stages of the forward programs' grouped-conv loop: 2 at ZAYA1's shape (the next [BLOCK_I, D]
+    weight tiles load while the current ones multiply; Triton's own default on AMD), spill-free there in every
+    variant on gfx942, gfx950 and sm_90 (AOT report); 1 elsewhere (2 spill 16-120 B on sm_90 at D 64 and at
+    k0 = k1 = 4)."""
+    return 2 if (head_dim, k0, k1) == (128, 2, 2) else NO_PIPELINING
+
+
 def _inv_freq(rotary_dim: int, theta: float, device: torch.device) -> torch.Tensor:
     """1 / theta^(2i / rotary_dim) fp32, computed once per (rotary_dim, theta, device) as transformers does; kept so
     decode launches one kernel (and stays graph-capturable after the first call)."""
@@ -600,7 +608,7 @@ def cca_prepare_fwd(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_we
             HAS_INIT=has_init, BLOCK_T=BLOCK_T, **_blocks(head_dim, rotary_dim, decode=False),
             IEEE_DOT=qk.dtype == torch.float32,
             num_warps=forward_num_warps(head_dim, k0, k1, qk.dtype == torch.float32, decode=False),
-            num_stages=NO_PIPELINING,
+            num_stages=forward_num_stages(head_dim, k0, k1),
         )
     if num_seqs > 0:
         state_len = k0 + k1 - 2
@@ -631,7 +639,7 @@ def cca_prepare_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1
         BLOCK_T=DECODE_BLOCK_ROWS, **_blocks(head_dim, rotary_dim, decode=True),
         IEEE_DOT=qk.dtype == torch.float32,
         num_warps=forward_num_warps(head_dim, k0, k1, qk.dtype == torch.float32, decode=True),
-        num_stages=NO_PIPELINING,
+        num_stages=forward_num_stages(head_dim, k0, k1),
     )
 
 
@@ -687,6 +695,7 @@ def _aot_configs(head_dim=128, rotary_dim=64, k0=2, k1=2, variants=None):
         (decode_configs if decode else prefill).append(
             AotConfig(label=label, signature=signature, constexprs=consts,
                       num_warps=forward_num_warps(head_dim, k0, k1, act == "fp32", decode),
+                      num_stages=forward_num_stages(head_dim, k0, k1),
                       matrix_expected=act == "bf16"))
         if not decode and not write_cache:  # the final-states kernel has no cache variant
             final_consts = {"STATE_LEN": state_len, "HAS_INIT": has_init, "BLOCK_C": FINAL_BLOCK_C,
