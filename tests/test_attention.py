@@ -409,6 +409,23 @@ def test_triton_decode_split_k_reduction(monkeypatch, max_seqlen, num_queries):
                      what=f"paged={block_table is not None}")
 
 
+def test_triton_decode_splits_a_long_sequence_past_64_ways(monkeypatch):
+    """One long sequence at batch 1 on an MI300X-sized device (608 programs wanted): 130 splits of 4 key tiles (the
+    reduce's SPLITS tile 256) over 2 kv heads, equal to the reference."""
+    from zaya_kernels.triton import attention as tri
+
+    monkeypatch.setattr(tri, "_target_programs", lambda device: 2 * 304)
+    gen = torch.Generator().manual_seed(5)
+    seq_len, head_dim = 130 * 4 * 16 - 7, 16  # the interpreter's key tiles are 16 long
+    caches = [torch.randn(1, seq_len + 7, 2, head_dim, generator=gen) for _ in range(2)]
+    q, seq_lens = torch.randn(1, 8, head_dim, generator=gen), torch.tensor([seq_len], dtype=torch.int32)
+    assert tri.decode_splits(1, 2, seq_len + 7, 16, q.device)[0] == 130
+    with zaya_kernels.use_backend("triton"):
+        out = torch.ops.zaya.cca_attention_decode(q, *caches, seq_lens)
+    expected = ref.cca_attention_decode(q.double(), *(c.double() for c in caches), seq_lens)
+    assert_close(out, expected, dtype=torch.float32, reduction=seq_len, scale=output_scale(caches[1]))
+
+
 @pytest.mark.parametrize("target_programs, launches_reduce", [(1, False), (64, True)])
 def test_triton_decode_one_split_writes_the_output_directly(monkeypatch, target_programs, launches_reduce):
     """When one split per sequence fills the device (large batches), the split kernel writes the output in q's

@@ -618,7 +618,9 @@ def _target_programs(device: torch.device) -> int:
     return 1
 
 
-MAX_SPLITS = 64
+# Up to 256 splits: a batch-1 decode at long context has ZAYA1's 2 kv heads x splits programs, and 64 splits would
+# leave 128 of them for MI300X's 304 CUs (H200: 132 SMs); the partials stay small (Hq x splits x D fp32 per token).
+MAX_SPLITS = 256
 REDUCE_SPLITS = tuple(2**i for i in range(1, MAX_SPLITS.bit_length()))  # the reduce's SPLITS: next_pow2(num_splits)
 # Elements of one decode query tile (rows = query tokens x query heads of a kv group, times BLOCK_D): 256 rows of
 # head dim 128 take all 64 KB of a gfx942 workgroup's LDS (a bigger tile fails to launch there; sm_90 spills from
