@@ -610,7 +610,7 @@ def moe_unpermute_rows_backward(grad_y, sorted_token_ids, x, routing_weight, num
             grad_y, sorted_token_ids, x if scaled else grad_y, routing_weight if scaled else sorted_token_ids,
             grad_rows, grad_x if scaled else grad_rows, grad_w if scaled else sorted_token_ids,
             positions, num_rows, H, SKIP_MODE=1 if scaled else 0, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=4,
-        num_stages=NO_PIPELINING)
+            num_stages=NO_PIPELINING)
     return grad_rows, grad_x, None if grad_w is None else grad_w.to(routing_weight.dtype)
 
 
