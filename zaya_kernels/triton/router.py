@@ -171,12 +171,16 @@ def zaya_router_fwd_kernel(
 # ---- launch configurations: (max T, BLOCK_T, BLOCK_K, BLOCK_C, num_warps); the AOT report compiles each one ----
 # Chosen for zero spills at the ZAYA1-8B shape (R 256) on gfx942, gfx950 and sm_90; BLOCK_T 64 spills there. Decode
 # (T <= DECODE_MAX_T, split over H) takes BLOCK_T 16: with 32 its split kernel spilled 16-64 B on sm_90 in the
-# variant Triton builds for aligned pointers, and more token blocks run the router tail on more compute units.
+# variant Triton builds for aligned pointers, and more token blocks run the router tail on more compute units. Its
+# tail (one program per token block, after the split down projection) walks fc1/fc2 in BLOCK_C 32 chunks: half the
+# dependent load rounds of 16, spill-free in every variant on all three targets (64 spills 156-208 B on sm_90 and
+# gfx950); the prefill's BLOCK_T 32 tiles spill with 32 (89 VGPRs on gfx942), so 16 there.
 DECODE_MAX_T = 64
-_CONFIGS = ((DECODE_MAX_T, 16, 32, 16, 8), (None, 32, 32, 16, 8))
-# Wider routers keep the tiles of R 256: BLOCK_T x BLOCK_R (the fp32 accumulators) and BLOCK_K x BLOCK_R (the Wd^T
-# tile) stay within 32 x 256 (at R 512, BLOCK_T 32 spilled 828 B on sm_90 and 56 VGPRs on gfx942; BLOCK_T 16 with
-# BLOCK_K 32 still 36 B on sm_90; BLOCK_T 16 with BLOCK_K 16 none, measured with the AOT report).
+_CONFIGS = ((DECODE_MAX_T, 16, 32, 32, 8), (None, 32, 32, 16, 8))
+# Wider routers keep the tiles of R 256: BLOCK_T x BLOCK_R (the fp32 accumulators), BLOCK_K x BLOCK_R (the Wd^T
+# tile) and BLOCK_C x BLOCK_R (the W1 / W2 chunks) stay within 32 x 256 (at R 512, BLOCK_T 32 spilled 828 B on sm_90
+# and 56 VGPRs on gfx942; BLOCK_T 16 with BLOCK_K 32 still 36 B on sm_90; BLOCK_T 16 with BLOCK_K 16 none; BLOCK_C 32
+# 716-800 B on sm_90, measured with the AOT report).
 MAX_R_TILE = 32 * 256
 # Software pipelining of the K loops (the next Wd, W1 and W2 tiles load while the current one multiplies; Triton's
 # own default on AMD) up to R 256, spill-free there in every variant on all three targets; at R 512 two stages
@@ -196,8 +200,9 @@ def pick_config(T: int, H: int, R: int, C: int) -> dict:
     block_r = _pow2(R)
     block_t = max(16, min(block_t, MAX_R_TILE // block_r))
     block_k = max(16, min(block_k, MAX_R_TILE // block_r))
+    block_c = min(block_c, block_r, MAX_R_TILE // block_r)
     # RELEASE_LANES: at least one lane per thread (64-wide AMD wavefronts) for the split decode's release atomics
-    return dict(BLOCK_T=block_t, BLOCK_K=min(block_k, _pow2(H)), BLOCK_R=block_r, BLOCK_C=min(block_c, block_r),
+    return dict(BLOCK_T=block_t, BLOCK_K=min(block_k, _pow2(H)), BLOCK_R=block_r, BLOCK_C=block_c,
                 BLOCK_E=_pow2(C), RELEASE_LANES=64 * num_warps, num_warps=num_warps,
                 num_stages=2 if block_r <= PIPELINED_MAX_R else NO_PIPELINING)
 
