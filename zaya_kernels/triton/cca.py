@@ -1060,6 +1060,13 @@ GRAD_X_BLOCK_T = 32
 GRAD_X_BLOCK_D = 32
 
 
+def backward_num_stages(head_dim: int, k0: int, k1: int, ieee: bool) -> int:
+    """Pipeline stages of the four backward kernels: 2 at ZAYA1's shape in bf16 / fp16 (training's dtypes; spill-free
+    in every variant on gfx942, gfx950 and sm_90), 1 for the fp32 IEEE-dot path (2 spill 24-40 B on sm_90) and at
+    other shapes (not registered with the AOT report)."""
+    return 2 if (head_dim, k0, k1) == (128, 2, 2) and not ieee else NO_PIPELINING
+
+
 def _block(n: int) -> int:
     """tl.dot and tl.arange need powers of two >= 16."""
     return max(16, triton.next_power_of_2(max(1, n)))
@@ -1142,6 +1149,7 @@ def cca_prepare_bwd(grad_q, grad_k, grad_v, grad_final_conv_state, grad_final_va
     grad_conv = grad_final_conv_state.contiguous() if has_gconv else None
     search_steps = max(1, num_seqs).bit_length()
     ieee = qk.dtype == f32
+    stages = backward_num_stages(head_dim, k0, k1, ieee)
 
     gz = torch.empty(tokens, channels, device=device, dtype=f32)
     z_tiles = triton.cdiv(tokens, GRAD_Z_BLOCK_T)
@@ -1152,7 +1160,7 @@ def cca_prepare_bwd(grad_q, grad_k, grad_v, grad_final_conv_state, grad_final_va
         tokens, num_seqs, search_steps, EPS=torch.finfo(qk.dtype).eps, HEAD_SCALE=head_dim**0.5,
         NUM_Q=num_q_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, K0=k0, K1=k1,
         HAS_INIT=has_init, HAS_GQ=grad_q is not None, HAS_GK=grad_k is not None, BLOCK_T=GRAD_Z_BLOCK_T,
-        **_grad_z_blocks(head_dim, rotary_dim), IEEE_DOT=ieee, num_warps=NUM_WARPS, num_stages=NO_PIPELINING,
+        **_grad_z_blocks(head_dim, rotary_dim), IEEE_DOT=ieee, num_warps=NUM_WARPS, num_stages=stages,
     )
 
     block_d = _block(head_dim)
@@ -1161,7 +1169,7 @@ def cca_prepare_bwd(grad_q, grad_k, grad_v, grad_final_conv_state, grad_final_va
     cca_bwd_conv_input_kernel[(triton.cdiv(tokens, CONV_INPUT_BLOCK_T), heads,
                                _tap_programs(k1) * triton.cdiv(head_dim, blocks["BLOCK_I"]))](
         qk, conv1_weight, gz, p, tokens, NUM_Q=num_q_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, K1=k1,
-        BLOCK_T=CONV_INPUT_BLOCK_T, **blocks, IEEE_DOT=ieee, num_warps=NUM_WARPS, num_stages=NO_PIPELINING,
+        BLOCK_T=CONV_INPUT_BLOCK_T, **blocks, IEEE_DOT=ieee, num_warps=NUM_WARPS, num_stages=stages,
     )
 
     per_chunk, chunks = _weight_chunks(tokens)
@@ -1172,7 +1180,7 @@ def cca_prepare_bwd(grad_q, grad_k, grad_v, grad_final_conv_state, grad_final_va
         qk, conv0_weight, conv0_bias, cu_seqlens, init_conv, has_init_flags, gz, gw1_part, gb1_part,
         tokens, num_seqs, search_steps, per_chunk, NUM_Q=num_q_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim,
         K0=k0, K1=k1, HAS_INIT=has_init, BLOCK_T=WEIGHT_BLOCK_T, BLOCK_I=block_i, BLOCK_D=block_d, IEEE_DOT=ieee,
-        num_warps=NUM_WARPS, num_stages=NO_PIPELINING,
+        num_warps=NUM_WARPS, num_stages=stages,
     )
 
     x_tiles = triton.cdiv(tokens, GRAD_X_BLOCK_T)
@@ -1184,7 +1192,7 @@ def cca_prepare_bwd(grad_q, grad_k, grad_v, grad_final_conv_state, grad_final_va
         qk, conv0_weight, cu_seqlens, init_conv, has_init_flags, gz, p, grad_conv, grad_qk, gw0_part, gb0_part,
         tokens, num_seqs, search_steps, NUM_Q=num_q_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, K0=k0, K1=k1,
         HAS_INIT=has_init, HAS_GCONV=has_gconv, BLOCK_T=GRAD_X_BLOCK_T, BLOCK_D=block_x, num_warps=NUM_WARPS,
-        num_stages=NO_PIPELINING,
+        num_stages=stages,
     )
     return (grad_qk, g_vc.to(v_current.dtype), g_vd.to(v_delayed.dtype),
             gw0_part.sum(0).to(conv0_weight.dtype), gb0_part.sum(0).to(conv0_bias.dtype),
@@ -1245,6 +1253,7 @@ def _backward_aot_configs():
             config_label = f"{act},D={head_dim},k1={k1}" if name == "cca_backward_conv_input" else label
             configs[name].append(AotConfig(label=f"{config_label},BLOCK_T={consts['BLOCK_T']}", signature=signature,
                                            constexprs=consts, num_warps=NUM_WARPS,
+                                           num_stages=backward_num_stages(head_dim, k0, k1, ieee),
                                            matrix_expected=name != "cca_backward_grad_x" and not ieee))
     return configs
 
