@@ -2,6 +2,7 @@
 
 Everything that compiles runs in a child process with TRITON_INTERPRET removed: the test session may set
 TRITON_INTERPRET=1 (tests/conftest.py), and kernels defined under it are interpreter functions that cannot be compiled.
+The launch-coverage test at the end runs in this process: it records the interpreter's launches and compiles nothing.
 """
 from __future__ import annotations
 
