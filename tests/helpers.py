@@ -136,43 +136,46 @@ class _AtenWork(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def recorded_launches():
-    """Inside the `with`: a list of (kernel, {argument name: value}) for every Triton launch, which is recorded
-    instead of run (its outputs stay unwritten); the launch options the launcher passed (num_warps, num_stages) are
-    among the arguments, an option it left to Triton's default is absent. Hooks the interpreter (TRITON_INTERPRET=1,
-    as the tests run); `kernel` is the launched function, the object the AOT registry holds."""
+def _interpreter_launch_hook(on_launch, run_them: bool):
+    """Inside the `with`: on_launch(kernel, {argument name: value}) for every Triton launch through the interpreter
+    (TRITON_INTERPRET=1, as the tests run; warm-up compiles are not launches), which then runs or, with run_them
+    False, does not (its outputs stay unwritten). The launch options the launcher passed (num_warps, num_stages) are
+    among the arguments, one left to Triton's default is absent; `kernel` is the object the AOT registry holds."""
     from triton.runtime import interpreter
 
-    launches, run = [], interpreter.InterpretedFunction.run
+    run = interpreter.InterpretedFunction.run
 
-    def recording_run(self, *args, grid, warmup, **kwargs):
+    def hooked_run(self, *args, grid, warmup, **kwargs):
         if not warmup:
-            launches.append((self, {**dict(zip(self.arg_names, args)), **kwargs}))
+            on_launch(self, {**dict(zip(self.arg_names, args)), **kwargs})
+        if run_them:
+            return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+        return None
 
-    interpreter.InterpretedFunction.run = recording_run
+    interpreter.InterpretedFunction.run = hooked_run
     try:
-        yield launches
+        yield
     finally:
         interpreter.InterpretedFunction.run = run
 
 
 @contextlib.contextmanager
+def recorded_launches():
+    """Inside the `with`: a list of (kernel, {argument name: value}) for every Triton launch, recorded instead of
+    run (see _interpreter_launch_hook)."""
+    launches = []
+    with _interpreter_launch_hook(lambda kernel, args: launches.append((kernel, args)), run_them=False):
+        yield launches
+
+
+@contextlib.contextmanager
 def counted_launches():
     """Inside the `with`: (Triton kernel launches by kernel name, aten ops that are not views by op name), two
-    Counters filled as the code runs. The Triton count hooks the interpreter (TRITON_INTERPRET=1, as the tests
-    run); warm-up compiles are not launches."""
-    from triton.runtime import interpreter
+    Counters filled as the code runs (the launches run; see _interpreter_launch_hook)."""
+    triton_launches = collections.Counter()
 
-    triton_launches, run = collections.Counter(), interpreter.InterpretedFunction.run
+    def count(kernel, args):
+        triton_launches[kernel.fn.__name__] += 1
 
-    def counting_run(self, *args, **kwargs):
-        if not kwargs.get("warmup"):
-            triton_launches[self.fn.__name__] += 1
-        return run(self, *args, **kwargs)
-
-    interpreter.InterpretedFunction.run = counting_run
-    try:
-        with _AtenWork() as aten:
-            yield triton_launches, aten.ops
-    finally:
-        interpreter.InterpretedFunction.run = run
+    with _interpreter_launch_hook(count, run_them=True), _AtenWork() as aten:
+        yield triton_launches, aten.ops
