@@ -343,12 +343,12 @@ def test_every_launch_at_zaya_sizes_is_a_registered_configuration(target, monkey
     unregistered = set()
     for kernel, args in launches:
         options = (args.get("num_warps"), args.get("num_stages"))
+        configs = configs_of.get(id(kernel), [])
         if not any((config.num_warps, config.num_stages) == options
                    and all(args.get(key, "absent") == value for key, value in config.constexprs.items())
-                   for config in configs_of.get(id(kernel), ())):
-            constexprs = next(iter(configs_of.get(id(kernel), [])), None)
-            unregistered.add((kernel.__name__, options, str({key: args.get(key) for key in
-                                                             (constexprs.constexprs if constexprs else ())})))
+                   for config in configs):
+            names = configs[0].constexprs if configs else {}
+            unregistered.add((kernel.__name__, options, str({key: args.get(key) for key in names})))
     launched = {kernel.__name__ for kernel, _ in launches}
     every_kernel = {entry.kernel.__name__ for entry in registry.values()}
     assert launched == every_kernel, f"registered, never launched here: {sorted(every_kernel - launched)}"

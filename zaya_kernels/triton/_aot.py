@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 # another compile than the one registered here, so the report would check a variant that never runs (at those
 # defaults 9 of the registered records spill, among them ZAYA1's chunked prefill and decode CCA kernels on sm_90).
 NO_PIPELINING = 1
+# The depth a launcher chooses where the AOT report shows two stages spill-free on every target and variant (the next
+# loop iteration's tiles load while the current ones multiply; Triton's own default on AMD).
+PIPELINED = 2
 
 
 @dataclass(frozen=True)

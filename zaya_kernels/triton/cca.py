@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from zaya_kernels.reference.cca import rope_inv_freq
-from zaya_kernels.triton._aot import NO_PIPELINING, AotConfig, register_aot
+from zaya_kernels.triton._aot import NO_PIPELINING, PIPELINED, AotConfig, register_aot
 
 
 @triton.jit
@@ -528,7 +528,7 @@ def forward_num_stages(head_dim: int, k0: int, k1: int) -> int:
     weight tiles load while the current ones multiply; Triton's own default on AMD), spill-free there in every
     variant on gfx942, gfx950 and sm_90 (AOT report); 1 elsewhere (2 spill 16-120 B on sm_90 at D 64 and at
     k0 = k1 = 4)."""
-    return 2 if (head_dim, k0, k1) == (128, 2, 2) else NO_PIPELINING
+    return PIPELINED if (head_dim, k0, k1) == (128, 2, 2) else NO_PIPELINING
 
 
 def _inv_freq(rotary_dim: int, theta: float, device: torch.device) -> torch.Tensor:
@@ -1064,7 +1064,7 @@ def backward_num_stages(head_dim: int, k0: int, k1: int, ieee: bool) -> int:
     """Pipeline stages of the four backward kernels: 2 at ZAYA1's shape in bf16 / fp16 (training's dtypes; spill-free
     in every variant on gfx942, gfx950 and sm_90), 1 for the fp32 IEEE-dot path (2 spill 24-40 B on sm_90) and at
     other shapes (not registered with the AOT report)."""
-    return 2 if (head_dim, k0, k1) == (128, 2, 2) and not ieee else NO_PIPELINING
+    return PIPELINED if (head_dim, k0, k1) == (128, 2, 2) and not ieee else NO_PIPELINING
 
 
 def _block(n: int) -> int:

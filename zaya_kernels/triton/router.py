@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from zaya_kernels.triton._aot import NO_PIPELINING, AotConfig, register_aot
+from zaya_kernels.triton._aot import NO_PIPELINING, PIPELINED, AotConfig, register_aot
 
 MAX_R = 512  # BLOCK_R x BLOCK_T fp32 accumulators must stay in registers
 # The output projection's W3^T tile [BLOCK_R, BLOCK_E] and its dot operands live in shared memory: BLOCK_R * BLOCK_E
@@ -204,7 +204,7 @@ def pick_config(T: int, H: int, R: int, C: int) -> dict:
     # RELEASE_LANES: at least one lane per thread (64-wide AMD wavefronts) for the split decode's release atomics
     return dict(BLOCK_T=block_t, BLOCK_K=min(block_k, _pow2(H)), BLOCK_R=block_r, BLOCK_C=block_c,
                 BLOCK_E=_pow2(C), RELEASE_LANES=64 * num_warps, num_warps=num_warps,
-                num_stages=2 if block_r <= PIPELINED_MAX_R else NO_PIPELINING)
+                num_stages=PIPELINED if block_r <= PIPELINED_MAX_R else NO_PIPELINING)
 
 
 # Decode (T <= DECODE_MAX_T): the down projection is split over H across SPLIT_H programs per token block,
