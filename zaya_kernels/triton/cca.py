@@ -503,24 +503,24 @@ def cca_final_states_kernel(
 # ---------------------------------------------------------------- launchers
 BLOCK_T = 16  # rows per prefill program: 32 and 64 spill (scalar registers on gfx942/gfx950, vector ones on sm_90)
 CONV_BLOCK_I = 16  # input channels per grouped-conv step: [16, D] weight tiles (32 spills on sm_90)
-NUM_WARPS = 4  # the backward kernels; the forward ones: forward_num_warps
+NUM_WARPS = 4  # the backward kernels (but grad_z in fp32: backward_num_warps); the forward ones: forward_num_warps
 DECODE_BLOCK_ROWS = 16  # the smallest tile tl.dot takes; decode batches share each weight tile
 FINAL_BLOCK_C = 128
 _inv_freq_cache: dict = {}
 
 
-def forward_num_warps(head_dim: int, k0: int, k1: int, fp32: bool, decode: bool) -> int:
-    """Warps per forward program, from the AOT report (Triton 3.9; gfx942 and gfx950 spill at neither count).
-    Decode: 4 at ZAYA1's shape (D 128, k0 = k1 = 2), where each [32, 2 x 16] tile of the grouped conv weight then
-    loads as one 16-byte vector per thread (8 warps: 4 bytes; AMD stays at 4 waves per SIMD) and no variant spills
-    (`aot-report --divisible pointers|all`; with 8, the aligned paged one spilled 8 B on sm_90); 8 elsewhere.
-    Prefill: 4 at ZAYA1's shape and in bf16 at D > 128 (8 spill there on sm_90); 8 elsewhere (with 4, ptxas spills
-    on sm_90 at D 64 and 96, at D 256 in fp32, and when k0 + k1 > 4)."""
-    if (head_dim, k0, k1) == (128, 2, 2):
-        return 4
+def forward_num_warps(head_dim: int, k0: int, k1: int, decode: bool) -> int:
+    """Warps per forward program, from the AOT report (Triton 3.9, every variant: unspecialised and
+    `--divisible pointers|all`; gfx942 and gfx950 spill at neither count).
+    Decode: 4 up to D 128 with k0 + k1 <= 4 -- at ZAYA1's shape (D 128, k0 = k1 = 2) each [32, 2 x 16] tile of the
+    grouped conv weight then loads as one 16-byte vector per thread (8 warps: 4 bytes; AMD stays at 4 waves per
+    SIMD), and with 8 the aligned paged variant spilled 8 B on sm_90, at D 64 the aligned one 16 B; 8 at D 256 and
+    k0 = k1 = 4 (4 spill 16-24 B on sm_90 there).
+    Prefill: 4 at ZAYA1's shape, 8 elsewhere (with 4, sm_90 spills at D 64 and 96, at D 256 (8 B in bf16 with
+    aligned arguments), and when k0 + k1 > 4)."""
     if decode:
-        return 8
-    return 4 if head_dim > 128 and not fp32 else 8
+        return 4 if head_dim <= 128 and k0 + k1 <= 4 else 8
+    return 4 if (head_dim, k0, k1) == (128, 2, 2) else 8
 
 
 def forward_num_stages(head_dim: int, k0: int, k1: int) -> int:
@@ -607,7 +607,7 @@ def cca_prepare_fwd(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1_we
             NUM_Q=num_q_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, K0=k0, K1=k1,
             HAS_INIT=has_init, BLOCK_T=BLOCK_T, **_blocks(head_dim, rotary_dim, decode=False),
             IEEE_DOT=qk.dtype == torch.float32,
-            num_warps=forward_num_warps(head_dim, k0, k1, qk.dtype == torch.float32, decode=False),
+            num_warps=forward_num_warps(head_dim, k0, k1, decode=False),
             num_stages=forward_num_stages(head_dim, k0, k1),
         )
     if num_seqs > 0:
@@ -638,7 +638,7 @@ def cca_prepare_decode(qk, v_current, v_delayed, conv0_weight, conv0_bias, conv1
         NUM_Q=num_q_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, K0=k0, K1=k1,
         BLOCK_T=DECODE_BLOCK_ROWS, **_blocks(head_dim, rotary_dim, decode=True),
         IEEE_DOT=qk.dtype == torch.float32,
-        num_warps=forward_num_warps(head_dim, k0, k1, qk.dtype == torch.float32, decode=True),
+        num_warps=forward_num_warps(head_dim, k0, k1, decode=True),
         num_stages=forward_num_stages(head_dim, k0, k1),
     )
 
@@ -694,7 +694,7 @@ def _aot_configs(head_dim=128, rotary_dim=64, k0=2, k1=2, variants=None):
                  + (",paged_cache" if write_cache else ""))
         (decode_configs if decode else prefill).append(
             AotConfig(label=label, signature=signature, constexprs=consts,
-                      num_warps=forward_num_warps(head_dim, k0, k1, act == "fp32", decode),
+                      num_warps=forward_num_warps(head_dim, k0, k1, decode),
                       num_stages=forward_num_stages(head_dim, k0, k1),
                       matrix_expected=act == "bf16"))
         if not decode and not write_cache:  # the final-states kernel has no cache variant
@@ -1060,6 +1060,12 @@ GRAD_X_BLOCK_T = 32
 GRAD_X_BLOCK_D = 32
 
 
+def backward_num_warps(kernel: str, ieee: bool) -> int:
+    """Warps of a backward program: NUM_WARPS, but 8 for grad_z on the fp32 IEEE-dot path (with 4 it spilled
+    20-28 B on sm_90 with aligned arguments; AOT report, every variant)."""
+    return 8 if kernel == "cca_backward_grad_z" and ieee else NUM_WARPS
+
+
 def backward_num_stages(head_dim: int, k0: int, k1: int, ieee: bool) -> int:
     """Pipeline stages of the four backward kernels: 2 at ZAYA1's shape in bf16 / fp16 (training's dtypes; spill-free
     in every variant on gfx942, gfx950 and sm_90), 1 for the fp32 IEEE-dot path (2 spill 24-40 B on sm_90) and at
@@ -1160,7 +1166,8 @@ def cca_prepare_bwd(grad_q, grad_k, grad_v, grad_final_conv_state, grad_final_va
         tokens, num_seqs, search_steps, EPS=torch.finfo(qk.dtype).eps, HEAD_SCALE=head_dim**0.5,
         NUM_Q=num_q_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, K0=k0, K1=k1,
         HAS_INIT=has_init, HAS_GQ=grad_q is not None, HAS_GK=grad_k is not None, BLOCK_T=GRAD_Z_BLOCK_T,
-        **_grad_z_blocks(head_dim, rotary_dim), IEEE_DOT=ieee, num_warps=NUM_WARPS, num_stages=stages,
+        **_grad_z_blocks(head_dim, rotary_dim), IEEE_DOT=ieee,
+        num_warps=backward_num_warps("cca_backward_grad_z", ieee), num_stages=stages,
     )
 
     block_d = _block(head_dim)
@@ -1252,7 +1259,7 @@ def _backward_aot_configs():
             signature.update({key: "constexpr" for key in consts})
             config_label = f"{act},D={head_dim},k1={k1}" if name == "cca_backward_conv_input" else label
             configs[name].append(AotConfig(label=f"{config_label},BLOCK_T={consts['BLOCK_T']}", signature=signature,
-                                           constexprs=consts, num_warps=NUM_WARPS,
+                                           constexprs=consts, num_warps=backward_num_warps(name, ieee),
                                            num_stages=backward_num_stages(head_dim, k0, k1, ieee),
                                            matrix_expected=name != "cca_backward_grad_x" and not ieee))
     return configs

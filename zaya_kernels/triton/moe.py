@@ -562,6 +562,9 @@ def moe_unpermute_rows_bwd_kernel(dy_ptr, sorted_ptr, x_ptr, weight_ptr, grad_ro
 
 
 ROW_BLOCK_H, ROW_BLOCK_ELEMS = 256, 2048
+# The scatter-back's backward keeps dy, x and grad_x tiles and their 64-bit addresses live: 8 warps (with 4, the
+# skip_mode 1 kernel spilled 16 B on sm_90 with aligned arguments; AOT report, every variant). The others take 4.
+ROW_BWD_WARPS = 8
 
 
 def row_blocks(H: int) -> tuple[int, int]:
@@ -609,8 +612,8 @@ def moe_unpermute_rows_backward(grad_y, sorted_token_ids, x, routing_weight, num
         moe_unpermute_rows_bwd_kernel[(triton.cdiv(positions, block_r),)](
             grad_y, sorted_token_ids, x if scaled else grad_y, routing_weight if scaled else sorted_token_ids,
             grad_rows, grad_x if scaled else grad_rows, grad_w if scaled else sorted_token_ids,
-            positions, num_rows, H, SKIP_MODE=1 if scaled else 0, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=4,
-            num_stages=NO_PIPELINING)
+            positions, num_rows, H, SKIP_MODE=1 if scaled else 0, BLOCK_R=block_r, BLOCK_H=block_h,
+            num_warps=ROW_BWD_WARPS, num_stages=NO_PIPELINING)
     return grad_rows, grad_x, None if grad_w is None else grad_w.to(routing_weight.dtype)
 
 
@@ -896,7 +899,8 @@ def _aot_configs() -> dict:
                        "grad_rows_ptr": "*bf16", "grad_x_ptr": "*bf16", "grad_w_ptr": "*fp32", "T": "i32",
                        "num_rows": "i32", "H": "i32", "SKIP_MODE": "constexpr", "BLOCK_R": "constexpr",
                        "BLOCK_H": "constexpr"},
-            constexprs={"SKIP_MODE": skip_mode, "BLOCK_R": min(block_r, 64), "BLOCK_H": block_h}, num_warps=4))
+            constexprs={"SKIP_MODE": skip_mode, "BLOCK_R": min(block_r, 64), "BLOCK_H": block_h},
+            num_warps=ROW_BWD_WARPS))
     seen = set()
     for target in ("gfx942", "gfx950", "sm_90"):
         for block_m_str, gemms in table[target]["gemm"].items():

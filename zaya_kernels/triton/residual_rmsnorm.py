@@ -197,11 +197,13 @@ def residual_rmsnorm_bwd_kernel(
 # 16 warps in the forward (8 spill with Triton 3.6 on sm_90, whose register budget there is 128). The backward keeps
 # four column sums per row besides the row itself: at 4096 its MODE 2 spills on sm_90 with 8 warps (255 registers)
 # and with 16 (128) once Triton vectorises the loads of aligned pointers, so its rows stay in registers only up to
-# 2048 and wider ones walk 2048-wide chunks.
+# 2048 and wider ones walk 2048-wide chunks. Per thread and chunk the chunked passes hold 8 elements (forward) and
+# 4 (backward, beside its column sums): with 16 and 8 (4096 x 8 warps, 2048 x 8) they spilled 8-16 B on sm_90 with
+# aligned arguments.
 _FWD_CONFIGS = ((256, 8, 256, 4), (1024, 2, 1024, 4), (2048, 1, 2048, 8), (4096, 1, 4096, 16))
-_FWD_CHUNKED = (1, 4096, 8)
+_FWD_CHUNKED = (1, 2048, 8)
 _BWD_CONFIGS = ((256, 8, 256, 4), (1024, 2, 1024, 4), (2048, 1, 2048, 8))
-_BWD_CHUNKED = (1, 2048, 8)
+_BWD_CHUNKED = (1, 2048, 16)
 
 
 def _launch_table(backward: bool) -> list[tuple[int | None, int, int, int, bool]]:
