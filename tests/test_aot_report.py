@@ -2,7 +2,8 @@
 
 Everything that compiles runs in a child process with TRITON_INTERPRET removed: the test session may set
 TRITON_INTERPRET=1 (tests/conftest.py), and kernels defined under it are interpreter functions that cannot be compiled.
-The launch-coverage test at the end runs in this process: it records the interpreter's launches and compiles nothing.
+The launch tests at the end record the interpreter's launches at ZAYA1's sizes in this process (compiling nothing
+there); one of them then compiles those launches in a child process.
 """
 from __future__ import annotations
 
@@ -183,6 +184,9 @@ def test_table_output_and_bad_arch():
 
     proc = _run([sys.executable, "-m", "zaya_kernels.tools.aot_report", "--arch", "gfx90a"], timeout=120)
     assert proc.returncode == 2 and "unknown --arch" in proc.stderr
+    proc = _run([sys.executable, "-m", "zaya_kernels.tools.aot_report", "--launches", "launches.json", "--divisible",
+                 "all"], timeout=120)
+    assert proc.returncode == 2 and "no --kernel or --divisible" in proc.stderr
 
 
 def test_divisible_variants_hint_pointers_then_integers():
@@ -320,6 +324,19 @@ def _launch_every_op_at_zaya_sizes():
 COMPUTE_UNITS = {"gfx942": 304, "gfx950": 256, "sm_90": 132}
 
 
+def _zaya_launches(target, monkeypatch) -> list:
+    """[(kernel, {argument name: value})]: every Triton launch of _launch_every_op_at_zaya_sizes with `target`'s launch
+    tables (and its decode split counts), recorded on CPU tensors, not run."""
+    from zaya_kernels.triton import _target, attention
+
+    monkeypatch.setitem(_target._TARGETS, torch.device("cpu"), target)  # CPU tensors take `target`'s tables
+    # decode split counts as on the GPU: two programs per CU / SM of an MI300X, MI355X or H200
+    monkeypatch.setattr(attention, "_target_programs", lambda device: 2 * COMPUTE_UNITS[target])
+    with recorded_launches() as launches, zaya_kernels.use_backend("triton"), torch.no_grad():
+        _launch_every_op_at_zaya_sizes()
+    return launches
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_every_launch_at_zaya_sizes_is_a_registered_configuration(target, monkeypatch):
     """The report compiles what runs: each Triton launch the ops make at ZAYA1-8B's sizes with `target`'s launch
@@ -327,18 +344,13 @@ def test_every_launch_at_zaya_sizes_is_a_registered_configuration(target, monkey
     launcher that left num_stages to Triton would get its backend's default, 2 on AMD or 3 on NVIDIA: another
     compile). The launches are recorded on CPU tensors, not run."""
     from zaya_kernels.tools import aot_report
-    from zaya_kernels.triton import _target, attention
 
     registry, failures = aot_report.load_registry()
     assert not failures
     configs_of = {}
     for name, entry in registry.items():
         configs_of.setdefault(id(entry.kernel), []).extend(entry.configs)
-    monkeypatch.setitem(_target._TARGETS, torch.device("cpu"), target)  # CPU tensors take `target`'s tables
-    # decode split counts as on the GPU: two programs per CU / SM of an MI300X, MI355X or H200
-    monkeypatch.setattr(attention, "_target_programs", lambda device: 2 * COMPUTE_UNITS[target])
-    with recorded_launches() as launches, zaya_kernels.use_backend("triton"), torch.no_grad():
-        _launch_every_op_at_zaya_sizes()
+    launches = _zaya_launches(target, monkeypatch)
 
     unregistered = set()
     for kernel, args in launches:
@@ -353,3 +365,28 @@ def test_every_launch_at_zaya_sizes_is_a_registered_configuration(target, monkey
     every_kernel = {entry.kernel.__name__ for entry in registry.values()}
     assert launched == every_kernel, f"registered, never launched here: {sorted(every_kernel - launched)}"
     assert not unregistered, sorted(unregistered)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", TARGETS)
+def test_launches_at_zaya_sizes_compile_specialised_without_spills(target, monkeypatch, tmp_path):
+    """The variants that run: each launch at ZAYA1-8B's sizes with `target`'s tables, compiled for `target` the way
+    Triton's JIT specialises it there (pointers and sizes divisible by 16, T = 1 as a constant), has no spill, no
+    failed compile, LDS within the target's limit, and matrix instructions where the config expects them (the
+    registry's unspecialised compile never sees these variants; their vector loads change register use)."""
+    from zaya_kernels.tools import aot_report
+
+    launches = _zaya_launches(target, monkeypatch)
+    path = tmp_path / "launches.json"
+    path.write_text(json.dumps([aot_report.describe_launch(kernel, args) for kernel, args in launches]))
+    proc = _run([sys.executable, "-m", "zaya_kernels.tools.aot_report", "--launches", str(path), "--arch", target,
+                 "--json"], timeout=900)
+    records = json.loads(proc.stdout)
+    problems = [r for r in records if aot_report.record_is_bad(r)]
+    assert not problems, json.dumps(problems, indent=1)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert {r["target"] for r in records} == {target}
+    assert {r["kernel"] for r in records} == set(aot_report.load_registry()[0])  # every kernel, by registry name
+    # the specialisations were applied: ZAYA1's sizes as multiples of 16, the router's decode T = 1 as a constant
+    assert all("| 16:" in r["config"] for r in records if r["kernel"] == "moe_gate_up")
+    assert any("=1:T" in r["config"] for r in records if r["kernel"] == "router_fwd")

@@ -1,7 +1,7 @@
 """Ahead-of-time compile report for every registered Triton kernel configuration.
 
     python -m zaya_kernels aot-report [--arch gfx942,gfx950,sm_90] [--json] [--kernel SUBSTR]
-                                      [--divisible pointers|all]
+                                      [--divisible pointers|all] [--launches FILE]
     python -m zaya_kernels.tools.aot_report ...          (same, standalone)
 
 Each configuration registered in `zaya_kernels.triton._aot.AOT_REGISTRY` is compiled with `triton.compile` for each
@@ -9,6 +9,9 @@ requested target; no GPU is needed. By default the unspecialised variant; --divi
 launcher builds when the pointers (or the pointers and the integers) are divisible by 16, as at ZAYA1's sizes.
 The report shows register use, spills, shared memory (LDS), the number of matrix instructions (v_mfma / wgmma /
 mma) and, on AMD, the occupancy the compiler expects.
+
+With --launches FILE it compiles recorded launches instead (`describe_launch`; tests/test_aot_report.py records
+every launch the ops make at ZAYA1's sizes): each exactly as Triton's JIT would specialise it on each target.
 
 Exit status: 1 if any record failed to compile, spills, or is a GEMM-like config with no matrix instruction; else 0.
 """
@@ -221,6 +224,28 @@ def _divisibility_hints(config, divisible: str) -> dict:
             if kind.startswith("*") or kind in integers}
 
 
+def _failed_record(kernel: str, config: str, target: str, error: str) -> dict:
+    record = {k: None for k in RECORD_FIELDS}
+    record.update(kernel=kernel, config=config, target=target, ok=False, error=error, matrix_expected=False)
+    return record
+
+
+def _record(name: str, label: str, target: str, matrix_expected: bool, num_warps: int, build) -> dict:
+    """The record (fields: RECORD_FIELDS) of `build(gpu_target)`, a triton.compile; ok=False and the error text when
+    it raises (a failing compile is a result to report, not a crash)."""
+    record = {k: None for k in RECORD_FIELDS}
+    record.update(kernel=name, config=label, target=target, ok=False, matrix_expected=bool(matrix_expected),
+                  num_warps=num_warps)
+    try:
+        gpu = _gpu_target(target)
+        compiled = build(gpu)
+        record.update(_amd_fields(compiled) if gpu.backend == "hip" else _nvidia_fields(compiled))
+        record["ok"] = True
+    except Exception as exc:  # noqa: BLE001
+        record["error"] = f"{type(exc).__name__}: {exc}"
+    return record
+
+
 def compile_record(name: str, kernel, config, target: str, divisible: str | None = None) -> dict:
     """Compile one AotConfig of `kernel` for `target` ("gfx942", "gfx950" or "sm_90") and describe the result.
 
@@ -228,24 +253,112 @@ def compile_record(name: str, kernel, config, target: str, divisible: str | None
     divisible ("pointers" or "all"): compile the variant Triton's launcher builds for 16-divisible arguments
     (`_divisibility_hints`) instead of the unspecialised one.
     """
-    record = {k: None for k in RECORD_FIELDS}
-    record.update(kernel=name, config=config.label, target=target, ok=False,
-                  matrix_expected=bool(config.matrix_expected), num_warps=config.num_warps)
-    try:
+    def build(gpu):
         import triton
         from triton.compiler import ASTSource
 
-        gpu = _gpu_target(target)
         src = ASTSource(fn=_jit_function(kernel), signature=dict(config.signature),
                         constexprs=dict(config.constexprs),
                         attrs=_divisibility_hints(config, divisible) if divisible else None)
-        compiled = triton.compile(src, target=gpu,
-                                  options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-        record.update(_amd_fields(compiled) if gpu.backend == "hip" else _nvidia_fields(compiled))
-        record["ok"] = True
-    except Exception as exc:  # noqa: BLE001 - a failing config is a result to report, not a crash
-        record["error"] = f"{type(exc).__name__}: {exc}"
-    return record
+        return triton.compile(src, target=gpu, options={"num_warps": config.num_warps,
+                                                        "num_stages": config.num_stages})
+
+    return _record(name, config.label, target, config.matrix_expected, config.num_warps, build)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Recorded launches: what Triton's JIT builds for a given launch, compiled for any target.
+
+def describe_launch(kernel, args: dict) -> dict:
+    """A Triton launch as JSON data for `compile_launches`: {"kernel": the kernel function's name, "args": {argument
+    name: value}} with the launch options (num_warps, num_stages) among the arguments and every tensor replaced by
+    {"tensor": dtype name, "aligned": data_ptr() % 16 == 0}, all that Triton's specialisation reads of it."""
+    def value(v):
+        if hasattr(v, "data_ptr") and hasattr(v, "dtype"):
+            return {"tensor": str(v.dtype).removeprefix("torch."), "aligned": v.data_ptr() % 16 == 0}
+        return v
+
+    return {"kernel": getattr(kernel, "__name__", None) or kernel.fn.__name__,
+            "args": {name: value(v) for name, v in args.items()}}
+
+
+class _LaunchTensor:
+    """A tensor argument of a described launch: the dtype and an address as aligned as the real one was."""
+
+    def __init__(self, dtype: str, aligned: bool):
+        import torch
+
+        self.dtype = getattr(torch, dtype)
+        self.aligned = aligned
+
+    def data_ptr(self) -> int:
+        return 0 if self.aligned else 8
+
+
+def _launch_source(jit, args: dict, gpu):
+    """(ASTSource, options) that Triton's JITFunction.run builds for a launch with `args` on `gpu`: its own argument
+    binder and specialisation (16-divisible pointers and integers, integers equal to 1 as constants, None
+    arguments as constexprs) and option parsing. Triton internals (create_function_from_signature, _pack_args) as
+    of the version in scripts/constraints.txt."""
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(gpu)
+    kwargs = {name: _LaunchTensor(v["tensor"], v["aligned"]) if isinstance(v, dict) else v
+              for name, v in args.items()}
+    kwargs["debug"] = bool(jit.debug)
+    binder = create_function_from_signature(jit.signature, jit.params, backend)
+    bound, specialization, options = binder(**kwargs)
+    options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, specialization, options)
+    return ASTSource(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs), options
+
+
+def compile_launches(launches: list[dict], archs) -> list[dict]:
+    """Compile each distinct described launch (`describe_launch`) for every target in `archs`, as Triton's JIT would
+    on that GPU: one record per (launch specialisation, target). A record's config is the registered configuration
+    the launch matches (same constexprs, num_warps and num_stages) with the arguments Triton specialised (16: divisible
+    by 16, =1: the constant 1); a launch that matches none is a failed record ("not a registered configuration")."""
+    import triton
+
+    registry, _ = load_registry()
+    entries = {}  # kernel function name -> [(registry name, AotConfig)]
+    for name in sorted(registry):
+        jit = _jit_function(registry[name].kernel)
+        entries.setdefault(jit.__name__, (jit, []))[1].extend((name, c) for c in registry[name].configs)
+    records, seen = [], set()
+    for target in archs:
+        gpu = _gpu_target(target)
+        for launch in launches:
+            jit, configs = entries.get(launch["kernel"], (None, []))
+            args = launch["args"]
+            match = next(((name, c) for name, c in configs
+                          if (c.num_warps, c.num_stages) == (args.get("num_warps"), args.get("num_stages"))
+                          and all(args.get(k, "absent") == v for k, v in c.constexprs.items())), None)
+            if match is None:
+                records.append(_failed_record(launch["kernel"], "-", target,
+                                              "not a registered configuration: " + json.dumps(args)[:2000]))
+                continue
+            name, config = match
+            try:
+                src, options = _launch_source(jit, args, gpu)
+            except Exception as exc:  # noqa: BLE001 - reported as a failed record
+                records.append(_failed_record(name, config.label, target, f"{type(exc).__name__}: {exc}"))
+                continue
+            key = (target, name, json.dumps(src.signature, sort_keys=True), repr(sorted(src.constants.items())),
+                   repr(sorted(src.attrs.items())), options.num_warps, options.num_stages)
+            if key in seen:
+                continue
+            seen.add(key)
+            names = list(src.signature)
+            special = [f"16:{names[path[0]]}" for path, attr in src.attrs.items()
+                       if attr and src.signature[names[path[0]]][0] != "*"]  # constexprs have empty attrs
+            special += [f"=1:{names[path[0]]}" for path, v in src.constants.items()
+                        if type(v) is int and v == 1 and names[path[0]] not in config.constexprs]
+            label = config.label + (" | " + " ".join(special) if special else "")
+            records.append(_record(name, label, target, config.matrix_expected, options.num_warps,
+                                   lambda gpu, src=src, options=options: triton.compile(
+                                       src, target=gpu, options=options.__dict__)))
+    return records
 
 
 # Shared memory one workgroup / block may use: a config over it compiles but cannot launch.
@@ -325,11 +438,7 @@ def run_report(archs, kernel_filter: str | None = None, divisible: str | None = 
     for modname, err in failures:
         if kernel_filter and kernel_filter not in modname:
             continue
-        for target in archs:
-            rec = {k: None for k in RECORD_FIELDS}
-            rec.update(kernel=f"<import {modname}>", config="-", target=target, ok=False, error=err,
-                       matrix_expected=False)
-            records.append(rec)
+        records.extend(_failed_record(f"<import {modname}>", "-", target, err) for target in archs)
     keys = [(name, index, target) for name in sorted(registry) if not (kernel_filter and kernel_filter not in name)
             for index in range(len(registry[name].configs)) for target in archs]
     records.extend(compile_record(name, registry[name].kernel, registry[name].configs[index], target, divisible)
@@ -418,7 +527,12 @@ def main(argv=None) -> int:
                         help="compile the variant Triton builds when every pointer ('pointers'), or every pointer "
                              "and integer ('all'), is divisible by 16: what launches with torch tensors at ZAYA1's "
                              "sizes run (CI checks the unspecialised one)")
+    parser.add_argument("--launches", default=None, metavar="FILE",
+                        help="instead of the registry, compile the launches described in FILE (a JSON list of "
+                             "describe_launch records) as Triton's JIT would specialise them on each target")
     args = parser.parse_args(argv)
+    if args.launches and (args.kernel or args.divisible):
+        parser.error("--launches compiles the described launches as they are: no --kernel or --divisible")
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     unknown = [a for a in archs if a not in TARGET_NAMES]
     if unknown or not archs:
@@ -429,7 +543,11 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
     start = time.perf_counter()
-    records = run_report(archs, args.kernel, args.divisible)
+    if args.launches:
+        with open(args.launches) as f:
+            records = compile_launches(json.load(f), archs)
+    else:
+        records = run_report(archs, args.kernel, args.divisible)
     elapsed = time.perf_counter() - start
     bad = [r for r in records if record_is_bad(r)]
     if args.json:
