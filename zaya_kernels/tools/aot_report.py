@@ -13,7 +13,8 @@ mma) and, on AMD, the occupancy the compiler expects.
 With --launches FILE it compiles recorded launches instead (`describe_launch`; tests/test_aot_report.py records
 every launch the ops make at ZAYA1's sizes): each exactly as Triton's JIT would specialise it on each target.
 
-Exit status: 1 if any record failed to compile, spills, or is a GEMM-like config with no matrix instruction; else 0.
+Exit status: 1 if any record failed to compile, spills, overflows LDS, or is a GEMM-like config with no matrix
+instruction in a loop; else 0.
 """
 from __future__ import annotations
 
@@ -52,6 +53,8 @@ RECORD_FIELDS = (
     "sgpr_lane_spills",  # AMD: SGPRs parked in VGPR lanes (v_writelane: no memory traffic, not a failure); else None
     "lds_bytes",  # shared memory / LDS bytes per workgroup (see _amd_lds_bytes for AMD)
     "matrix_instructions",  # AMD: lines with v_mfma / v_smfmac; NVIDIA: lines with wgmma.mma_async or mma.sync
+    "matrix_in_loops",  # those of them inside a loop body (between a label and a later branch back to it): a
+    # GEMM-like kernel must multiply in its K loop, not only in a prologue or epilogue
     "matrix_expected",  # AotConfig.matrix_expected: the config is GEMM-like and must use matrix instructions
     "vector_loads",  # global loads of 16 bytes per lane (AMD: global/buffer_load_dwordx4, incl. to LDS; NVIDIA:
     # ld.global .v4.b32 / .v2.b64 and 16-byte cp.async): how a bandwidth-bound kernel should stream its data
@@ -115,6 +118,29 @@ _PTX_VECTOR_LOAD = re.compile(r"\bld\.global\S*\.(?:v4\.[bfu]32|v2\.[bfu]64)\b"
                               r"|\bcp\.async\.c[ag]\.\S*\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(?:16|0x10)\b")
 
 
+_AMD_MATRIX = re.compile(r"^\s*v_(?:mfma|smfmac)\w*")
+_AMD_LABEL = re.compile(r"^(\.LBB\d+_\d+):")
+_AMD_BRANCH = re.compile(r"^\s*s_(?:cbranch_\w+|branch)\s+(\.LBB\d+_\d+)")
+_PTX_MATRIX = re.compile(r"\bwgmma\.mma_async|\bmma\.sync")
+_PTX_LABEL = re.compile(r"^(\$L__BB\d+_\d+):")
+_PTX_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);")
+
+
+def _matrix_counts(text: str, matrix, label, branch) -> tuple[int, int]:
+    """(lines with a matrix instruction, those inside a loop body: from a label to a later branch back to it)."""
+    lines = text.splitlines()
+    label_line, in_loop = {}, set()
+    for i, line in enumerate(lines):
+        m = label.match(line)
+        if m:
+            label_line[m.group(1)] = i
+        m = branch.search(line)
+        if m and m.group(1) in label_line:  # a backward branch closes a loop
+            in_loop.update(range(label_line[m.group(1)], i + 1))
+    hits = [i for i, line in enumerate(lines) if matrix.search(line)]
+    return len(hits), sum(1 for i in hits if i in in_loop)
+
+
 def _amd_fields(compiled) -> dict:
     asm = compiled.asm["amdgcn"]
     # "; TotalNumVgprs" counts arch VGPRs + AGPRs (one register file on CDNA3/4); .vgpr_count is the fallback.
@@ -126,13 +152,15 @@ def _amd_fields(compiled) -> dict:
     vgpr_spills = _int_after(r"^\s*(?:-\s+)?\.vgpr_spill_count:\s*(\d+)", asm) or 0
     sgpr_spills = _int_after(r"^\s*(?:-\s+)?\.sgpr_spill_count:\s*(\d+)", asm) or 0
     scratch = _int_after(r"^\s*;\s*ScratchSize:\s*(\d+)", asm) or 0
+    matrix, matrix_in_loops = _matrix_counts(asm, _AMD_MATRIX, _AMD_LABEL, _AMD_BRANCH)
     return {
         "vgpr": vgpr,
         "sgpr": _int_after(r"^\s*(?:-\s+)?\.sgpr_count:\s*(\d+)", asm),
         "spills": vgpr_spills + (sgpr_spills if scratch else 0),
         "sgpr_lane_spills": 0 if scratch else sgpr_spills,
         "lds_bytes": _amd_lds_bytes(asm, getattr(compiled.metadata, "shared", None)),
-        "matrix_instructions": len(re.findall(r"^\s*v_(?:mfma|smfmac)\w*", asm, flags=re.MULTILINE)),
+        "matrix_instructions": matrix,
+        "matrix_in_loops": matrix_in_loops,
         "vector_loads": len(_AMD_VECTOR_LOAD.findall(asm)),
         "occupancy": _int_after(r"^\s*;\s*Occupancy:\s*(\d+)", asm),
     }
@@ -194,13 +222,14 @@ def _ptxas_usage(ptx: str, gpu_name: str = "sm_90a") -> tuple[int, int]:
 def _nvidia_fields(compiled) -> dict:
     ptx = compiled.asm["ptx"]
     regs, spills = _ptxas_usage(ptx)
-    matrix = len(re.findall(r"^.*(?:\bwgmma\.mma_async|\bmma\.sync).*$", ptx, flags=re.MULTILINE))
+    matrix, matrix_in_loops = _matrix_counts(ptx, _PTX_MATRIX, _PTX_LABEL, _PTX_BRANCH)
     return {
         "vgpr": regs,
         "sgpr": None,
         "spills": spills,
         "lds_bytes": int(getattr(compiled.metadata, "shared", 0) or 0),
         "matrix_instructions": matrix,
+        "matrix_in_loops": matrix_in_loops,
         "vector_loads": len(_PTX_VECTOR_LOAD.findall(ptx)),
         "occupancy": None,
     }
@@ -365,16 +394,26 @@ def compile_launches(launches: list[dict], archs) -> list[dict]:
 LDS_LIMIT_BYTES = {"gfx942": 64 * 1024, "gfx950": 160 * 1024, "sm_90": 227 * 1024}
 
 
-def record_is_bad(record: dict) -> bool:
-    """True for a failed compile, any spill, LDS/shared memory over the target's limit, or a GEMM-like config
-    compiled without matrix instructions."""
+def record_problem(record: dict, loops: bool = True) -> str | None:
+    """What is wrong with a record, or None: "FAIL" (the compile failed), "SPILL" (any spill), "LDS>MAX" (shared
+    memory over the target's limit) or "NO-MMA" (a GEMM-like config without matrix instructions in a loop; with
+    loops=False, without any: a launch's specialisation may fold a loop with a constant trip count away, e.g. one
+    tile per chunk, or a two-step loop peeled by the pipeliner, while the registered config keeps it)."""
     if not record["ok"]:
-        return True
+        return "FAIL"
     if (record["spills"] or 0) > 0:
-        return True
+        return "SPILL"
     if (record["lds_bytes"] or 0) > LDS_LIMIT_BYTES.get(record["target"], float("inf")):
-        return True
-    return bool(record["matrix_expected"]) and not record["matrix_instructions"]
+        return "LDS>MAX"
+    if record["matrix_expected"] and not record["matrix_in_loops" if loops else "matrix_instructions"]:
+        return "NO-MMA"
+    return None
+
+
+def record_is_bad(record: dict, loops: bool = True) -> bool:
+    """True for a failed compile, any spill, LDS/shared memory over the target's limit, or a GEMM-like config
+    without matrix instructions (in a loop, unless loops=False; see record_problem)."""
+    return record_problem(record, loops) is not None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -449,31 +488,21 @@ def run_report(archs, kernel_filter: str | None = None, divisible: str | None = 
 # ---------------------------------------------------------------------------------------------------------------
 # CLI.
 
-def _status(record: dict) -> str:
-    if not record["ok"]:
-        return "FAIL"
-    if (record["spills"] or 0) > 0:
-        return "SPILL"
-    if (record["lds_bytes"] or 0) > LDS_LIMIT_BYTES.get(record["target"], float("inf")):
-        return "LDS>MAX"
-    if record["matrix_expected"] and not record["matrix_instructions"]:
-        return "NO-MMA"
-    return "ok"
-
-
-def format_table(records: list[dict]) -> str:
-    """Aligned text table, one row per record; errors follow the table."""
+def format_table(records: list[dict], loops: bool = True) -> str:
+    """Aligned text table, one row per record (status: record_problem with `loops`); errors follow the table."""
     headers = ("kernel", "config", "target", "status", "vgpr", "sgpr", "spills", "lane", "lds", "mma", "vec16", "occ",
                "warps")
 
     def cell(v):
         return "-" if v is None else str(v)
 
-    rows = [(r["kernel"], r["config"], r["target"], _status(r), cell(r["vgpr"]), cell(r["sgpr"]), cell(r["spills"]),
-             cell(r["sgpr_lane_spills"]),
-             cell(r["lds_bytes"]),
-             cell(r["matrix_instructions"]) + ("*" if r["matrix_expected"] else ""),
-             cell(r["vector_loads"]), cell(r["occupancy"]), cell(r["num_warps"])) for r in records]
+    def mma(r):
+        return ("-" if not r["ok"] else f"{r['matrix_in_loops']}/{r['matrix_instructions']}") + \
+            ("*" if r["matrix_expected"] else "")
+
+    rows = [(r["kernel"], r["config"], r["target"], record_problem(r, loops) or "ok", cell(r["vgpr"]), cell(r["sgpr"]),
+             cell(r["spills"]), cell(r["sgpr_lane_spills"]), cell(r["lds_bytes"]), mma(r), cell(r["vector_loads"]),
+             cell(r["occupancy"]), cell(r["num_warps"])) for r in records]
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(headers)]
     numeric = set(range(4, len(headers)))
 
@@ -482,9 +511,9 @@ def format_table(records: list[dict]) -> str:
                          for i, (v, w) in enumerate(zip(vals, widths))).rstrip()
 
     out = [line(headers), line(["-" * w for w in widths])] + [line(row) for row in rows]
-    out.append("(mma*: matrix instructions expected; vgpr on sm_90 = registers/thread; spills = spills to memory; "
-               "lane = SGPRs parked in VGPR lanes on AMD; lds in bytes; vec16 = 16-byte global loads; "
-               "occ = waves/SIMD on AMD)")
+    out.append("(mma: matrix instructions in loops / in all, * where expected; vgpr on sm_90 = registers/thread; "
+               "spills = spills to memory; lane = SGPRs parked in VGPR lanes on AMD; lds in bytes; vec16 = 16-byte "
+               "global loads; occ = waves/SIMD on AMD)")
     for r in records:
         if r["error"]:
             out.append(f"\n{r['kernel']} [{r['config']}] on {r['target']}:\n  " + r["error"].replace("\n", "\n  "))
@@ -549,12 +578,13 @@ def main(argv=None) -> int:
     else:
         records = run_report(archs, args.kernel, args.divisible)
     elapsed = time.perf_counter() - start
-    bad = [r for r in records if record_is_bad(r)]
+    loops = not args.launches  # matrix instructions in loops: checked on the registered configs (record_problem)
+    bad = [r for r in records if record_is_bad(r, loops)]
     if args.json:
         print(json.dumps(records, indent=1))
     else:
         if records:
-            print(format_table(records))
+            print(format_table(records, loops))
         else:
             print("no registered kernel configurations" + (f" match {args.kernel!r}" if args.kernel else ""))
         print(f"\n{len(records)} records in {elapsed:.1f} s; {len(bad)} with problems")
