@@ -253,7 +253,7 @@ def _divisibility_hints(config, divisible: str) -> dict:
             if kind.startswith("*") or kind in integers}
 
 
-def _failed_record(kernel: str, config: str, target: str, error: str) -> dict:
+def _failed_record(kernel: str, config: str, target: str, error: str | None) -> dict:
     record = {k: None for k in RECORD_FIELDS}
     record.update(kernel=kernel, config=config, target=target, ok=False, error=error, matrix_expected=False)
     return record
@@ -262,9 +262,8 @@ def _failed_record(kernel: str, config: str, target: str, error: str) -> dict:
 def _record(name: str, label: str, target: str, matrix_expected: bool, num_warps: int, build) -> dict:
     """The record (fields: RECORD_FIELDS) of `build(gpu_target)`, a triton.compile; ok=False and the error text when
     it raises (a failing compile is a result to report, not a crash)."""
-    record = {k: None for k in RECORD_FIELDS}
-    record.update(kernel=name, config=label, target=target, ok=False, matrix_expected=bool(matrix_expected),
-                  num_warps=num_warps)
+    record = _failed_record(name, label, target, None)
+    record.update(matrix_expected=bool(matrix_expected), num_warps=num_warps)
     try:
         gpu = _gpu_target(target)
         compiled = build(gpu)
