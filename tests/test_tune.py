@@ -326,6 +326,38 @@ def test_standalone_script_runs_without_the_package_init():
     assert "--decode-context" in proc.stdout and "without the package __init__" in proc.stderr
 
 
+def test_compile_checker_passes_the_shipped_gemv_and_names_a_failing_candidate():
+    """The tuner's real compile gate (the other tests inject one): the shipped by-token GEMV compiles cleanly for
+    sm_90, a candidate that cannot compile (BLOCK_N 3: tl.arange needs a power of two) is refused with the reason.
+    In a child process without TRITON_INTERPRET, where the kernels compile."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import copy, json
+from zaya_kernels.tools import tune
+from zaya_kernels.triton import moe
+entry = moe.load_config_table()["targets"]["sm_90"]
+def table(gate_up):
+    one = {**copy.deepcopy(entry), "by_token": {**entry["by_token"], "gate_up": gate_up}}
+    return {"targets": {t: copy.deepcopy(one) for t in ("gfx942", "gfx950", "sm_90")}}
+checker = tune.CompileChecker("sm_90", log=lambda *a: None)
+names = [("moe_gate_up_by_token", "moe_gate_up_by_token")]
+shipped = entry["by_token"]["gate_up"]
+print(json.dumps([checker.check(moe, table(shipped), names, ["sm_90"]),
+                  checker.check(moe, table({**shipped, "BLOCK_N": 3}), names, ["sm_90"])]))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=Path(tune.__file__).parents[2])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shipped, refused = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert shipped is None
+    assert refused.startswith("sm_90 moe_gate_up_by_token[") and "BLOCK_N=3" in refused and " FAIL: " in refused
+
+
 @pytest.mark.gpu
 def test_gpu_tunes_one_moe_bucket_within_budget(tmp_path):
     from zaya_kernels.triton import moe

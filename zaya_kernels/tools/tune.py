@@ -262,9 +262,9 @@ class CompileChecker:
                     if key not in self.cache:
                         self.cache[key] = aot_report.compile_record(registry_name, kernel, cfg, target)
                     record = self.cache[key]
-                    if aot_report.record_is_bad(record):
+                    why = aot_report.record_problem(record)
+                    if why:
                         self.last_record = record
-                        why = aot_report._status(record)
                         if record["error"]:
                             why += ": " + record["error"].splitlines()[0][:200]
                         elif why == "SPILL":
