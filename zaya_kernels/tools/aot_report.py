@@ -359,19 +359,24 @@ def compile_launches(launches: list[dict], archs) -> list[dict]:
         for launch in launches:
             jit, configs = entries.get(launch["kernel"], (None, []))
             args = launch["args"]
-            match = next(((name, c) for name, c in configs
-                          if (c.num_warps, c.num_stages) == (args.get("num_warps"), args.get("num_stages"))
-                          and all(args.get(k, "absent") == v for k, v in c.constexprs.items())), None)
-            if match is None:
+            matches = [(name, c) for name, c in configs
+                       if (c.num_warps, c.num_stages) == (args.get("num_warps"), args.get("num_stages"))
+                       and all(args.get(k, "absent") == v for k, v in c.constexprs.items())]
+            if not matches:
                 records.append(_failed_record(launch["kernel"], "-", target,
                                               "not a registered configuration: " + json.dumps(args)[:2000]))
                 continue
-            name, config = match
             try:
                 src, options = _launch_source(jit, args, gpu)
             except Exception as exc:  # noqa: BLE001 - reported as a failed record
-                records.append(_failed_record(name, config.label, target, f"{type(exc).__name__}: {exc}"))
+                records.append(_failed_record(matches[0][0], matches[0][1].label, target,
+                                              f"{type(exc).__name__}: {exc}"))
                 continue
+            # the label of the registered config with the launch's pointer dtypes too, where one has them
+            same_dtypes = [(name, c) for name, c in matches
+                           if all(src.signature.get(a, t) == t for a, t in c.signature.items() if t[0] == "*"
+                                  and src.signature.get(a, "")[:1] == "*")]
+            name, config = (same_dtypes or matches)[0]
             key = (target, name, json.dumps(src.signature, sort_keys=True), repr(sorted(src.constants.items())),
                    repr(sorted(src.attrs.items())), options.num_warps, options.num_stages)
             if key in seen:
@@ -382,7 +387,8 @@ def compile_launches(launches: list[dict], archs) -> list[dict]:
                        if attr and src.signature[names[path[0]]][0] != "*"]  # constexprs have empty attrs
             special += [f"=1:{names[path[0]]}" for path, v in src.constants.items()
                         if type(v) is int and v == 1 and names[path[0]] not in config.constexprs]
-            label = config.label + (" | " + " ".join(special) if special else "")
+            label = config.label + ("" if same_dtypes else " (other dtypes)") + \
+                (" | " + " ".join(special) if special else "")
             records.append(_record(name, label, target, config.matrix_expected, options.num_warps,
                                    lambda gpu, src=src, options=options: triton.compile(
                                        src, target=gpu, options=options.__dict__)))
