@@ -560,7 +560,8 @@ def main(argv=None) -> int:
     parser.add_argument("--divisible", choices=DIVISIBLE_CHOICES, default=None,
                         help="compile the variant Triton builds when every pointer ('pointers'), or every pointer "
                              "and integer ('all'), is divisible by 16: what launches with torch tensors at ZAYA1's "
-                             "sizes run (CI checks the unspecialised one)")
+                             "sizes run (CI checks the unspecialised one, and every ZAYA1-size launch exactly "
+                             "with --launches)")
     parser.add_argument("--launches", default=None, metavar="FILE",
                         help="instead of the registry, compile the launches described in FILE (a JSON list of "
                              "describe_launch records) as Triton's JIT would specialise them on each target")
