@@ -345,9 +345,7 @@ def test_every_launch_at_zaya_sizes_is_a_registered_configuration(target, monkey
     for kernel, args in launches:
         options = (args.get("num_warps"), args.get("num_stages"))
         configs = configs_of.get(id(kernel), [])
-        if not any((config.num_warps, config.num_stages) == options
-                   and all(args.get(key, "absent") == value for key, value in config.constexprs.items())
-                   for config in configs):
+        if not any(aot_report.launch_matches(config, args) for config in configs):
             names = configs[0].constexprs if configs else {}
             unregistered.add((kernel.__name__, options, str({key: args.get(key) for key in names})))
     launched = {kernel.__name__ for kernel, _ in launches}

@@ -341,6 +341,14 @@ def _launch_source(jit, args: dict, gpu):
     return ASTSource(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs), options
 
 
+def launch_matches(config, args: dict) -> bool:
+    """True when a launch with `args` ({argument name: value}, num_warps and num_stages among them) is `config`:
+    the same constexprs, num_warps and num_stages (a launch that leaves num_stages to Triton gets its backend's
+    default, another compile)."""
+    return ((config.num_warps, config.num_stages) == (args.get("num_warps"), args.get("num_stages"))
+            and all(args.get(key, "absent") == value for key, value in config.constexprs.items()))
+
+
 def compile_launches(launches: list[dict], archs) -> list[dict]:
     """Compile each distinct described launch (`describe_launch`) for every target in `archs`, as Triton's JIT would
     on that GPU: one record per (launch specialisation, target). A record's config is the registered configuration
@@ -359,9 +367,7 @@ def compile_launches(launches: list[dict], archs) -> list[dict]:
         for launch in launches:
             jit, configs = entries.get(launch["kernel"], (None, []))
             args = launch["args"]
-            matches = [(name, c) for name, c in configs
-                       if (c.num_warps, c.num_stages) == (args.get("num_warps"), args.get("num_stages"))
-                       and all(args.get(k, "absent") == v for k, v in c.constexprs.items())]
+            matches = [(name, c) for name, c in configs if launch_matches(c, args)]
             if not matches:
                 records.append(_failed_record(launch["kernel"], "-", target,
                                               "not a registered configuration: " + json.dumps(args)[:2000]))
