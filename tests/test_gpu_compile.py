@@ -4,7 +4,9 @@
   sm_90 (nvcc), warnings as errors;
 - the source distribution holds every file a GPU build compiles (MANIFEST.in);
 - the whole extension built from that sdist against torch's CUDA wheel in a separate venv and loaded (slow: minutes;
-  the venv is created once at $ZAYA_CUDA_VENV, default .cache/cuda-venv, and reused).
+  the venv is created once at $ZAYA_CUDA_VENV, default .cache/cuda-venv, and reused);
+- the ROCm build configured as `pip install` does it on a ROCm machine (setup.py's ROCm branch, torch's own hipify)
+  and its hipified kernels compiled for gfx942.
 
 A missing toolchain skips with the reason, unless ZAYA_REQUIRE_TOOLCHAINS=1 (CI), where it fails.
 """
@@ -86,7 +88,7 @@ def test_sdist_holds_every_file_the_gpu_build_needs(tmp_path):
     tree = gcc.unpacked_sdist(sys.executable, tmp_path)
     root = gcc.REPO_ROOT
     needed = [p for folder in ("csrc", "kernels") for p in (root / folder).rglob("*")
-              if p.is_file() and p.suffix in (".cpp", ".cu", ".h", ".cuh")]
+              if p.is_file() and p.suffix in (".cpp", ".cu", ".h", ".cuh") and not gcc.hipify_output(p)]
     needed += [p for p in (root / "zaya_kernels").rglob("*") if p.suffix in (".py", ".json")]
     missing = sorted(str(p.relative_to(root)) for p in needed if not (tree / p.relative_to(root)).is_file())
     assert len(needed) >= 40 and not missing, f"missing from the sdist: {missing}"
@@ -100,6 +102,49 @@ def test_cuda_extension_builds_and_loads():
     except gcc.ToolchainMissing as exc:
         _missing(exc)
     assert result.ok, result.summary()
+
+
+def test_rocm_build_hipifies_every_source_and_its_kernels_compile_for_gfx942():
+    """`pip install` on a ROCm machine, up to its compiler: setup.py's ROCm branch with torch's own hipify (in a copy
+    of the repository), then the hipified kernel headers compiled for gfx942 (gcc.check_rocm_build)."""
+    try:
+        results = gcc.check_rocm_build()
+    except gcc.ToolchainMissing as exc:
+        _missing(exc)
+    _assert_all_pass(results)
+    configure, *compiled = results
+    assert configure.target == "rocm:configure" and "csrc/cca.hip" in configure.message, configure.summary()
+    assert [r.name for r in compiled] == [f"{h.stem}_hip.cuh" for h in gcc.kernel_headers()]
+    assert sum(len(r.kernels) for r in compiled) >= 20, [r.summary() for r in compiled]
+    for res in compiled:
+        for kname, info in res.kernels.items():
+            assert info.get("scratch", 0) == 0, f"{res.name} {kname} spills VGPRs to scratch memory: {info}"
+
+
+def test_rocm_build_check_names_what_hipify_got_wrong(tmp_path):
+    """The checks behind the test above, on a made-up tree where each one must fire (no toolchain needed)."""
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "kernels").mkdir()
+    for name in ("zaya_ops.cpp", "a.cu", "b.cu"):
+        (tmp_path / "csrc" / name).write_text("")
+    (tmp_path / "csrc" / "a.hip").write_text('#include "hip/hip_runtime.h"\n#include "k_hip.cuh"\n'
+                                              'void f() { k<<<1, 1>>>(); }\n')
+    (tmp_path / "kernels" / "k_hip.cuh").write_text('#include "gone.cuh"\n')
+    ext = {"sources": ["csrc/zaya_ops.cpp", "csrc/a.hip"], "extra_compile_args": {"cxx": ["-O3"],
+                                                                                 "nvcc": ["-DZAYA_WITH_GPU"]}}
+    written = [Path("csrc/a.hip"), Path("kernels/k_hip.cuh"), Path("csrc/notes.txt")]
+    problems = gcc._rocm_build_problems(tmp_path, ext, written, sdist_files={"kernels/k_hip.cuh"})
+    expected = ["compiles", "cxx flags lack -DZAYA_WITH_GPU", "csrc/a.hip: a CUDA launch",
+                'kernels/k_hip.cuh: #include "gone.cuh"', "wrote csrc/notes.txt",
+                "kernels/k_hip.cuh, written by hipify, is in the source distribution"]
+    for phrase in expected:
+        assert sum(phrase in p for p in problems) == 1, (phrase, problems)
+    # csrc/notes.txt is no hipify copy, and .gitignore does not ignore it (where this is a git checkout)
+    assert len(problems) == len(expected) + (gcc.REPO_ROOT / ".git").exists(), problems
+    assert gcc.hipify_output(Path("csrc/a.hip")) and gcc.hipify_output(Path("kernels/k_hip.cuh"))
+    assert not gcc.hipify_output(Path("kernels/k.cuh")) and not gcc.hipify_output(Path("csrc/a.cu"))
+    assert gcc.instantiate_macro(Path("cca_hip.cuh")) == gcc.instantiate_macro(Path("cca.cuh"))
+    assert gcc.instantiate_macro(Path("cca.cuh")) == "ZAYA_INSTANTIATE_CCA"
 
 
 # ---------------------------------------------------------------------------------------------------------------

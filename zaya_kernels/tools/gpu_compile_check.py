@@ -11,13 +11,18 @@
     the source distribution of a temporary copy of the repository (what `pip install` of a published sdist builds:
     a file MANIFEST.in forgets fails here), then loaded in that venv: `_C.gpu_build == "cuda"`, the launchers exist
     and the torch.ops.zaya schemas are registered.
+(c) --rocm: what `pip install` on a ROCm machine runs before its compiler, with no ROCm present: setup.py's ROCm
+    branch in a copy of the repository, torch made to look like a ROCm build, so that torch's own CUDAExtension
+    hipifies the sources as it does there; then checks of what it wrote (no CUDA launch left, every include found,
+    every hipify copy git-ignored and out of the sdist) and the hipified kernel headers compiled as in (a).
 
-    python -m zaya_kernels.tools.gpu_compile_check [--amd] [--nvidia] [--extension] [--json PATH]
+    python -m zaya_kernels.tools.gpu_compile_check [--amd] [--nvidia] [--extension] [--rocm] [--json PATH]
 
-With none of --amd/--nvidia/--extension, runs --amd and --nvidia. Exits nonzero when a check fails or its toolchain
-is missing. Environment: ZAYA_CLANG (clang++ for HIP), ZAYA_ROCM_DEVICE_LIBS (folder with ocml.bc etc.),
+With none of --amd/--nvidia/--extension/--rocm, runs --amd and --nvidia. Exits nonzero when a check fails or its
+toolchain is missing. Environment: ZAYA_CLANG (clang++ for HIP), ZAYA_ROCM_DEVICE_LIBS (folder with ocml.bc etc.),
 ZAYA_HIP_ROCM_PATH (prefix holding include/hip), ZAYA_NVCC, ZAYA_CUDA_HOME, ZAYA_CUDA_VENV.
-This module only uses the standard library (it must not import torch or the extension).
+This module only uses the standard library (it must not import torch or the extension; (b) and (c) run torch in
+a subprocess).
 """
 from __future__ import annotations
 
@@ -95,12 +100,20 @@ class CheckResult:
 # ----------------------------------------------------------------------------------------------------------------
 # Toolchain discovery
 # ----------------------------------------------------------------------------------------------------------------
+def hipify_output(path: Path) -> bool:
+    """Whether `path` is a copy that hipify writes when the extension is built on ROCm (csrc/X.hip from X.cu,
+    kernels/X_hip.cuh from X.cuh): pip builds in the source tree, so they appear there; generated, git-ignored and
+    kept out of source distributions, never a source of their own."""
+    return path.suffix == ".hip" or path.name.endswith("_hip.cuh")
+
+
 def kernel_headers() -> list[Path]:
-    return sorted(KERNELS_DIR.glob("*.cuh"))
+    return sorted(p for p in KERNELS_DIR.glob("*.cuh") if not hipify_output(p))
 
 
 def instantiate_macro(header: Path) -> str:
-    return "ZAYA_INSTANTIATE_" + re.sub(r"[^0-9A-Za-z]", "_", header.stem).upper()
+    # a hipified X_hip.cuh keeps X.cuh's macro
+    return "ZAYA_INSTANTIATE_" + re.sub(r"[^0-9A-Za-z]", "_", header.stem.removesuffix("_hip")).upper()
 
 
 def translation_unit(header: Path) -> str:
@@ -264,7 +277,8 @@ def _parse_ptxas(output: str) -> dict:
     return {_short_kernel_name(names[k]): v for k, v in kernels.items()}
 
 
-def amd_command(clang: str, rocm_path: Path, device_libs: Path, arch: str, src: Path, obj: Path) -> list[str]:
+def amd_command(clang: str, rocm_path: Path, device_libs: Path, arch: str, src: Path, obj: Path,
+                include_dir: Path = KERNELS_DIR) -> list[str]:
     return [
         clang,
         "-x",
@@ -280,7 +294,7 @@ def amd_command(clang: str, rocm_path: Path, device_libs: Path, arch: str, src: 
         "-Wextra",
         "-Werror",
         "-Rpass-analysis=kernel-resource-usage",
-        f"-I{KERNELS_DIR}",
+        f"-I{include_dir}",
         "-c",
         str(src),
         "-o",
@@ -312,8 +326,10 @@ def nvidia_command(nvcc: str, arch: str, src: Path, obj: Path) -> list[str]:
     ]
 
 
-def check_amd(arch: str = AMD_ARCH, headers: list[Path] | None = None) -> list[CheckResult]:
-    """Compiles every kernels/*.cuh for `arch` with clang -x hip. Raises ToolchainMissing without the toolchain."""
+def check_amd(arch: str = AMD_ARCH, headers: list[Path] | None = None,
+              include_dir: Path = KERNELS_DIR) -> list[CheckResult]:
+    """Compiles every kernels/*.cuh (or `headers`, found in `include_dir`) for `arch` with clang -x hip. Raises
+    ToolchainMissing without the toolchain."""
     clang = find_clang()
     rocm_path = find_hip_rocm_path()
     results = []
@@ -323,7 +339,8 @@ def check_amd(arch: str = AMD_ARCH, headers: list[Path] | None = None) -> list[C
         for header in headers or kernel_headers():
             src = tmp / f"{header.stem}.hip"
             src.write_text(translation_unit(header))
-            rc, out, secs = _run(amd_command(clang, rocm_path, device_libs, arch, src, tmp / f"{header.stem}.o"))
+            rc, out, secs = _run(amd_command(clang, rocm_path, device_libs, arch, src, tmp / f"{header.stem}.o",
+                                             include_dir))
             kernels = _parse_amd_resources(out) if rc == 0 else {}
             errors = "\n".join(line for line in out.splitlines() if "remark:" not in line)
             results.append(CheckResult(f"amd:{arch}", header.name, rc == 0, secs, errors if rc else f"{len(kernels)} kernels", kernels))
@@ -505,15 +522,19 @@ sys.exit(1 if problems else 0)
 
 
 def _copy_repo(dest: Path) -> None:
-    ignore = shutil.ignore_patterns(".git", ".cache", "build", "dist", "*.egg-info", "__pycache__", "*.so", "*.o", ".venv*", ".pytest_cache", ".hypothesis")
+    # (hipify's copies from a ROCm build in this tree are generated: the copy makes its own or none)
+    ignore = shutil.ignore_patterns(".git", ".cache", "build", "dist", "*.egg-info", "__pycache__", "*.so", "*.o",
+                                    ".venv*", ".pytest_cache", ".hypothesis", "*.hip", "*_hip.cuh")
     shutil.copytree(REPO_ROOT, dest, ignore=ignore, symlinks=True)
 
 
-def unpacked_sdist(python: str, dest: Path, env: dict | None = None) -> Path:
-    """Make the source distribution of a copy of this repository with `python` (which must have torch and
-    setuptools: setup.py imports torch) and unpack it under dest; returns the unpacked source tree."""
-    copy = dest / "copy"
-    _copy_repo(copy)
+def unpacked_sdist(python: str, dest: Path, env: dict | None = None, source: Path | None = None) -> Path:
+    """Make the source distribution of a copy of this repository (or of the tree `source`, left in place) with
+    `python` (which must have torch and setuptools: setup.py imports torch) and unpack it under dest; returns the
+    unpacked source tree."""
+    copy = source or dest / "copy"
+    if source is None:
+        _copy_repo(copy)
     # setuptools' PEP 517 hook, what `python -m build --sdist --no-isolation` calls (`setup.py sdist` is deprecated)
     build_sdist = "import sys; from setuptools import build_meta; build_meta.build_sdist(sys.argv[1])"
     rc, out, _ = _run([python, "-c", build_sdist, str(dest / "dist")], cwd=copy, env=env, timeout=600)
@@ -523,7 +544,8 @@ def unpacked_sdist(python: str, dest: Path, env: dict | None = None) -> Path:
     with tarfile.open(archives[0]) as archive:
         # the "data" filter (no absolute paths, links out of the tree...) where this Python has it (3.10.12+)
         archive.extractall(dest / "sdist", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-    shutil.rmtree(copy, ignore_errors=True)
+    if source is None:
+        shutil.rmtree(copy, ignore_errors=True)
     (tree,) = (dest / "sdist").iterdir()
     return tree
 
@@ -572,6 +594,104 @@ def check_extension(venv: Path | None = None, arch_list: str = "9.0", max_jobs: 
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# (c) The ROCm build up to the compiler
+# ----------------------------------------------------------------------------------------------------------------
+# Runs setup.py (in the working directory) as on a ROCm machine: torch made to look like a ROCm build
+# (torch.version.hip set, ROCM_HOME a stand-in folder: argv[1]), setuptools.setup replaced by a recorder. setup.py
+# then takes its ROCm branch, and torch.utils.cpp_extension.CUDAExtension hipifies the sources in place, as
+# `pip install` does there before hipcc runs. Prints the configured extension as JSON.
+_ROCM_SETUP_SCRIPT = r"""
+import json, runpy, sys
+from unittest import mock
+import setuptools
+import torch
+import torch.utils.cpp_extension as cpp_extension
+configured = {}
+with mock.patch.object(torch.version, "hip", "7.0.0"), mock.patch.object(cpp_extension, "ROCM_HOME", sys.argv[1]), \
+        mock.patch.object(cpp_extension, "IS_HIP_EXTENSION", True), \
+        mock.patch.object(setuptools, "setup", lambda **kwargs: configured.update(kwargs)):
+    runpy.run_path("setup.py", run_name="__main__")
+(ext,) = configured["ext_modules"]
+print("ZAYA_EXTENSION " + json.dumps({"sources": ext.sources, "extra_compile_args": ext.extra_compile_args}))
+"""
+_QUOTED_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
+
+
+def _rocm_build_problems(tree: Path, ext: dict, written: list[Path], sdist_files: set[str]) -> list[str]:
+    """What is wrong with the extension setup.py configured for ROCm in `tree` (see check_rocm_build)."""
+    problems = []
+    expected = sorted(p.stem for p in [tree / "csrc" / "zaya_ops.cpp", *(tree / "csrc").glob("*.cu")])
+    if sorted(Path(src).stem for src in ext["sources"]) != expected:
+        problems.append(f"the ROCm extension compiles {sorted(ext['sources'])}, expected one source each of {expected}")
+    for kind, flags in ext["extra_compile_args"].items():
+        if "-DZAYA_WITH_GPU" not in flags:
+            problems.append(f"the ROCm extension's {kind} flags lack -DZAYA_WITH_GPU: {flags}")
+    # every file hipcc would read: the sources and, transitively, their quoted includes
+    pending, seen = [tree / src for src in ext["sources"]], set()
+    while pending:
+        path = pending.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        text = path.read_text()
+        if "<<<" in text:
+            problems.append(f"{path.relative_to(tree)}: a CUDA launch (<<<) that hipify left as it was")
+        for name in _QUOTED_INCLUDE.findall(text):
+            if name.startswith("hip/"):  # hipify's own "hip/hip_runtime.h": a ROCm header, quoted
+                continue
+            found = [d / name for d in (path.parent, tree / "csrc", tree / "kernels") if (d / name).is_file()]
+            if not found:
+                problems.append(f"{path.relative_to(tree)}: #include \"{name}\" is not a file of the tree")
+            else:
+                pending.append(found[0])
+    for rel in written:
+        if not hipify_output(rel):
+            problems.append(f"the ROCm configure step wrote {rel}, which is no hipify copy (csrc/*.hip, "
+                            "kernels/*_hip.cuh)")
+        if rel.as_posix() in sdist_files:
+            problems.append(f"{rel}, written by hipify, is in the source distribution (MANIFEST.in)")
+    if (REPO_ROOT / ".git").exists() and written:
+        rc, out, _ = _run(["git", "check-ignore", "--no-index", "--verbose", "--non-matching",
+                           *(rel.as_posix() for rel in written)], cwd=REPO_ROOT)
+        not_ignored = [line.split("\t")[-1] for line in out.splitlines() if line.startswith("::")]
+        if rc not in (0, 1) or not_ignored:
+            problems.append(f"hipify's copies not ignored by .gitignore: {not_ignored or out[-400:]}")
+    return problems
+
+
+def check_rocm_build(python: str = sys.executable, arch: str = AMD_ARCH) -> list[CheckResult]:
+    """What `pip install` on a ROCm machine does before hipcc runs, in a copy of the repository (_ROCM_SETUP_SCRIPT),
+    and then the hipified kernel headers compiled for `arch` as in (a). Checked: setup.py configures the GPU extension
+    with every csrc/ source; hipify leaves no CUDA launch (<<<) in what hipcc would compile and every quoted
+    #include there names a file of the tree; every file it writes is a hipify copy (`hipify_output`) that
+    .gitignore ignores and a source distribution leaves out. The ROCm torch headers the launchers include are not
+    here: the launchers are checked as text only. Raises ToolchainMissing without clang (the compile step)."""
+    with tempfile.TemporaryDirectory(prefix="zaya-rocm-") as tmp:
+        tmp = Path(tmp)
+        tree = tmp / "repo"
+        _copy_repo(tree)
+        before = {p for p in tree.rglob("*") if p.is_file()}
+        (tmp / "rocm").mkdir()
+        env = {k: v for k, v in os.environ.items() if k not in ("ZAYA_KERNELS_CPU_ONLY", "PYTORCH_ROCM_ARCH")}
+        rc, out, secs = _run([python, "-c", _ROCM_SETUP_SCRIPT, str(tmp / "rocm")], cwd=tree, env=env, timeout=600)
+        line = next((ln for ln in out.splitlines() if ln.startswith("ZAYA_EXTENSION ")), None)
+        if rc != 0 or line is None or "building for ROCm gfx942;gfx950" not in out:
+            return [CheckResult("rocm:configure", "setup.py", False, secs, out[-4000:])]
+        written = sorted(p.relative_to(tree) for p in {p for p in tree.rglob("*") if p.is_file()} - before)
+        sdist = unpacked_sdist(python, tmp / "sdist", env, source=tree)
+        sdist_files = {p.relative_to(sdist).as_posix() for p in sdist.rglob("*") if p.is_file()}
+        problems = _rocm_build_problems(tree, json.loads(line.split(" ", 1)[1]), written, sdist_files)
+        summary = f"{len(written)} files hipified: " + ", ".join(str(p) for p in written)
+        results = [CheckResult("rocm:configure", "setup.py", not problems, secs, "\n".join(problems) or summary)]
+        hipified = [tree / "kernels" / f"{h.stem}_hip.cuh" for h in kernel_headers()]
+        missing = [p.name for p in hipified if not p.is_file()]
+        if missing:
+            results.append(CheckResult("rocm:configure", "kernels", False, 0.0, f"hipify wrote no {missing}"))
+            return results
+        return results + check_amd(arch, hipified, include_dir=tree / "kernels")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
@@ -579,6 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amd", action="store_true", help=f"compile kernels/*.cuh for {AMD_ARCH} with clang -x hip")
     parser.add_argument("--nvidia", action="store_true", help=f"compile kernels/*.cuh for {NVIDIA_ARCH} with nvcc")
     parser.add_argument("--extension", action="store_true", help="build and load the whole extension against CUDA torch")
+    parser.add_argument("--rocm", action="store_true", help="configure the ROCm build (hipify) and compile its kernels")
     parser.add_argument("--amd-arch", default=AMD_ARCH)
     parser.add_argument("--nvidia-arch", default=NVIDIA_ARCH)
     parser.add_argument("--venv", type=Path, default=None, help="venv for --extension (default $ZAYA_CUDA_VENV or .cache/cuda-venv)")
@@ -586,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fail-on-spill", action="store_true", help="fail when a kernel spills registers")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
-    if not (args.amd or args.nvidia or args.extension):
+    if not (args.amd or args.nvidia or args.extension or args.rocm):
         args.amd = args.nvidia = True
 
     results: list[CheckResult] = []
@@ -598,6 +719,8 @@ def main(argv: list[str] | None = None) -> int:
         steps.append(("nvidia", lambda: check_nvidia(args.nvidia_arch)))
     if args.extension:
         steps.append(("extension", lambda: [check_extension(args.venv, keep=args.keep)]))
+    if args.rocm:
+        steps.append(("rocm", lambda: check_rocm_build(arch=args.amd_arch)))
     for label, step in steps:
         try:
             new = step()
