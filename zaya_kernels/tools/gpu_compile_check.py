@@ -278,7 +278,7 @@ def _parse_ptxas(output: str) -> dict:
 
 
 def amd_command(clang: str, rocm_path: Path, device_libs: Path, arch: str, src: Path, obj: Path,
-                include_dir: Path = KERNELS_DIR) -> list[str]:
+                include_dir: Path = KERNELS_DIR, defines: list[str] = TORCH_HIP_DEFINES) -> list[str]:
     return [
         clang,
         "-x",
@@ -289,7 +289,7 @@ def amd_command(clang: str, rocm_path: Path, device_libs: Path, arch: str, src: 
         "-std=c++17",
         "-O3",
         "-fno-gpu-rdc",
-        *TORCH_HIP_DEFINES,
+        *defines,
         "-Wall",
         "-Wextra",
         "-Werror",
@@ -326,10 +326,10 @@ def nvidia_command(nvcc: str, arch: str, src: Path, obj: Path) -> list[str]:
     ]
 
 
-def check_amd(arch: str = AMD_ARCH, headers: list[Path] | None = None,
-              include_dir: Path = KERNELS_DIR) -> list[CheckResult]:
-    """Compiles every kernels/*.cuh (or `headers`, found in `include_dir`) for `arch` with clang -x hip. Raises
-    ToolchainMissing without the toolchain."""
+def check_amd(arch: str = AMD_ARCH, headers: list[Path] | None = None, include_dir: Path = KERNELS_DIR,
+              defines: list[str] = TORCH_HIP_DEFINES) -> list[CheckResult]:
+    """Compiles every kernels/*.cuh (or `headers`, found in `include_dir`) for `arch` with clang -x hip and
+    `defines`. Raises ToolchainMissing without the toolchain."""
     clang = find_clang()
     rocm_path = find_hip_rocm_path()
     results = []
@@ -340,7 +340,7 @@ def check_amd(arch: str = AMD_ARCH, headers: list[Path] | None = None,
             src = tmp / f"{header.stem}.hip"
             src.write_text(translation_unit(header))
             rc, out, secs = _run(amd_command(clang, rocm_path, device_libs, arch, src, tmp / f"{header.stem}.o",
-                                             include_dir))
+                                             include_dir, defines))
             kernels = _parse_amd_resources(out) if rc == 0 else {}
             errors = "\n".join(line for line in out.splitlines() if "remark:" not in line)
             results.append(CheckResult(f"amd:{arch}", header.name, rc == 0, secs, errors if rc else f"{len(kernels)} kernels", kernels))
@@ -599,7 +599,8 @@ def check_extension(venv: Path | None = None, arch_list: str = "9.0", max_jobs: 
 # Runs setup.py (in the working directory) as on a ROCm machine: torch made to look like a ROCm build
 # (torch.version.hip set, ROCM_HOME a stand-in folder: argv[1]), setuptools.setup replaced by a recorder. setup.py
 # then takes its ROCm branch, and torch.utils.cpp_extension.CUDAExtension hipifies the sources in place, as
-# `pip install` does there before hipcc runs. Prints the configured extension as JSON.
+# `pip install` does there before hipcc runs. Prints the configured extension, and the flags torch gives every
+# hipcc compile, as JSON.
 _ROCM_SETUP_SCRIPT = r"""
 import json, runpy, sys
 from unittest import mock
@@ -612,7 +613,9 @@ with mock.patch.object(torch.version, "hip", "7.0.0"), mock.patch.object(cpp_ext
         mock.patch.object(setuptools, "setup", lambda **kwargs: configured.update(kwargs)):
     runpy.run_path("setup.py", run_name="__main__")
 (ext,) = configured["ext_modules"]
-print("ZAYA_EXTENSION " + json.dumps({"sources": ext.sources, "extra_compile_args": ext.extra_compile_args}))
+hipcc_flags = cpp_extension.COMMON_HIPCC_FLAGS + cpp_extension.COMMON_HIP_FLAGS  # what every hipcc compile gets
+print("ZAYA_EXTENSION " + json.dumps({"sources": ext.sources, "extra_compile_args": ext.extra_compile_args,
+                                      "hipcc_flags": hipcc_flags}))
 """
 _QUOTED_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 
@@ -661,11 +664,12 @@ def _rocm_build_problems(tree: Path, ext: dict, written: list[Path], sdist_files
 
 def check_rocm_build(python: str = sys.executable, arch: str = AMD_ARCH) -> list[CheckResult]:
     """What `pip install` on a ROCm machine does before hipcc runs, in a copy of the repository (_ROCM_SETUP_SCRIPT),
-    and then the hipified kernel headers compiled for `arch` as in (a). Checked: setup.py configures the GPU extension
-    with every csrc/ source; hipify leaves no CUDA launch (<<<) in what hipcc would compile and every quoted
-    #include there names a file of the tree; every file it writes is a hipify copy (`hipify_output`) that
-    .gitignore ignores and a source distribution leaves out. The ROCm torch headers the launchers include are not
-    here: the launchers are checked as text only. Raises ToolchainMissing without clang (the compile step)."""
+    and then the hipified kernel headers compiled for `arch` as in (a), with the defines torch gives hipcc.
+    Checked: setup.py configures the GPU extension with every csrc/ source; hipify leaves no CUDA launch (<<<) in
+    what hipcc would compile and every quoted #include there names a file of the tree; every file it writes is a
+    hipify copy (`hipify_output`) that .gitignore ignores and a source distribution leaves out. The ROCm torch
+    headers the launchers include are not here: the launchers are checked as text only. Raises ToolchainMissing
+    without clang (the compile step)."""
     with tempfile.TemporaryDirectory(prefix="zaya-rocm-") as tmp:
         tmp = Path(tmp)
         tree = tmp / "repo"
@@ -680,7 +684,8 @@ def check_rocm_build(python: str = sys.executable, arch: str = AMD_ARCH) -> list
         written = sorted(p.relative_to(tree) for p in {p for p in tree.rglob("*") if p.is_file()} - before)
         sdist = unpacked_sdist(python, tmp / "sdist", env, source=tree)
         sdist_files = {p.relative_to(sdist).as_posix() for p in sdist.rglob("*") if p.is_file()}
-        problems = _rocm_build_problems(tree, json.loads(line.split(" ", 1)[1]), written, sdist_files)
+        ext = json.loads(line.split(" ", 1)[1])
+        problems = _rocm_build_problems(tree, ext, written, sdist_files)
         summary = f"{len(written)} files hipified: " + ", ".join(str(p) for p in written)
         results = [CheckResult("rocm:configure", "setup.py", not problems, secs, "\n".join(problems) or summary)]
         hipified = [tree / "kernels" / f"{h.stem}_hip.cuh" for h in kernel_headers()]
@@ -688,7 +693,9 @@ def check_rocm_build(python: str = sys.executable, arch: str = AMD_ARCH) -> list
         if missing:
             results.append(CheckResult("rocm:configure", "kernels", False, 0.0, f"hipify wrote no {missing}"))
             return results
-        return results + check_amd(arch, hipified, include_dir=tree / "kernels")
+        # with torch's hipcc flags (its -D defines and -fPIC; the include paths and arch flags are the check's)
+        hipcc_defines = [f for f in ext["hipcc_flags"] if f.startswith("-D") or f == "-fPIC"]
+        return results + check_amd(arch, hipified, include_dir=tree / "kernels", defines=hipcc_defines)
 
 
 # ----------------------------------------------------------------------------------------------------------------
