@@ -17,8 +17,9 @@
 #include <stdint.h>
 
 #if defined(ZAYA_HOST_EMULATION)
-// Test-only: runs the kernels on CPU threads (one std::thread per GPU thread, blocks one after another, warp size 32
-// emulated through shared memory). Plain C++20 host compilers; see zaya_kernels/tools/gpu_compile_check.py.
+// Test-only: runs the kernels on CPU threads (one std::thread per GPU thread, blocks one after another, warps of
+// ZAYA_EMU_WARP_SIZE threads emulated through shared memory: 32 as on NVIDIA, the default, or 64 as AMD's wave64 on
+// gfx942 / gfx950). Plain C++20 host compilers; see zaya_kernels/tools/gpu_compile_check.py.
 #include <barrier>
 #include <bit>
 #include <cmath>
@@ -77,7 +78,11 @@ namespace dev {
 // Warp size
 // ---------------------------------------------------------------------------------------------------------------
 #if defined(ZAYA_HOST_EMULATION)
-constexpr int kWarpSize = 32;
+#if !defined(ZAYA_EMU_WARP_SIZE)
+#define ZAYA_EMU_WARP_SIZE 32
+#endif
+static_assert(ZAYA_EMU_WARP_SIZE == 32 || ZAYA_EMU_WARP_SIZE == 64, "the emulated warp is 32 or 64 threads");
+constexpr int kWarpSize = ZAYA_EMU_WARP_SIZE;
 #elif defined(ZAYA_HIP)
 #if defined(__AMDGCN_WAVEFRONT_SIZE__)
 constexpr int kWarpSize = __AMDGCN_WAVEFRONT_SIZE__;

@@ -47,9 +47,13 @@ def assert_close(actual, expected, *, dtype=None, reduction: int = 1, scale: flo
     )
 
 
-def compile_host_emulation(driver_source: str, tmp_dir):
+# The warp sizes the emulation runs the HIP/CUDA kernels with: NVIDIA's 32 and AMD CDNA's 64 (gfx942, gfx950).
+EMULATED_WARP_SIZES = (32, 64)
+
+
+def compile_host_emulation(driver_source: str, tmp_dir, warp_size: int = 32):
     """Build kernels/*.cuh device code for the host (kernels/compat.cuh's ZAYA_HOST_EMULATION runs each block on CPU
-    threads) together with a test's extern "C" driver, and load it with ctypes.
+    threads, in warps of `warp_size` threads) together with a test's extern "C" driver, and load it with ctypes.
 
     Skips when no C++20 host compiler exists, unless ZAYA_REQUIRE_TOOLCHAINS=1 (CI), where that fails.
     """
@@ -70,8 +74,8 @@ def compile_host_emulation(driver_source: str, tmp_dir):
     kernels = Path(__file__).resolve().parent.parent / "kernels"
     source, library = Path(tmp_dir) / "emu.cpp", Path(tmp_dir) / "emu.so"
     source.write_text(driver_source)
-    cmd = [cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread", f"-I{kernels}", str(source),
-           "-o", str(library)]
+    cmd = [cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread", f"-I{kernels}",
+           f"-DZAYA_EMU_WARP_SIZE={warp_size}", str(source), "-o", str(library)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return ctypes.CDLL(str(library))

@@ -1,7 +1,7 @@
 """The HIP/CUDA CCA decode kernel (kernels/cca.cuh via csrc/cca.cu, backend "hip" of zaya::cca_prepare_decode).
 
-On CPU machines the kernel runs through compat.cuh's host emulation (one std::thread per GPU thread, warp size 32)
-against zaya_kernels.reference.cca: hypothesis-drawn shapes, several decode steps so the states carry, padded rows,
+On CPU machines the kernel runs through compat.cuh's host emulation (one std::thread per GPU thread, in warps of
+32 threads as on NVIDIA and of 64 as on AMD's gfx942 / gfx950) against zaya_kernels.reference.cca: hypothesis-drawn shapes, several decode steps so the states carry, padded rows,
 then decode token by token against the reference prefill. On a GPU the op itself runs with backend "hip".
 """
 from __future__ import annotations
@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 import zaya_kernels
 from zaya_kernels.reference import cca as ref
 
-from helpers import assert_close, compile_host_emulation, random_paged_caches, stacked_row_views
+from helpers import (EMULATED_WARP_SIZES, assert_close, compile_host_emulation, random_paged_caches,
+                     stacked_row_views)
 
 THETA = 10_000.0
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -101,9 +102,9 @@ extern "C" int zaya_emu_cca_decode(int dt, int wf, int sf, const void* qk, const
 """
 
 
-@pytest.fixture(scope="module")
-def cca_emulation(tmp_path_factory):
-    return compile_host_emulation(_EMU_DRIVER, tmp_path_factory.mktemp("cca_emu"))
+@pytest.fixture(scope="module", params=EMULATED_WARP_SIZES, ids=lambda w: f"warp{w}")
+def cca_emulation(request, tmp_path_factory):
+    return compile_host_emulation(_EMU_DRIVER, tmp_path_factory.mktemp(f"cca_emu{request.param}"), request.param)
 
 
 class Weights:

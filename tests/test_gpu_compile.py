@@ -156,16 +156,16 @@ import ctypes  # noqa: E402
 
 import torch  # noqa: E402
 
-from helpers import assert_close  # noqa: E402
+from helpers import EMULATED_WARP_SIZES, assert_close  # noqa: E402
 
 _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 EPS = 1e-5
 
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
+@pytest.fixture(scope="module", params=EMULATED_WARP_SIZES, ids=lambda w: f"warp{w}")
+def emu(request, tmp_path_factory):
     try:
-        lib = gcc.build_host_emulation(tmp_path_factory.mktemp("emu"))
+        lib = gcc.build_host_emulation(tmp_path_factory.mktemp(f"emu{request.param}"), request.param)
     except gcc.ToolchainMissing as exc:
         _missing(exc)
     return ctypes.CDLL(str(lib))

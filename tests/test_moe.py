@@ -12,7 +12,7 @@ import zaya_kernels
 from zaya_kernels.ops import moe, moe_dispatch
 from zaya_kernels.reference import moe as ref
 
-from helpers import assert_close, compile_host_emulation
+from helpers import EMULATED_WARP_SIZES, assert_close, compile_host_emulation
 
 ROUTINGS = ("random", "one_expert", "some_experts_empty", "all_skipped", "none_skipped")
 
@@ -725,9 +725,9 @@ extern "C" int zaya_emu_moe_dispatch(const int32_t* index, int T, int E, int blo
 """
 
 
-@pytest.fixture(scope="module")
-def moe_emulation(tmp_path_factory):
-    return compile_host_emulation(_EMU_DRIVER, tmp_path_factory.mktemp("moe_emu"))
+@pytest.fixture(scope="module", params=EMULATED_WARP_SIZES, ids=lambda w: f"warp{w}")
+def moe_emulation(request, tmp_path_factory):
+    return compile_host_emulation(_EMU_DRIVER, tmp_path_factory.mktemp(f"moe_emu{request.param}"), request.param)
 
 
 @pytest.mark.parametrize("T, E, block_m, routing", [(0, 4, 16, "random"), (1, 1, 16, "random"), (37, 5, 16, "random"),
@@ -1006,9 +1006,10 @@ extern "C" int zaya_emu_moe_unpermute_rows_bwd(int dt, int vec, const void* dy, 
 _EMU_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int32: 3}
 
 
-@pytest.fixture(scope="module")
-def row_emulation(tmp_path_factory):
-    return compile_host_emulation(_ROW_EMU_DRIVER, tmp_path_factory.mktemp("moe_row_emu"))
+@pytest.fixture(scope="module", params=EMULATED_WARP_SIZES, ids=lambda w: f"warp{w}")
+def row_emulation(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"moe_row_emu{request.param}")
+    return compile_host_emulation(_ROW_EMU_DRIVER, folder, request.param)
 
 
 def _lanes_log2(packs):

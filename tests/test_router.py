@@ -21,7 +21,7 @@ from zaya_kernels.integrations.transformers import update_balancing_biases
 from zaya_kernels.ops import new_balance_state, router_balance_update, zaya_router
 from zaya_kernels.reference import router as ref
 
-from helpers import assert_close, compile_host_emulation
+from helpers import EMULATED_WARP_SIZES, assert_close, compile_host_emulation
 
 
 def make_router_args(t, h, r, c, *, prev=True, dtype=torch.float32, seed=0, requires_grad=False, device="cpu"):
@@ -651,9 +651,9 @@ extern "C" int zaya_emu_router_decode(int dt, const int* vdt, const void* x, con
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-@pytest.fixture(scope="module")
-def router_emulation(tmp_path_factory):
-    return compile_host_emulation(_EMU_DRIVER, tmp_path_factory.mktemp("router_emu"))
+@pytest.fixture(scope="module", params=EMULATED_WARP_SIZES, ids=lambda w: f"warp{w}")
+def router_emulation(request, tmp_path_factory):
+    return compile_host_emulation(_EMU_DRIVER, tmp_path_factory.mktemp(f"router_emu{request.param}"), request.param)
 
 
 def _ptr(tensor):
@@ -702,8 +702,9 @@ _ZAYA1_8B = (1, 2048, 256, 17, True)  # in fp32 and all-bf16 only (test time)
                          [(*d, *shape) for shape in _EMU_SHAPES for d in _EMU_DTYPES]
                          + [(*d, *_ZAYA1_8B) for d in (_EMU_DTYPES[0], _EMU_DTYPES[2])])
 def test_hip_decode_kernel_emulated_matches_reference(router_emulation, dtype, vec_dtype, t, h, r, c, prev):
-    """kernels/router.cuh run on CPU threads (compat.cuh's host emulation, warp size 32) against the reference; the
-    [R] vectors read in their own dtype (fp32, or the model's bf16 / fp16); C = 65 has 64 experts + skip."""
+    """kernels/router.cuh run on CPU threads (compat.cuh's host emulation, warps of 32 and 64 threads) against the
+    reference; the [R] vectors read in their own dtype (fp32, or the model's bf16 / fp16); C = 65 has 64 experts +
+    skip."""
     args = _with_vector_dtype(make_router_args(t, h, r, c, prev=prev, dtype=dtype, seed=t + h), vec_dtype)
     index, weight, r_out, logits = _emulated_router(router_emulation, args)
     e_index, e_weight, e_r, e_logits = ref.zaya_router(*args, True)

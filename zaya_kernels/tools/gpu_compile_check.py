@@ -445,14 +445,15 @@ def find_host_cxx() -> str:
     raise ToolchainMissing("no host C++20 compiler (g++ or clang++) for the host emulation")
 
 
-def build_host_emulation(dest: Path) -> Path:
-    """Compiles the emulation driver into dest/zaya_emu.so (ctypes-loadable); raises RuntimeError on errors."""
+def build_host_emulation(dest: Path, warp_size: int = 32) -> Path:
+    """Compiles the emulation driver, with warps of `warp_size` threads, into dest/zaya_emu.so (ctypes-loadable);
+    raises RuntimeError on errors."""
     dest.mkdir(parents=True, exist_ok=True)
     src = dest / "zaya_emu.cpp"
     src.write_text(EMULATION_DRIVER)
     lib = dest / "zaya_emu.so"
     cmd = [find_host_cxx(), "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread",
-           f"-I{KERNELS_DIR}", str(src), "-o", str(lib)]
+           f"-I{KERNELS_DIR}", f"-DZAYA_EMU_WARP_SIZE={warp_size}", str(src), "-o", str(lib)]
     rc, out, _ = _run(cmd, timeout=600)
     if rc != 0:
         raise RuntimeError("host emulation build failed:\n" + " ".join(cmd) + "\n" + out[-6000:])
