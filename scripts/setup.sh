@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up this checkout for use and development: Python build tools, Triton, the package (editable) with its test
-# and benchmark extras. With --toolchains, also the GPU cross-compilers the compile checks use (clang-19 + ROCm
-# device libs via apt, needs root; nvcc is expected at /usr/local/cuda).
+# and benchmark extras. With --toolchains, also the GPU cross-compilers the compile checks use (clang-19 for gfx942,
+# clang-22 for gfx950, the HIP headers and ROCm device libs via apt, needs root; nvcc is expected at /usr/local/cuda).
 #
 # torch: an installed torch (CPU, CUDA or ROCm) is kept. Without one, torch==2.13.0 (the CPU build) is installed:
 # an unpinned torch would pull a multi-GB CUDA build. Triton (where none is importable), transformers and the test
@@ -12,9 +12,11 @@ cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--toolchains" ]; then
   if command -v apt-get >/dev/null; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang-19 lld-19 libamdhip64-dev rocm-device-libs >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang-19 lld-19 clang-22 libamdhip64-dev rocm-device-libs \
+      >/dev/null
   else
-    echo "setup.sh: no apt-get here: install clang-19, lld-19, libamdhip64-dev and rocm-device-libs yourself" >&2
+    echo "setup.sh: no apt-get here: install clang-19, lld-19, clang-22, libamdhip64-dev and rocm-device-libs" \
+      "yourself" >&2
   fi
 fi
 
