@@ -59,23 +59,21 @@ def compile_host_emulation(driver_source: str, tmp_dir, warp_size: int = 32):
     """
     import ctypes
     import os
-    import shutil
     import subprocess
     from pathlib import Path
 
     import pytest
 
-    cxx = shutil.which("g++") or shutil.which("clang++")
-    if cxx is None:
-        reason = "no host C++20 compiler (g++ or clang++) for the kernel emulation"
-        if os.environ.get("ZAYA_REQUIRE_TOOLCHAINS", "0") == "1":
-            pytest.fail(reason + " and ZAYA_REQUIRE_TOOLCHAINS=1")
-        pytest.skip(reason)
-    kernels = Path(__file__).resolve().parent.parent / "kernels"
+    from zaya_kernels.tools import gpu_compile_check
+
     source, library = Path(tmp_dir) / "emu.cpp", Path(tmp_dir) / "emu.so"
     source.write_text(driver_source)
-    cmd = [cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread", f"-I{kernels}",
-           f"-DZAYA_EMU_WARP_SIZE={warp_size}", str(source), "-o", str(library)]
+    try:
+        cmd = gpu_compile_check.host_emulation_command(source, library, warp_size)
+    except gpu_compile_check.ToolchainMissing as exc:
+        if os.environ.get("ZAYA_REQUIRE_TOOLCHAINS", "0") == "1":
+            pytest.fail(f"{exc} and ZAYA_REQUIRE_TOOLCHAINS=1")
+        pytest.skip(str(exc))
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return ctypes.CDLL(str(library))

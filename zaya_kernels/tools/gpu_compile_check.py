@@ -20,7 +20,8 @@
     python -m zaya_kernels.tools.gpu_compile_check [--amd] [--nvidia] [--extension] [--rocm] [--json PATH]
 
 With none of --amd/--nvidia/--extension/--rocm, runs --amd and --nvidia. Exits nonzero when a check fails or its
-toolchain is missing. Environment: ZAYA_CLANG (clang++ for HIP), ZAYA_ROCM_DEVICE_LIBS (folder with ocml.bc etc.),
+toolchain is missing. Environment: ZAYA_CLANG (clang++ for HIP on gfx942), ZAYA_CLANG_GFX950 (the one for gfx950),
+ZAYA_ROCM_DEVICE_LIBS (folder with ocml.bc etc.),
 ZAYA_HIP_ROCM_PATH (prefix holding include/hip), ZAYA_NVCC, ZAYA_CUDA_HOME, ZAYA_CUDA_VENV.
 This module only uses the standard library (it must not import torch or the extension; (b) and (c) run torch in
 a subprocess).
@@ -472,6 +473,14 @@ def find_host_cxx() -> str:
     raise ToolchainMissing("no host C++20 compiler (g++ or clang++) for the host emulation")
 
 
+def host_emulation_command(src: Path, lib: Path, warp_size: int = 32) -> list[str]:
+    """The host compile of a driver that includes kernels/*.cuh with ZAYA_HOST_EMULATION into a ctypes-loadable
+    library, in warps of `warp_size` threads (the tests' drivers and EMULATION_DRIVER alike). Raises
+    ToolchainMissing without a host C++20 compiler."""
+    return [find_host_cxx(), "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread",
+            f"-I{KERNELS_DIR}", f"-DZAYA_EMU_WARP_SIZE={warp_size}", str(src), "-o", str(lib)]
+
+
 def build_host_emulation(dest: Path, warp_size: int = 32) -> Path:
     """Compiles the emulation driver, with warps of `warp_size` threads, into dest/zaya_emu.so (ctypes-loadable);
     raises RuntimeError on errors."""
@@ -479,8 +488,7 @@ def build_host_emulation(dest: Path, warp_size: int = 32) -> Path:
     src = dest / "zaya_emu.cpp"
     src.write_text(EMULATION_DRIVER)
     lib = dest / "zaya_emu.so"
-    cmd = [find_host_cxx(), "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread",
-           f"-I{KERNELS_DIR}", f"-DZAYA_EMU_WARP_SIZE={warp_size}", str(src), "-o", str(lib)]
+    cmd = host_emulation_command(src, lib, warp_size)
     rc, out, _ = _run(cmd, timeout=600)
     if rc != 0:
         raise RuntimeError("host emulation build failed:\n" + " ".join(cmd) + "\n" + out[-6000:])
