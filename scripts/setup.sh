@@ -24,7 +24,8 @@ python -m pip install -q --upgrade pip
 constraints=(-c scripts/constraints.txt)
 [ "${ZAYA_UNPINNED:-0}" = "1" ] && constraints=()
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
-python -m pip install -q setuptools wheel ninja
+# numpy before the build too: setup.py imports torch, which warns without it
+python -m pip install -q "setuptools>=77" wheel ninja numpy
 # ROCm torch ships Triton as pytorch-triton-rocm: install PyPI's triton only where none is importable.
 python -c "import triton" 2>/dev/null || python -m pip install -q "${constraints[@]}" triton
 python -m pip install -q --no-build-isolation "${constraints[@]}" -e ".[test,bench]"

@@ -52,7 +52,7 @@ _CLANG_CANDIDATES = {"gfx942": ["clang++-19", "clang-19", "/usr/lib/llvm-19/bin/
                      "gfx950": ["clang++-22", "clang++-21", "clang++-20"]}
 NVIDIA_ARCH = "sm_90"
 CUDA_TORCH_VERSION = "2.14.1"
-VENV_PACKAGES = [f"torch=={CUDA_TORCH_VERSION}", "setuptools", "wheel", "ninja", "numpy"]
+VENV_PACKAGES = [f"torch=={CUDA_TORCH_VERSION}", "setuptools>=77", "wheel", "ninja", "numpy"]
 
 # Flags torch.utils.cpp_extension adds to every device compile: the kernels must build with them.
 TORCH_HIP_DEFINES = ["-D__HIP_NO_HALF_OPERATORS__=1", "-D__HIP_NO_HALF_CONVERSIONS__=1"]
