@@ -558,10 +558,19 @@ sys.exit(1 if problems else 0)
 
 
 def _copy_repo(dest: Path) -> None:
-    # (hipify's copies from a ROCm build in this tree are generated: the copy makes its own or none)
-    ignore = shutil.ignore_patterns(".git", ".cache", "build", "dist", "*.egg-info", "__pycache__", "*.so", "*.o",
-                                    ".venv*", ".pytest_cache", ".hypothesis", "*.hip", "*_hip.cuh")
+    build_outputs = shutil.ignore_patterns(".git", ".cache", "build", "dist", "*.egg-info", "__pycache__", "*.so",
+                                           "*.o", ".venv*", ".pytest_cache", ".hypothesis")
+
+    def ignore(folder, names):
+        # hipify's copies from a ROCm build in this tree are generated too: the copy makes its own or none
+        return build_outputs(folder, names) | {n for n in names if hipify_output(Path(n))}
+
     shutil.copytree(REPO_ROOT, dest, ignore=ignore, symlinks=True)
+
+
+def _tree_files(root: Path) -> set[Path]:
+    """Every file below root, relative to it."""
+    return {p.relative_to(root) for p in root.rglob("*") if p.is_file()}
 
 
 def unpacked_sdist(python: str, dest: Path, env: dict | None = None, source: Path | None = None) -> Path:
@@ -710,16 +719,16 @@ def check_rocm_build(python: str = sys.executable, arch: str = AMD_ARCH) -> list
         tmp = Path(tmp)
         tree = tmp / "repo"
         _copy_repo(tree)
-        before = {p for p in tree.rglob("*") if p.is_file()}
+        before = _tree_files(tree)
         (tmp / "rocm").mkdir()
         env = {k: v for k, v in os.environ.items() if k not in ("ZAYA_KERNELS_CPU_ONLY", "PYTORCH_ROCM_ARCH")}
         rc, out, secs = _run([python, "-c", _ROCM_SETUP_SCRIPT, str(tmp / "rocm")], cwd=tree, env=env, timeout=600)
         line = next((ln for ln in out.splitlines() if ln.startswith("ZAYA_EXTENSION ")), None)
         if rc != 0 or line is None or "building for ROCm gfx942;gfx950" not in out:
             return [CheckResult("rocm:configure", "setup.py", False, secs, out[-4000:])]
-        written = sorted(p.relative_to(tree) for p in {p for p in tree.rglob("*") if p.is_file()} - before)
+        written = sorted(_tree_files(tree) - before)
         sdist = unpacked_sdist(python, tmp / "sdist", env, source=tree)
-        sdist_files = {p.relative_to(sdist).as_posix() for p in sdist.rglob("*") if p.is_file()}
+        sdist_files = {p.as_posix() for p in _tree_files(sdist)}
         ext = json.loads(line.split(" ", 1)[1])
         problems = _rocm_build_problems(tree, ext, written, sdist_files)
         summary = f"{len(written)} files hipified: " + ", ".join(str(p) for p in written)
